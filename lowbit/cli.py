@@ -1,0 +1,144 @@
+"""Command line: lowbit run | quantize | eval | steps. Expected failures print one line and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from lowbit.recipe import load_recipe
+    from lowbit.report import results_table
+    from lowbit.run import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    if args.no_save:
+        recipe = recipe.model_copy(update={"save": False})
+    result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet)
+    print(results_table([result.metrics]))
+    if result.out_dir:
+        print(f"saved to {result.out_dir}")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from lowbit.recipe import parse_recipe
+    from lowbit.report import results_table
+    from lowbit.run import run_recipe
+
+    weights = None if args.wbits >= 16 else {
+        "bits": args.wbits, "format": args.wformat, "symmetric": args.sym,
+        "granularity": "group" if args.group_size else "channel", "group_size": args.group_size or None,
+        "observer": args.observer}
+    acts = None if args.abits >= 16 else {
+        "bits": args.abits, "format": args.aformat, "symmetric": True,
+        "granularity": "token" if not args.static_act else "tensor", "dynamic": not args.static_act}
+    data = {"name": args.name or f"{'-'.join(args.method)}-w{args.wbits}a{args.abits}", "model": args.model,
+            "weights": weights, "activations": acts, "steps": list(args.method), "save": not args.no_save,
+            "calibration": {"n_samples": args.nsamples, "seq_len": args.calib_seq_len},
+            "evaluation": {"max_tokens": args.max_tokens or None, "seq_len": args.seq_len}}
+    if args.threads:
+        data["threads"] = args.threads
+    result = run_recipe(parse_recipe(data), Path(args.out) if args.out else None, progress=not args.quiet)
+    print(results_table([result.metrics]))
+    if result.out_dir:
+        print(f"saved to {result.out_dir}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.eval import perplexity
+    from lowbit.data import eval_windows, load_text, tokenize
+    from lowbit.loading import load_model
+    from lowbit.run import load_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = Path(args.model)
+    if (path / "quant_state.json").exists():
+        model, tokenizer, _ = load_run(path)
+    else:
+        model, tokenizer = load_model(args.model)
+    windows = eval_windows(tokenize(tokenizer, load_text(args.data, args.split)), args.seq_len,
+                           args.max_tokens or None)
+    result = perplexity(model, windows, progress=not args.quiet)
+    print(json.dumps({"model": args.model, **result.to_dict()}, indent=2))
+
+
+def _cmd_steps(_args: argparse.Namespace) -> None:
+    from lowbit.steps import STEPS
+
+    for name, cls in sorted(STEPS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:14s} {doc}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a YAML recipe: compress, evaluate, save")
+    r.add_argument("recipe")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. weights.bits=3")
+    r.add_argument("--out", help="output folder (default runs/NAME-TIMESTAMP)")
+    r.add_argument("--no-save", action="store_true", help="evaluate only, write nothing")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=_cmd_run)
+
+    q = sub.add_parser("quantize", help="the same pipeline from flags, without writing YAML")
+    q.add_argument("--model", default="smollm2-135m")
+    q.add_argument("--method", nargs="+", default=["rtn"], help="steps in order, e.g. awq gptq")
+    q.add_argument("--wbits", type=int, default=4, help="weight bits (16 = keep FP)")
+    q.add_argument("--wformat", choices=["int", "fp"], default="int")
+    q.add_argument("--group-size", type=int, default=0, help="0 = per output channel")
+    q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
+    q.add_argument("--observer", choices=["minmax", "mse", "percentile"], default="minmax")
+    q.add_argument("--abits", type=int, default=16, help="activation bits (16 = keep FP)")
+    q.add_argument("--aformat", choices=["int", "fp"], default="int")
+    q.add_argument("--static-act", action="store_true", help="static per-tensor activations (default dynamic per-token)")
+    q.add_argument("--nsamples", type=int, default=64)
+    q.add_argument("--calib-seq-len", type=int, default=512)
+    q.add_argument("--seq-len", type=int, default=2048, help="evaluation window")
+    q.add_argument("--max-tokens", type=int, default=32768, help="evaluation token limit (0 = whole split)")
+    q.add_argument("--threads", type=int)
+    q.add_argument("--name")
+    q.add_argument("--out")
+    q.add_argument("--no-save", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
+    e.add_argument("model")
+    e.add_argument("--data", default="wikitext2")
+    e.add_argument("--split", default="test")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-tokens", type=int, default=32768, help="0 = whole split")
+    e.add_argument("--threads", type=int)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("steps", help="list the registered compression steps")
+    s.set_defaults(fn=_cmd_steps)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        args.fn(args)
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

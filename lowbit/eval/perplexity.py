@@ -1,0 +1,38 @@
+"""Perplexity over non-overlapping windows: exp(mean next-token NLL), with the token count reported."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = True,
+               desc: str = "perplexity") -> PerplexityResult:
+    """Each window [k, seq_len] is scored independently; the first token of a window is context only."""
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
+        batch = windows[i: i + batch_size].to(device)
+        logits = model(batch).logits[:, :-1].float()
+        target = batch[:, 1:]
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        total_tokens += target.numel()
+    nll = total_nll / total_tokens
+    return PerplexityResult(math.exp(nll), nll, total_tokens, windows.shape[0], windows.shape[1])

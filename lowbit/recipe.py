@@ -1,0 +1,188 @@
+"""Recipes as data: YAML -> validated `Recipe`. Unknown keys and wrong types are errors naming the key."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lowbit.errors import LowbitError
+from lowbit.formats import QuantSpec
+from lowbit.loading import EMBEDDED
+from lowbit.pipeline import Settings
+from lowbit.steps import Step, get_step
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FormatConfig(_Strict):
+    """A number format (see `lowbit.formats.QuantSpec`) plus the observer that picks its range."""
+
+    bits: int = 4
+    format: Literal["int", "fp"] = "int"
+    symmetric: bool = True
+    granularity: Literal["tensor", "channel", "group", "token"] = "channel"
+    group_size: int | None = None
+    dynamic: bool = False
+    fp_variant: Literal["e4m3", "e5m2", "e2m1"] | None = None
+    observer: Literal["minmax", "mse", "percentile"] = "minmax"
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
+                         group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant)
+
+
+class CalibrationConfig(_Strict):
+    data: str = "wikitext2"
+    split: str = "validation"
+    n_samples: int = Field(64, gt=0)
+    seq_len: int = Field(512, gt=1)
+    seed: int = 0
+    batch_size: int = Field(8, gt=0)
+
+
+class EvaluationConfig(_Strict):
+    data: str = "wikitext2"
+    split: str = "test"
+    seq_len: int = Field(2048, gt=1)
+    max_tokens: int | None = Field(32768, gt=1)
+    batch_size: int = Field(1, gt=0)
+    baseline: bool = True  # also evaluate the uncompressed model (cached per model and settings)
+
+
+class StepConfig(_Strict):
+    name: str
+    args: dict[str, Any] = {}
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    model: str = EMBEDDED
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = Field(None, gt=0)
+    seed: int = 0
+    weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
+    activations: FormatConfig | None = None
+    layers: dict[str, FormatConfig | None] = {}
+    steps: list[StepConfig] = [StepConfig(name="rtn")]
+    calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvaluationConfig | None = EvaluationConfig()
+    save: bool = True
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_from_yaml(cls, value: Any) -> Any:
+        """Accept the YAML shapes `- rtn` and `- gptq: {damp: 0.01}` besides {name, args}."""
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                out.append({"name": item})
+            elif isinstance(item, dict) and len(item) == 1 and "name" not in item:
+                (name, args), = item.items()
+                out.append({"name": name, "args": args or {}})
+            else:
+                out.append(item)
+        return out
+
+    def settings(self) -> Settings:
+        acts = self.activations.spec() if self.activations else None
+        if acts is not None and not acts.dynamic and acts.granularity != "tensor":
+            raise LowbitError("static activation quantization is per-tensor: set activations.granularity: tensor, "
+                              "or dynamic: true for per-token")
+        return Settings(
+            weights=self.weights.spec() if self.weights else None,
+            weight_observer=self.weights.observer if self.weights else "minmax",
+            activations=acts,
+            act_observer=self.activations.observer if self.activations else "minmax",
+            overrides=tuple((p, f.spec() if f else None) for p, f in self.layers.items()),
+            batch_size=self.calibration.batch_size,
+        )
+
+    def build_steps(self) -> list[Step]:
+        steps = []
+        for i, sc in enumerate(self.steps):
+            cls = get_step(sc.name)
+            try:
+                steps.append(cls(cls.Args(**sc.args)))
+            except ValidationError as exc:
+                raise LowbitError(_format_validation(exc, f"steps[{i}].{sc.name}")) from None
+        return steps
+
+
+def _format_validation(exc: ValidationError, prefix: str = "") -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = ".".join(p for p in (prefix, loc) if p)
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"recipe error at {where or 'top level'}: {err['msg']}{more}"
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` overrides (value parsed as YAML; list items addressed by index)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise LowbitError(f"--set expects key=value (e.g. weights.bits=3), got {item!r}")
+        value = yaml.safe_load(raw)
+        parts = key.split(".")
+        node: Any = data
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[_index(part, key, node)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(last, key, node)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise LowbitError(f"--set {key}: {'.'.join(parts[:-1])} is not a mapping")
+    return data
+
+
+def _index(part: str, key: str, node: list) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise LowbitError(f"--set {key}: {part!r} is not a valid index into a list of {len(node)} items")
+    return int(part)
+
+
+def parse_recipe(data: dict) -> Recipe:
+    try:
+        recipe = Recipe(**data)
+    except ValidationError as exc:
+        raise LowbitError(_format_validation(exc)) from None
+    except TypeError as exc:
+        raise LowbitError(f"recipe error: {exc}") from None
+    recipe.settings()
+    recipe.build_steps()
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a YAML recipe; every problem is a one-line LowbitError."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"recipe file {path} does not exist: give the path to a YAML recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LowbitError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise LowbitError(f"recipe {path} must be a YAML mapping (keys like model, weights, steps)")
+    return parse_recipe(apply_overrides(data, list(overrides)))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    data = recipe.model_dump(mode="json")
+    data["steps"] = [{s["name"]: s["args"]} for s in data["steps"]]
+    return yaml.safe_dump(data, sort_keys=False)

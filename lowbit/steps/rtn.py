@@ -1,0 +1,26 @@
+"""Round-to-nearest: each weight group quantized independently with its observer's range."""
+from __future__ import annotations
+
+from typing import Literal
+
+from lowbit.pipeline import BlockContext, rtn_linear
+from lowbit.steps.base import Step, StepArgs, register_step
+
+
+class RTNArgs(StepArgs):
+    observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
+
+
+@register_step
+class RTN(Step):
+    """The calibration-free baseline; also what the pipeline applies to any weight no solver handled."""
+
+    name = "rtn"
+    Args = RTNArgs
+    solves_weights = True
+
+    def on_block(self, ctx: BlockContext) -> None:
+        for rel, linear in ctx.linears().items():
+            spec = ctx.weight_spec(rel)
+            if spec is not None and not ctx.is_quantized(rel):
+                rtn_linear(ctx, rel, linear, spec, self.args.observer or ctx.settings.weight_observer)
