@@ -69,6 +69,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps({"model": args.model, **result.to_dict()}, indent=2))
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from lowbit.report import results_table
+
+    rows = []
+    for run_dir in args.runs:
+        path = Path(run_dir) / "metrics.json"
+        if not path.is_file():
+            raise LowbitError(f"{run_dir} has no metrics.json: give folders written by 'lowbit run' or 'lowbit quantize'")
+        rows.append(json.loads(path.read_text()))
+    print(results_table(rows))
+
+
 def _cmd_steps(_args: argparse.Namespace) -> None:
     from lowbit.steps import STEPS
 
@@ -120,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(fn=_cmd_eval)
+
+    rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
+    rp.add_argument("runs", nargs="+")
+    rp.set_defaults(fn=_cmd_report)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
     s.set_defaults(fn=_cmd_steps)
