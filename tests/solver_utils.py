@@ -15,6 +15,7 @@ def tiny_llama() -> torch.nn.Module:
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
+    model.config.use_cache = False
     _randomize_norms(model)
     return model
 
@@ -24,6 +25,7 @@ def tiny_opt() -> torch.nn.Module:
     cfg = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=64, word_embed_proj_dim=64)
     model = OPTForCausalLM(cfg).eval()
+    model.config.use_cache = False
     _randomize_norms(model)
     return model
 
