@@ -17,11 +17,11 @@ from lowbit.steps.base import Step, StepArgs, register_step
 
 class AWQArgs(StepArgs):
     n_grid: int = Field(20, gt=0)  # α in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
-    search_samples: int = Field(16, gt=0)  # calibration windows used by the scale search
+    search_samples: int = Field(4, gt=0)  # calibration windows used by the scale search
     clip: bool = True
     clip_grid: int = Field(20, gt=0)
     max_shrink: float = Field(0.5, gt=0, lt=1)  # smallest clip ratio tried is 1 - max_shrink
-    clip_tokens: int = Field(1024, gt=0)  # tokens sampled for the clip search
+    clip_tokens: int = Field(512, gt=0)  # tokens sampled for the clip search
     quantize: bool | None = None  # None: quantize unless a later step in the recipe solves weights
 
 
@@ -212,7 +212,7 @@ class AWQ(Step):
         todo = [r for r in ctx.linears() if ctx.weight_spec(r) is not None and not ctx.is_quantized(r)]
         if a.clip and todo:
             self._clip(ctx, todo, x)
-        if self._quantizes(ctx):
+        if self.quantizes(ctx.model_ctx.steps):
             for rel in todo:
                 w = ctx.block.get_submodule(rel).weight.data.float()
                 spec = ctx.weight_spec(rel)
@@ -232,10 +232,10 @@ class AWQ(Step):
             lin.weight.data.copy_(search_clip(lin.weight.data.float(), xs, ctx.weight_spec(rel),
                                               self.args.clip_grid, self.args.max_shrink))
 
-    def _quantizes(self, ctx: BlockContext) -> bool:
+    def quantizes(self, steps: tuple[Step, ...]) -> bool:
+        """Whether this step rounds the weights: `quantize` if set, else only when no later step solves them."""
         if self.args.quantize is not None:
             return self.args.quantize
-        steps = ctx.model_ctx.steps
         later = steps[steps.index(self) + 1:] if self in steps else ()
         return not any(s.solves_weights for s in later)
 
