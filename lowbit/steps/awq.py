@@ -18,7 +18,7 @@ from lowbit.steps.base import Step, StepArgs, register_step
 class AWQArgs(StepArgs):
     n_grid: int = Field(20, gt=0)  # α in {0, 1/n_grid, ..., (n_grid-1)/n_grid}
     search_samples: int = Field(4, gt=0)  # calibration windows used by the scale search
-    clip: bool = True
+    clip: bool | None = None  # None: clip only when this step rounds the weights (a later solver targets unclipped W)
     clip_grid: int = Field(20, gt=0)
     max_shrink: float = Field(0.5, gt=0, lt=1)  # smallest clip ratio tried is 1 - max_shrink
     clip_tokens: int = Field(512, gt=0)  # tokens sampled for the clip search
@@ -196,7 +196,8 @@ class AWQ(Step):
     """Activation-aware weight quantization (Lin et al., 2023): scales searched per block, then clipping.
 
     Quantizes the weights itself (min-max on the clipped weights) unless a later step solves them, in which
-    case it leaves scaled, clipped FP weights for that step (e.g. `awq` then `gptq`).
+    case it leaves scaled FP weights for that step (e.g. `awq` then `gptq`), unclipped unless `clip: true`:
+    measured on the embedded model, GPTQ after AWQ's clipping did worse than GPTQ alone (its target moves).
     """
 
     name = "awq"
@@ -210,13 +211,15 @@ class AWQ(Step):
                 continue
             fold_scale(ctx, unit, search_scale(ctx, unit, x, a.n_grid))
         todo = [r for r in ctx.linears() if ctx.weight_spec(r) is not None and not ctx.is_quantized(r)]
-        if a.clip and todo:
+        quantize = self.quantizes(ctx.model_ctx.steps)
+        clip = quantize if a.clip is None else a.clip
+        if clip and todo:
             self._clip(ctx, todo, x)
-        if self.quantizes(ctx.model_ctx.steps):
+        if quantize:
             for rel in todo:
                 w = ctx.block.get_submodule(rel).weight.data.float()
                 spec = ctx.weight_spec(rel)
-                scale, zero = observe(w, spec, "minmax" if a.clip else ctx.settings.weight_observer)
+                scale, zero = observe(w, spec, "minmax" if clip else ctx.settings.weight_observer)
                 ctx.set_quantized_weight(rel, fake_quant(w, scale, zero, spec), spec, scale, zero)
 
     def _clip(self, ctx: BlockContext, rels: list[str], x: torch.Tensor) -> None:
