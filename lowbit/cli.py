@@ -1,4 +1,4 @@
-"""Command line: lowbit run | quantize | eval | steps. Expected failures print one line and exit with code 2."""
+"""Command line: lowbit run | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,32 @@ def _cmd_steps(_args: argparse.Namespace) -> None:
         print(f"{name:14s} {doc}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from lowbit.export import export_run
+
+    result = export_run(args.run, args.format, args.out, args.dtype)
+    for note in result.notes:
+        print(note)
+    print(f"exported to {result.path}")
+
+
+def _cmd_backends(_args: argparse.Namespace) -> None:
+    from lowbit.export.backends import backends_table
+
+    print(backends_table())
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.verify import verify
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    result = verify(args.run, args.export, args.data, args.split, args.seq_len, args.max_tokens or None,
+                    progress=not args.quiet)
+    print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
     rp.add_argument("runs", nargs="+")
     rp.set_defaults(fn=_cmd_report)
+
+    x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
+    x.add_argument("run")
+    x.add_argument("--format", required=True, help="compressed-tensors, gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
+    x.add_argument("--out", help="output folder or .gguf file (default: inside the run folder)")
+    x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of stored scales and unquantized tensors where the format leaves a choice")
+    x.set_defaults(fn=_cmd_export)
+
+    b = sub.add_parser("backends", help="which formats and granularities each export target executes")
+    b.set_defaults(fn=_cmd_backends)
+
+    v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
+    v.add_argument("run")
+    v.add_argument("export")
+    v.add_argument("--data", default="wikitext2")
+    v.add_argument("--split", default="test")
+    v.add_argument("--seq-len", type=int, default=2048)
+    v.add_argument("--max-tokens", type=int, default=16384, help="0 = whole split")
+    v.add_argument("--threads", type=int)
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(fn=_cmd_verify)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
     s.set_defaults(fn=_cmd_steps)

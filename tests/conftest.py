@@ -30,3 +30,34 @@ def tiny_llama(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def make_run(tiny_llama, tmp_path_factory):
+    """Factory: a saved RTN run of the tiny Llama with the given weight / activation formats (cached per formats)."""
+    from lowbit.recipe import parse_recipe
+    from lowbit.run import run_recipe
+
+    cache: dict[str, Path] = {}
+
+    def make(weights: dict, activations: dict | None = None) -> Path:
+        key = repr((sorted(weights.items()), sorted((activations or {}).items())))
+        if key not in cache:
+            recipe = parse_recipe({"model": str(tiny_llama), "weights": weights, "activations": activations,
+                                   "threads": 1, "evaluation": None, "calibration": {"n_samples": 2, "seq_len": 64}})
+            out = tmp_path_factory.mktemp("run") / "run"
+            run_recipe(recipe, out, progress=False)
+            cache[key] = out
+        return cache[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def text_windows(tiny_llama) -> torch.Tensor:
+    """Four 128-token windows of WikiText-2 test text."""
+    from transformers import AutoTokenizer
+
+    from lowbit.data import eval_windows, load_text, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    return eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")[:20000]), 128, 512)

@@ -102,13 +102,14 @@ def select_scheme(target: str, weights: QuantSpec | None, acts: QuantSpec | None
                               f"weights{at} is not supported by any export target; quantize its weights too")
         return None
     props = layer_properties(weights, acts)
-    best, best_missing = None, None
+    candidates = []
     for scheme in tgt.schemes:
         missing = [(p, v) for p, v in props if not scheme.accepts(p, v)]
         if not missing:
             return scheme
-        if best_missing is None or len(missing) < len(best_missing):
-            best, best_missing = scheme, missing
+        # report against the closest scheme, preferring one that runs the layer's activation format
+        candidates.append((len(missing), not scheme.accepts("activations", act_key(acts)), missing, scheme))
+    _, _, best_missing, best = min(candidates, key=lambda c: c[:2])
     prop, value = best_missing[0]
     others = [t for t in supporting_targets(prop, value) if t != target]
     allowed = {"weights": best.weights, "weight symmetry": best.symmetry, "weight granularity": best.granularity,
@@ -137,7 +138,8 @@ def backends_table() -> str:
             "|---|---|---|---|---|---|---|---|"]
     for t in TARGETS.values():
         for s in t.schemes:
-            cells = [t.name, t.engine, s.name, ", ".join(s.weights), ", ".join(s.symmetry or ("any",)),
+            symmetry = "n/a" if all(w.startswith("fp") for w in s.weights) else ", ".join(s.symmetry or ("any",))
+            cells = [t.name, t.engine, s.name, ", ".join(s.weights), symmetry,
                      ", ".join(s.granularity or ("any",)), ", ".join(s.activations), s.note]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
