@@ -54,10 +54,10 @@ def make_run(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_windows(tiny_llama) -> torch.Tensor:
-    """Four 128-token windows of WikiText-2 test text."""
+    """Three 128-token windows of WikiText-2 test text."""
     from transformers import AutoTokenizer
 
     from lowbit.data import eval_windows, load_text, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    return eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")[:20000]), 128, 512)
+    return eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")[:20000]), 128, 384)
