@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.loading import embedded_model_path
 
 
 @pytest.fixture(autouse=True)
@@ -16,10 +15,21 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-block Llama (hidden 64, GQA 4/2 heads) whose logits vary enough to make comparisons meaningful."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A 2-block Llama (hidden 64, GQA 4/2 heads) with a 512-token byte-level BPE tokenizer trained on
+    WikiText-2; its initialization is wide enough that logits vary and comparisons mean something."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    from lowbit.data import load_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([load_text("wikitext2", "validation")[:200000]], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        unk_token="<|endoftext|>", pad_token="<|im_end|>")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, initializer_range=0.1, rms_norm_eps=1e-5,
