@@ -45,6 +45,7 @@ def test_asymmetric_w4_float32_export_is_bit_exact(make_run, tmp_path, text_wind
 @pytest.mark.parametrize("weights, acts, fmt", [
     (W4_SYM_G32, None, "pack-quantized"),
     (W8_CHANNEL, A8_TOKEN, "int-quantized"),
+    (W8_CHANNEL, {"bits": 8, "symmetric": True, "granularity": "tensor"}, "int-quantized"),
     ({"bits": 8, "format": "fp", "granularity": "channel"}, None, "float-quantized"),
 ])
 def test_bfloat16_export_loads_with_transformers_and_matches(make_run, tmp_path, text_windows, weights, acts, fmt):
@@ -53,7 +54,8 @@ def test_bfloat16_export_loads_with_transformers_and_matches(make_run, tmp_path,
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig["format"] == fmt
     if acts:
-        assert qconfig["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
+        act_args = qconfig["config_groups"]["group_0"]["input_activations"]
+        assert (act_args["strategy"], act_args["dynamic"]) == (acts["granularity"], acts.get("dynamic", False))
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert exported.model.layers[0].self_attn.q_proj.quantization_scheme.format == fmt
     simulated, _, _ = load_run(run)
@@ -107,3 +109,22 @@ def test_failure_while_writing_leaves_nothing(make_run, tmp_path):
     with pytest.raises(LowbitError, match=f"weight {name} is not on the grid"):
         export_run(bad, "compressed-tensors", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_mixed_precision_groups_by_layer_name(tiny_llama, tmp_path, text_windows):
+    from lowbit.recipe import parse_recipe
+    from lowbit.run import run_recipe
+
+    recipe = parse_recipe({"model": str(tiny_llama), "weights": W4_SYM_G32, "threads": 1, "evaluation": None,
+                           "layers": {"*.down_proj": W8_CHANNEL, "*.layers.0.self_attn.o_proj": None},
+                           "calibration": {"n_samples": 2, "seq_len": 64}, "target": "compressed-tensors"})
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    out = export_run(tmp_path / "run", "compressed-tensors").path
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["format"] == "pack-quantized"  # both groups pack; 8-bit is W8A16
+    bits = {g["weights"]["num_bits"]: g["targets"] for g in qconfig["config_groups"].values()}
+    assert bits[8] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"] and len(bits[4]) == 11
+    assert qconfig["ignore"] == ["model.layers.0.self_attn.o_proj", "lm_head"]
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    simulated, _, _ = load_run(tmp_path / "run")
+    assert compare(simulated, exported, text_windows).ppl_rel_diff < 0.005

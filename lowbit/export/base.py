@@ -65,7 +65,7 @@ def register_exporter(name: str, suffix: str = ""):
     return wrap
 
 
-def plan_schemes(target: str, run_dir: Path, state: QuantState) -> dict[str, Scheme | None]:
+def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
     """Check every quantized layer against the target (before loading the model) and pick its scheme."""
     check_transforms(target, state.transforms)
     if state.outputs:
@@ -92,7 +92,7 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
     if not (run_dir / "quant_state.json").exists():
         raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
                           f"'lowbit run' or 'lowbit quantize'")
-    schemes = plan_schemes(target, run_dir, QuantState.load(run_dir))
+    schemes = plan_schemes(target, QuantState.load(run_dir))
     out = Path(out) if out else run_dir / f"{target}{exporter.suffix}"
     if out.exists():
         raise LowbitError(f"export path {out} already exists: choose another --out or remove it")

@@ -72,10 +72,7 @@ def _load_codes(run: LoadedRun, name: str, module: torch.nn.Module) -> torch.Ten
     if hasattr(module, "weight_zero_point"):
         module.weight_zero_point.data = zero.reshape(module.weight_zero_point.shape).to(module.weight_zero_point.dtype)
     act = run.state.inputs.get(name)
-    if act is not None and act.scale is not None:
-        if act.zero is not None and bool((act.zero != 0).any()):
-            raise LowbitError(f"static activation zero point on {name} is not supported by compressed-tensors' "
-                              f"int-quantized scheme; use symmetric activations")
+    if act is not None and act.scale is not None:  # static activations (symmetric: the backend check ensures it)
         module.input_scale.data = stored_scale(act.scale.detach(), DTYPES[run.dtype], name).reshape(
             module.input_scale.shape).to(module.input_scale.dtype)
     return signed
