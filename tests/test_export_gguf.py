@@ -72,7 +72,8 @@ def test_incompatible_grid_is_refit_and_says_so(make_run, tmp_path, text_windows
 
 @pytest.mark.parametrize("weights, acts, fmt, message", [
     ({"bits": 3, "symmetric": True, "group_size": 32}, None, "gguf-q4_0", "weights int3"),
-    ({"bits": 8, "granularity": "channel"}, {"bits": 8, "granularity": "token", "dynamic": True}, "gguf-q8_0",
+    ({"bits": 8, "symmetric": True, "granularity": "channel"},
+     {"bits": 8, "symmetric": True, "granularity": "token", "dynamic": True}, "gguf-q8_0",
      "activations int8 dynamic per-token .* targets that support it: compressed-tensors"),
 ])
 def test_unrepresentable_runs_are_refused_without_a_file(make_run, tmp_path, weights, acts, fmt, message):
