@@ -128,3 +128,13 @@ def test_mixed_precision_groups_by_layer_name(tiny_llama, tmp_path, text_windows
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     simulated, _, _ = load_run(tmp_path / "run")
     assert compare(simulated, exported, text_windows).ppl_rel_diff < 0.005
+
+
+def test_verify_command_reports_agreement(make_run, tmp_path, capsys):
+    run = make_run(W4_ASYM_G32)
+    out = export_run(run, "compressed-tensors", tmp_path / "ct", dtype="float32").path
+    capsys.readouterr()
+    assert main(["verify", str(run), str(out), "--seq-len", "128", "--max-tokens", "256", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 254 and report["top1_agreement"] == 1.0 and report["max_logit_diff"] < 1e-4
+    assert abs(report["ppl_a"] - report["ppl_b"]) < 1e-3 * report["ppl_a"]
