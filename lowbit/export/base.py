@@ -93,6 +93,9 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
         raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
                           f"'lowbit run' or 'lowbit quantize'")
     schemes = plan_schemes(target, QuantState.load(run_dir))
+    if not any(schemes.values()):
+        raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
+                          f"quantizes weights")
     out = Path(out) if out else run_dir / f"{target}{exporter.suffix}"
     if out.exists():
         raise LowbitError(f"export path {out} already exists: choose another --out or remove it")
