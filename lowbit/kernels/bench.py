@@ -1,0 +1,99 @@
+"""Speed and memory of real low-bit kernels against FP32 on the same machine, in one process, as ratios.
+
+Every configuration is quantized in memory with round-to-nearest, converted with `to_real`, and timed in
+interleaved rounds (after warm-up rounds) so that machine load drifts affect all of them alike; the median of
+the repeats is reported. Prefill: one forward over the prompt (logits of the last position only). Decode:
+greedy single-token steps with the KV cache.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lowbit.data import calibration_windows, load_text, tokenize
+from lowbit.errors import LowbitError
+from lowbit.formats import QuantSpec
+from lowbit.kernels.convert import memory_bytes, to_real
+from lowbit.loading import load_model
+from lowbit.models import get_adapter
+from lowbit.pipeline import Settings, compress
+from lowbit.steps import get_step
+
+INT8_TOKEN = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
+CONFIGS: dict[str, Settings | None] = {
+    "fp32": None,
+    "w8a16": Settings(weights=QuantSpec(bits=8, symmetric=True)),
+    "w4a16": Settings(weights=QuantSpec(bits=4, symmetric=False, group_size=64)),
+    "w8a8": Settings(weights=QuantSpec(bits=8, symmetric=True), activations=INT8_TOKEN),
+}
+
+
+def build(model_name: str, settings: Settings | None, calib_ids: torch.Tensor) -> tuple[nn.Module, str]:
+    """The model quantized per `settings` with RTN and packed onto real kernels (FP32 if settings is None)."""
+    model, _ = load_model(model_name)
+    if settings is None:
+        return model, "fp32 dense"
+    state = compress(model, get_adapter(model), settings, [get_step("rtn")()], calib_ids, progress=False)
+    to_real(model, state)
+    return model, ", ".join(sorted({p.kernel for p in model.lowbit_kernels}))
+
+
+@torch.inference_mode()
+def time_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Seconds for the prefill of `prompt` [1, T] and for `new_tokens` greedy decode steps after it."""
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True, logits_to_keep=1)
+    prefilled = time.perf_counter()
+    for _ in range(new_tokens):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(token, cache=out.cache, use_cache=True)
+    return prefilled - start, time.perf_counter() - prefilled
+
+
+def bench_speed(model_name: str = "smollm2-135m", configs: tuple[str, ...] = tuple(CONFIGS), prompt_len: int = 128,
+                new_tokens: int = 32, repeats: int = 5, warmup: int = 1, threads: int = 1) -> list[dict]:
+    """One row per configuration: kernels, memory and tokens/s of prefill and decode, each also as a ratio to
+    the first configuration (FP32 by default)."""
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise LowbitError(f"unknown benchmark configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
+    if repeats < 1 or prompt_len < 1 or new_tokens < 1:
+        raise LowbitError("repeats, prompt length and new tokens must be positive")
+    torch.set_num_threads(threads)
+    _, tokenizer = load_model(model_name)
+    tokens = tokenize(tokenizer, load_text("wikitext2", "validation"))
+    calib_ids = calibration_windows(tokens, 2, 64, seed=0)
+    prompt = tokens[None, :prompt_len]
+    models = {name: build(model_name, CONFIGS[name], calib_ids) for name in configs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
+    for round_ in range(warmup + repeats):
+        for name, (model, _) in models.items():
+            t = time_once(model, prompt, new_tokens)
+            if round_ >= warmup:
+                times[name].append(t)
+    rows = []
+    for name, (model, kernels) in models.items():
+        prefill = prompt_len / statistics.median(t[0] for t in times[name])
+        decode = new_tokens / statistics.median(t[1] for t in times[name])
+        rows.append({"config": name, "kernels": kernels, "memory_mb": memory_bytes(model) / 1e6,
+                     "prefill_tok_s": prefill, "decode_tok_s": decode})
+    base = rows[0]
+    for row in rows:
+        for key in ("memory_mb", "prefill_tok_s", "decode_tok_s"):
+            row[f"{key}_ratio"] = row[key] / base[key]
+    return rows
+
+
+def speed_table(rows: list[dict]) -> str:
+    """Markdown table of `bench_speed` rows; ratios are relative to the first row."""
+    ref = rows[0]["config"]
+    lines = [f"| config | kernels | memory MB (x {ref}) | prefill tok/s (x {ref}) | decode tok/s (x {ref}) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['kernels']} | {r['memory_mb']:.1f} ({r['memory_mb_ratio']:.2f}) | "
+                     f"{r['prefill_tok_s']:.1f} ({r['prefill_tok_s_ratio']:.2f}) | "
+                     f"{r['decode_tok_s']:.1f} ({r['decode_tok_s_ratio']:.2f}) |")
+    return "\n".join(lines)
