@@ -89,7 +89,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer, plans = load_for_inference(args.run, args.kernels)
+    model, tokenizer, plans = load_for_inference(args.run, args.kernels, args.compute_dtype)
     if plans and not args.quiet:
         print(kernel_table(plans), file=sys.stderr)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
@@ -105,13 +105,13 @@ def _cmd_kernels(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.check:
-        result = check_run(args.run, args.data, args.split, args.seq_len, args.max_tokens)
+        result = check_run(args.run, args.data, args.split, args.seq_len, args.max_tokens, args.compute_dtype)
         plans = result.pop("kernels")
         print(kernel_table(plans))
         print(json.dumps({"a": "simulated", "b": "real kernels", **result}, indent=2))
         return
     simulated, _, _ = load_for_inference(args.run, "simulated")
-    real, _, plans = load_for_inference(args.run, "real")
+    real, _, plans = load_for_inference(args.run, "real", args.compute_dtype)
     print(kernel_table(plans))
     print(f"memory (parameters + buffers): simulated {memory_bytes(simulated) / 1e6:.1f} MB, "
           f"real kernels {memory_bytes(real) / 1e6:.1f} MB")
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--kernels", choices=["real", "simulated"], default="real")
+    g.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="input dtype of the weight-only kernels (float32 is exact but slow in PyTorch 2.13)")
     g.add_argument("--threads", type=int)
     g.add_argument("--quiet", action="store_true", help="do not print which kernel each layer uses")
     g.set_defaults(fn=_cmd_generate)
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--split", default="test")
     k.add_argument("--seq-len", type=int, default=512)
     k.add_argument("--max-tokens", type=int, default=4096)
+    k.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     k.add_argument("--threads", type=int)
     k.set_defaults(fn=_cmd_kernels)
 

@@ -26,12 +26,12 @@ def simulated_layer(spec: QuantSpec, n: int = 96, k: int = 256, bias: bool = Tru
     return linear, WeightRecord(spec, scale, zero)
 
 
-def outputs(spec: QuantSpec, act: ActQuantizer | None = None, **kw):
+def outputs(spec: QuantSpec, act: ActQuantizer | None = None, compute_dtype: torch.dtype | None = None, **kw):
     linear, rec = simulated_layer(spec, **kw)
     x = torch.randn(3, 7, linear.in_features) * 2 + 0.3
     with torch.no_grad():
         ref = linear(act(x) if act is not None else x)
-        module, plan = real_linear("layer", linear, rec, act)
+        module, plan = real_linear("layer", linear, rec, act, compute_dtype)
         simulated_act = act is not None and "simulated" in plan.activations  # to_real keeps its hook
         return ref, module(act(x) if simulated_act else x), module, plan
 
@@ -46,6 +46,9 @@ def test_int8_weight_only_matches_simulated(spec):
     ref, out, module, _ = outputs(spec)
     assert isinstance(module, Int8WeightLinear)
     assert rel_err(out, ref) < 1e-5
+    ref, out, _, plan = outputs(spec, compute_dtype=torch.bfloat16)
+    assert plan.compute == "bfloat16" and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-2  # bfloat16 inputs and scales: 8 significant bits
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, symmetric=True, group_size=64), QuantSpec(4, symmetric=False, group_size=32),
@@ -55,6 +58,8 @@ def test_int4_weight_only_matches_simulated(spec):
     ref, out, module, plan = outputs(spec, n=72)  # 72 rows: padded to 80 for the packing op
     assert isinstance(module, Int4WeightLinear)
     assert rel_err(out, ref) < 1e-5
+    ref, out, _, _ = outputs(spec, compute_dtype=torch.bfloat16, n=72)
+    assert rel_err(out, ref) < 1e-2
     if spec.granularity == "channel":
         assert module.group_size == 256  # a per-channel scale repeated over kernel groups
 
@@ -148,7 +153,7 @@ def test_real_model_matches_simulated(tiny_runs, name, max_diff, top1):
     from lowbit.kernels.check import check_run
 
     runs, text = tiny_runs
-    result = check_run(runs[name], data=str(text), seq_len=64, max_tokens=256)
+    result = check_run(runs[name], data=str(text), seq_len=64, max_tokens=256, compute_dtype="float32")
     assert result["tokens"] == 4 * 63
     assert result["top1_agreement"] >= top1
     assert abs(result["ppl_a"] / result["ppl_b"] - 1) < 1e-3
@@ -160,12 +165,24 @@ def test_real_model_matches_simulated(tiny_runs, name, max_diff, top1):
     assert len(result["kernels"]) == 14
 
 
+def test_bfloat16_kernels_close_to_simulated(tiny_runs):
+    from lowbit.kernels.check import check_run
+
+    runs, text = tiny_runs
+    result = check_run(runs["w4a16"], data=str(text), seq_len=64, max_tokens=256, compute_dtype="bfloat16")
+    assert {p.compute for p in result["kernels"]} == {"bfloat16"}
+    # bfloat16 rounding of layer inputs (~0.4%) on a random model with nearly flat logits (many near-ties)
+    assert result["top1_agreement"] >= 0.95
+    assert result["mean_logit_diff"] < 0.05
+    assert abs(result["ppl_a"] / result["ppl_b"] - 1) < 1e-2
+
+
 def test_packed_model_size(tiny_runs):
     from lowbit.kernels.runtime import load_for_inference
 
     runs, _ = tiny_runs
     simulated, _, _ = load_for_inference(runs["w4a16"], "simulated")
-    real, _, _ = load_for_inference(runs["w4a16"], "real")
+    real, _, _ = load_for_inference(runs["w4a16"], "real", "float32")
     shapes = [(m.out_features, m.in_features) for m in real.modules() if isinstance(m, Int4WeightLinear)]
     saved = sum(n * k * 4 - (n * k // 2 + (k // 32) * n * 2 * 4) for n, k in shapes)
     assert memory_bytes(real) == memory_bytes(simulated) - saved
@@ -180,7 +197,7 @@ def test_generate_cli_real_equals_simulated(tiny_runs, capsys):
     texts = []
     for kernels in ("real", "simulated"):
         assert main(["generate", str(runs["w4a16"]), "--prompt", "The history of", "--max-new-tokens", "8",
-                     "--kernels", kernels, "--quiet"]) == 0
+                     "--kernels", kernels, "--compute-dtype", "float32", "--quiet"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].strip()
     assert main(["kernels", str(runs["w8a8"])]) == 0

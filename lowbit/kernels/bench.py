@@ -32,13 +32,14 @@ CONFIGS: dict[str, Settings | None] = {
 
 
 def build(model_name: str, settings: Settings | None, calib_ids: torch.Tensor) -> tuple[nn.Module, str]:
-    """The model quantized per `settings` with RTN and packed onto real kernels (FP32 if settings is None)."""
+    """The model quantized per `settings` with RTN and packed onto real kernels (FP32 if settings is None);
+    weight-only kernels take bfloat16 inputs (their fast path), everything else stays float32."""
     model, _ = load_model(model_name)
     if settings is None:
         return model, "fp32 dense"
     state = compress(model, get_adapter(model), settings, [get_step("rtn")()], calib_ids, progress=False)
-    to_real(model, state)
-    return model, ", ".join(sorted({p.kernel for p in model.lowbit_kernels}))
+    to_real(model, state, torch.bfloat16)
+    return model, ", ".join(sorted({f"{p.kernel} ({p.compute})" for p in model.lowbit_kernels}))
 
 
 @torch.inference_mode()

@@ -34,9 +34,9 @@ def compare(model_a: nn.Module, model_b: nn.Module, windows: torch.Tensor) -> di
 
 
 def check_run(run_dir: str | Path, data: str = "wikitext2", split: str = "test", seq_len: int = 512,
-              max_tokens: int = 4096) -> dict:
+              max_tokens: int = 4096, compute_dtype: str = "bfloat16") -> dict:
     """Compare a run's simulated model (a) with its real-kernel model (b) on the start of a text."""
     simulated, tokenizer, _ = load_for_inference(run_dir, "simulated")
-    real, _, plans = load_for_inference(run_dir, "real")
+    real, _, plans = load_for_inference(run_dir, "real", compute_dtype)
     windows = eval_windows(tokenize(tokenizer, load_text(data, split)), seq_len, max_tokens)
     return {**compare(simulated, real, windows), "kernels": plans}

@@ -32,6 +32,7 @@ class LayerKernel:
     kernel: str
     weight: str
     activations: str
+    compute: str
     note: str = ""
 
 
@@ -82,8 +83,8 @@ def build_int8(q: torch.Tensor, rec: WeightRecord, dtype: torch.dtype, bias) -> 
     scale, zero = _row_params(rec, q.shape)
     center = zero if rec.spec.symmetric or rec.spec.bits <= 7 else torch.full_like(zero, 128.0)
     offset = (zero - center) * scale
-    return Int8WeightLinear((q - center[:, None]).to(torch.int8), scale.to(dtype),
-                            offset.to(dtype) if offset.any() else None, bias)
+    return Int8WeightLinear((q - center[:, None]).to(torch.int8), scale.to(dtype), offset if offset.any() else None,
+                            bias)
 
 
 def build_int4(q: torch.Tensor, rec: WeightRecord, group: int, dtype: torch.dtype, bias) -> Int4WeightLinear:
@@ -108,40 +109,54 @@ def build_w8a8(q: torch.Tensor, rec: WeightRecord, act: ActQuantizer, dtype: tor
     return W8A8Linear((q - zero[:, None]).to(torch.int8), scale.to(dtype), act, bias)
 
 
-def real_linear(name: str, linear: nn.Linear, rec: WeightRecord,
-                act: ActQuantizer | None) -> tuple[nn.Module, LayerKernel]:
-    """The packed module replacing `linear` and the report line saying which kernel it uses and why."""
+def real_linear(name: str, linear: nn.Linear, rec: WeightRecord, act: ActQuantizer | None,
+                compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, LayerKernel]:
+    """The packed module replacing `linear` and the report line saying which kernel it uses and why.
+
+    Weight-only kernels multiply in `compute_dtype` (default: the weight's dtype); int8 x int8 and the fallback
+    always use the weight's dtype.
+    """
     spec, dtype = rec.spec, linear.weight.dtype
+    compute_dtype = compute_dtype or dtype
     bias = linear.bias
     act_desc = act.spec.describe() if act is not None and act.enabled else "fp"
     if spec.format != "int":
         return linear, LayerKernel(name, "dense (unchanged)", spec.describe(), act_desc + " (simulated)",
-                                   "no integer kernel for minifloat weights")
+                                   _dtype_name(dtype), "no integer kernel for minifloat weights")
     q = weight_codes(name, linear.weight, rec)
     per_row = spec.granularity in ("channel", "tensor")
     centered_int8 = spec.symmetric or spec.bits <= 7
     if per_row and centered_int8 and int8_activations(act):
         module = build_w8a8(q, rec, act, dtype, bias)
-        return module, LayerKernel(name, module.kernel, spec.describe(), act_desc + " (in kernel)")
+        return module, LayerKernel(name, module.kernel, spec.describe(), act_desc + " (in kernel)", "int8 -> int32")
     act_note = act_desc if act_desc == "fp" else act_desc + " (simulated)"
     group = int4_group(spec, linear.in_features)
     if group is not None:
-        module = build_int4(q, rec, group, dtype, bias)
+        module = build_int4(q, rec, group, compute_dtype, bias)
         note = "" if spec.bits == 4 else f"{spec.bits}-bit codes stored in 4 bits"
-        return module, LayerKernel(name, f"{module.kernel} g{group}", spec.describe(), act_note, note)
+        return module, LayerKernel(name, f"{module.kernel} g{group}", spec.describe(), act_note,
+                                   _dtype_name(compute_dtype), note)
     if per_row:
-        module = build_int8(q, rec, dtype, bias)
+        module = build_int8(q, rec, compute_dtype, bias)
         note = "" if spec.bits == 8 else f"{spec.bits}-bit codes stored in 8 bits"
-        return module, LayerKernel(name, module.kernel, spec.describe(), act_note, note)
+        return module, LayerKernel(name, module.kernel, spec.describe(), act_note, _dtype_name(compute_dtype), note)
     module = DequantLinear(q, rec.scale, rec.zero, spec, dtype, bias)
     reason = (f"group size {spec.group_size} is not a multiple of 32 dividing {linear.in_features}"
               if spec.bits <= 4 else f"{spec.bits}-bit weights in groups: the int8 kernel takes one scale per row")
-    return module, LayerKernel(name, module.kernel, spec.describe(), act_note, reason)
+    return module, LayerKernel(name, module.kernel, spec.describe(), act_note, _dtype_name(dtype), reason)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @torch.no_grad()
-def to_real(model: nn.Module, state: QuantState) -> nn.Module:
+def to_real(model: nn.Module, state: QuantState, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every quantized linear of `model` (in place) by its packed module; returns the model.
+
+    `compute_dtype` is the input dtype of the weight-only kernels: None keeps the model's dtype (float32: equal
+    to the simulated model to float rounding, but PyTorch 2.13's CPU kernels are slow there), torch.bfloat16
+    takes their fast path at the cost of bfloat16 rounding of the layer inputs and scales.
 
     The state's hooks are moved: activation quantizers absorbed by an int8 x int8 kernel are dropped, every
     other transform and quantizer is attached to the new module under the same name. `model.lowbit_kernels`
@@ -155,7 +170,7 @@ def to_real(model: nn.Module, state: QuantState) -> nn.Module:
             raise LowbitError(f"{name} is a {type(linear).__name__}, not a linear layer: to_real needs a simulated "
                               f"model (load the run with lowbit.run.load_run)")
         act = state.inputs.get(name)
-        module, plan = real_linear(name, linear, rec, act)
+        module, plan = real_linear(name, linear, rec, act, compute_dtype)
         if module is not linear:
             model.set_submodule(name, module)
         if isinstance(module, W8A8Linear):
@@ -185,8 +200,8 @@ def kernel_table(plans: list[LayerKernel]) -> str:
     """Markdown summary: one row per distinct (kernel, weight format, activations, note), with a layer count."""
     counts: dict[tuple, int] = {}
     for p in plans:
-        key = (p.kernel, p.weight, p.activations, p.note)
+        key = (p.kernel, p.weight, p.activations, p.compute, p.note)
         counts[key] = counts.get(key, 0) + 1
-    lines = ["| kernel | weights | activations | layers | note |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {w} | {a} | {n} | {note} |" for (k, w, a, note), n in counts.items()]
+    lines = ["| kernel | weights | activations | compute | layers | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {w} | {a} | {c} | {n} | {note} |" for (k, w, a, c, note), n in counts.items()]
     return "\n".join(lines)

@@ -46,6 +46,9 @@ class PackedLinear(nn.Module):
 class Int8WeightLinear(PackedLinear):
     """Per-channel int8 weights: y = (x @ codes^T) * scale - sum(x) * offset.
 
+    The matmul runs in the dtype of `scale` (the compute dtype: bfloat16 takes PyTorch's vectorized path, float32
+    a slow exact one); the result is cast back to the input's dtype.
+
     codes = q - center fits int8; center is the zero point (symmetric, or asymmetric up to 7 bits) or 128
     (8-bit asymmetric, where q - zero can reach +-255); offset = (zero - center) * scale restores the shift.
     """
@@ -60,17 +63,17 @@ class Int8WeightLinear(PackedLinear):
         self.register_buffer("offset", offset)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scale.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.codes, self.scale)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(self.scale.dtype).contiguous(), self.codes, self.scale).to(x.dtype)
         if self.offset is not None:
-            y = y - x.sum(-1, keepdim=True) * self.offset
+            y = y - x.sum(-1, keepdim=True) * self.offset.to(x.dtype)
         return y
 
 
 class Int4WeightLinear(PackedLinear):
     """Grouped 4-bit weights in the tinygemm layout: w = (u - 8) * scale + zero per group, u in [0, 15].
 
-    Output rows are padded to a multiple of 16 for the packing op and sliced off after the matmul.
+    Output rows are padded to a multiple of 16 for the packing op and sliced off after the matmul. As for int8,
+    the matmul runs in the dtype of `scales_and_zeros` and the result is cast back.
     """
 
     kernel = "int4 weight-only (_weight_int4pack_mm_for_cpu)"
@@ -83,9 +86,9 @@ class Int4WeightLinear(PackedLinear):
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.scales_and_zeros.dtype).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
-        return y[:, : self.out_features]
+        xc = x.to(self.scales_and_zeros.dtype).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.packed, self.group_size, self.scales_and_zeros)
+        return y[:, : self.out_features].to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

@@ -14,13 +14,20 @@ from lowbit.run import load_run
 Kernels = Literal["real", "simulated"]
 
 
-def load_for_inference(run_dir: str | Path, kernels: Kernels = "real") -> tuple[nn.Module, object, list[LayerKernel]]:
-    """A saved run's model (float32) and tokenizer; with kernels='real' its quantized linears are packed."""
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def load_for_inference(run_dir: str | Path, kernels: Kernels = "real",
+                       compute_dtype: str = "bfloat16") -> tuple[nn.Module, object, list[LayerKernel]]:
+    """A saved run's model (float32) and tokenizer; with kernels='real' its quantized linears are packed, the
+    weight-only kernels multiplying in `compute_dtype` (see `to_real`)."""
     if kernels not in ("real", "simulated"):
         raise LowbitError(f"kernels must be 'real' or 'simulated', not {kernels!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise LowbitError(f"compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
     model, tokenizer, state = load_run(run_dir)
     if kernels == "real":
-        to_real(model, state)
+        to_real(model, state, COMPUTE_DTYPES[compute_dtype])
     return model, tokenizer, getattr(model, "lowbit_kernels", [])
 
 
