@@ -127,6 +127,13 @@ def _cmd_bench_speed(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
+def _cmd_bench_layers(args: argparse.Namespace) -> None:
+    from lowbit.kernels.bench import bench_layers, layers_table
+
+    print(layers_table(bench_layers(args.out_features, args.in_features, repeats=args.repeats,
+                                    threads=args.threads)))
+
+
 def _cmd_steps(_args: argparse.Namespace) -> None:
     from lowbit.steps import STEPS
 
@@ -217,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--threads", type=int, default=1)
     bs.add_argument("--json", help="also write the rows as JSON to this file")
     bs.set_defaults(fn=_cmd_bench_speed)
+    bl = bsub.add_parser("layers", help="ms per call of each packed layer type on one layer shape, 1 and 128 rows")
+    bl.add_argument("--out-features", type=int, default=1536)
+    bl.add_argument("--in-features", type=int, default=576)
+    bl.add_argument("--repeats", type=int, default=5)
+    bl.add_argument("--threads", type=int, default=1)
+    bl.set_defaults(fn=_cmd_bench_layers)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
     s.set_defaults(fn=_cmd_steps)

@@ -1,5 +1,8 @@
 """Speed and memory of real low-bit kernels against FP32 on the same machine, in one process, as ratios.
 
+`bench_speed` times whole models; `bench_layers` times single packed layers, which shows where each kernel
+is fast (one input row, as in decoding, or many, as in prefill) and why weight-only kernels take bfloat16 inputs.
+
 Every configuration is quantized in memory with round-to-nearest, converted with `to_real`, and timed in
 interleaved rounds (after warm-up rounds) so that machine load drifts affect all of them alike; the median of
 the repeats is reported. Prefill: one forward over the prompt (logits of the last position only). Decode:
@@ -13,13 +16,15 @@ import time
 import torch
 from torch import nn
 
+from lowbit.actquant import ActQuantizer
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import LowbitError
-from lowbit.formats import QuantSpec
-from lowbit.kernels.convert import memory_bytes, to_real
+from lowbit.formats import QuantSpec, fake_quant, minmax_qparams
+from lowbit.kernels.convert import memory_bytes, real_linear, to_real
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, compress
+from lowbit.state import WeightRecord
 from lowbit.steps import get_step
 
 INT8_TOKEN = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
@@ -97,4 +102,57 @@ def speed_table(rows: list[dict]) -> str:
         lines.append(f"| {r['config']} | {r['kernels']} | {r['memory_mb']:.1f} ({r['memory_mb_ratio']:.2f}) | "
                      f"{r['prefill_tok_s']:.1f} ({r['prefill_tok_s_ratio']:.2f}) | "
                      f"{r['decode_tok_s']:.1f} ({r['decode_tok_s_ratio']:.2f}) |")
+    return "\n".join(lines)
+
+
+LAYER_CONFIGS: dict[str, tuple[QuantSpec | None, QuantSpec | None, torch.dtype | None]] = {
+    "fp32 nn.Linear": (None, None, None),
+    "int8 weight-only, float32 inputs": (QuantSpec(bits=8, symmetric=True), None, torch.float32),
+    "int8 weight-only, bfloat16 inputs": (QuantSpec(bits=8, symmetric=True), None, torch.bfloat16),
+    "int4 g64 weight-only, float32 inputs": (QuantSpec(bits=4, symmetric=False, group_size=64), None, torch.float32),
+    "int4 g64 weight-only, bfloat16 inputs": (QuantSpec(bits=4, symmetric=False, group_size=64), None, torch.bfloat16),
+    "int8 x int8 (per-token dynamic)": (QuantSpec(bits=8, symmetric=True), INT8_TOKEN, None),
+    "dequantize + matmul (int8 g64)": (QuantSpec(bits=8, symmetric=True, group_size=64), None, None),
+}
+
+
+@torch.inference_mode()
+def bench_layers(out_features: int = 1536, in_features: int = 576, rows: tuple[int, ...] = (1, 128),
+                 repeats: int = 5, threads: int = 1) -> list[dict]:
+    """Milliseconds per call of each packed layer type on one random layer shape, for each number of input rows
+    (1 = a decode step, 128 = a prefill chunk); median of `repeats` after one warm-up call."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    results = []
+    for name, (wspec, aspec, compute) in LAYER_CONFIGS.items():
+        module = linear
+        if wspec is not None:
+            layer = nn.Linear(in_features, out_features, bias=False)
+            scale, zero = minmax_qparams(linear.weight, wspec)
+            layer.weight.data = fake_quant(linear.weight, scale, zero, wspec)
+            act = ActQuantizer(aspec) if aspec is not None else None
+            module, _ = real_linear(name, layer, WeightRecord(wspec, scale, zero), act, compute)
+        row = {"layer": name}
+        for m in rows:
+            x = torch.randn(m, in_features)
+            module(x)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                module(x)
+                times.append(time.perf_counter() - start)
+            row[f"ms_{m}"] = statistics.median(times) * 1e3
+        results.append(row)
+    return results
+
+
+def layers_table(rows: list[dict]) -> str:
+    """Markdown table of `bench_layers`: ms per call and the ratio to the first (FP32) row."""
+    counts = [k.removeprefix("ms_") for k in rows[0] if k.startswith("ms_")]
+    lines = ["| layer | " + " | ".join(f"ms, {m} rows (x fp32)" for m in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for r in rows:
+        cells = [f"{r['ms_' + m]:.3f} ({r['ms_' + m] / rows[0]['ms_' + m]:.2f})" for m in counts]
+        lines.append(f"| {r['layer']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
