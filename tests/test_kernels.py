@@ -8,12 +8,11 @@ from torch import nn
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, minmax_qparams
-from lowbit.kernels import memory_bytes, to_real
+from lowbit.kernels import memory_bytes
 from lowbit.kernels.convert import real_linear
 from lowbit.kernels.linear import DequantLinear, Int4WeightLinear, Int8WeightLinear, W8A8Linear
-from lowbit.state import QuantState, WeightRecord
+from lowbit.state import WeightRecord
 
-torch.set_num_threads(1)
 INT8_ACT = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
 
 
@@ -114,23 +113,13 @@ def test_packed_layer_size(spec, packed_bytes):
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
-    """A tiny random Llama (embedded tokenizer) quantized three ways, saved as run folders, plus a short text."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+def tiny_runs(tmp_path_factory, tiny_dirs):
+    """The tiny Llama quantized three ways and saved as run folders, plus a short text file."""
     from lowbit.data import load_text
-    from lowbit.loading import embedded_model_path
     from lowbit.recipe import parse_recipe
     from lowbit.run import run_recipe
 
     root = tmp_path_factory.mktemp("kernels")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
     text = root / "text.txt"
     text.write_text(load_text("wikitext2", "test")[:20000])
     formats = {"w8a16": ({"bits": 8, "symmetric": True}, None),
@@ -138,8 +127,8 @@ def tiny_runs(tmp_path_factory):
                "w8a8": ({"bits": 8, "symmetric": True}, {"bits": 8, "granularity": "token", "dynamic": True})}
     runs = {}
     for name, (weights, acts) in formats.items():
-        recipe = parse_recipe({"name": name, "model": str(root / "tiny"), "weights": weights, "activations": acts,
-                               "evaluation": None, "threads": 1,
+        recipe = parse_recipe({"name": name, "model": tiny_dirs["llama"], "weights": weights, "activations": acts,
+                               "evaluation": None,
                                "calibration": {"data": str(text), "n_samples": 2, "seq_len": 32}})
         runs[name] = run_recipe(recipe, root / name, progress=False).out_dir
     return runs, text
