@@ -8,10 +8,10 @@ from torch import nn
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, minmax_qparams
-from lowbit.kernels import memory_bytes
+from lowbit.kernels import memory_bytes, to_real
 from lowbit.kernels.convert import real_linear
 from lowbit.kernels.linear import DequantLinear, Int4WeightLinear, Int8WeightLinear, W8A8Linear
-from lowbit.state import WeightRecord
+from lowbit.state import QuantState, WeightRecord, register_input_transform
 
 INT8_ACT = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
 
@@ -202,3 +202,32 @@ def test_bad_inputs(tiny_runs, tmp_path, capsys):
     assert main(["generate", str(runs["w8a16"]), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert main(["bench", "speed", "--configs", "w3a3"]) == 2
     assert "unknown benchmark configuration" in capsys.readouterr().err
+
+
+@register_input_transform("test-reverse-halves")
+def _reverse_halves(cfg: dict, module: nn.Module):
+    """An online input transform for the test: swaps the two halves of the input features."""
+    half = module.in_features // 2
+    return lambda x: torch.cat([x[..., half:], x[..., :half]], dim=-1)
+
+
+@pytest.mark.parametrize("weight_spec", [QuantSpec(8, symmetric=True), QuantSpec(4, group_size=64)])
+def test_to_real_keeps_transforms_and_quantizers(weight_spec):
+    """to_real re-attaches online transforms and the activation quantizers a kernel does not absorb."""
+    linear, rec = simulated_layer(weight_spec)
+    model = nn.Sequential(linear)
+    state = QuantState(weights={"0": rec}, inputs={"0": ActQuantizer(INT8_ACT)},
+                       transforms={"0": {"kind": "test-reverse-halves"}})
+    state.install(model)
+    x = torch.randn(2, 5, 256)
+    with torch.no_grad():
+        ref = model(x)
+        to_real(model, state)
+        out = model(x)
+    assert rel_err(out, ref) < 1e-5
+    absorbed = weight_spec.bits == 8
+    assert isinstance(model[0], W8A8Linear if absorbed else Int4WeightLinear)
+    assert ("0" in model.lowbit_state.inputs) != absorbed
+    with torch.no_grad():  # without the transform hook the output would be different
+        model.lowbit_state.uninstall()
+        assert rel_err(model(x), ref) > 0.1
