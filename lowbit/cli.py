@@ -105,7 +105,8 @@ def _cmd_kernels(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.check:
-        result = check_run(args.run, args.data, args.split, args.seq_len, args.max_tokens, args.compute_dtype)
+        result = check_run(args.run, args.data, args.split, args.seq_len, args.max_tokens, args.compute_dtype,
+                           args.noise_floor)
         plans = result.pop("kernels")
         print(kernel_table(plans))
         print(json.dumps({"a": "simulated", "b": "real kernels", **result}, indent=2))
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("kernels", help="which real CPU kernel each layer of a run uses; --check compares with simulated")
     k.add_argument("run")
     k.add_argument("--check", action="store_true", help="logit difference, top-1 agreement, perplexity of both")
+    k.add_argument("--noise-floor", action="store_true",
+                   help="also compare the simulated model with itself under 1e-6 relative input noise")
     k.add_argument("--data", default="wikitext2")
     k.add_argument("--split", default="test")
     k.add_argument("--seq-len", type=int, default=512)

@@ -33,10 +33,31 @@ def compare(model_a: nn.Module, model_b: nn.Module, windows: torch.Tensor) -> di
             "ppl_a": math.exp(nll_a / n_tokens), "ppl_b": math.exp(nll_b / n_tokens), "tokens": n_tokens}
 
 
+class Perturbed(nn.Module):
+    """A causal LM whose input embeddings are multiplied by (1 + rel * noise): float-rounding-sized input noise."""
+
+    def __init__(self, model: nn.Module, rel: float = 1e-6, seed: int = 0):
+        super().__init__()
+        self.model, self.rel, self.seed = model, rel, seed
+
+    def forward(self, ids: torch.Tensor):
+        emb = self.model.get_input_embeddings()(ids)
+        noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(self.seed))
+        return self.model(inputs_embeds=emb * (1 + self.rel * noise))
+
+
 def check_run(run_dir: str | Path, data: str = "wikitext2", split: str = "test", seq_len: int = 512,
-              max_tokens: int = 4096, compute_dtype: str = "bfloat16") -> dict:
-    """Compare a run's simulated model (a) with its real-kernel model (b) on the start of a text."""
+              max_tokens: int = 4096, compute_dtype: str = "bfloat16", noise_floor: bool = False) -> dict:
+    """Compare a run's simulated model (a) with its real-kernel model (b) on the start of a text.
+
+    With `noise_floor`, also compare the simulated model with itself under 1e-6 relative input noise: models with
+    quantized activations can amplify float rounding (a value crossing a rounding boundary), and that comparison
+    shows how much disagreement any float implementation would have.
+    """
     simulated, tokenizer, _ = load_for_inference(run_dir, "simulated")
     real, _, plans = load_for_inference(run_dir, "real", compute_dtype)
     windows = eval_windows(tokenize(tokenizer, load_text(data, split)), seq_len, max_tokens)
-    return {**compare(simulated, real, windows), "kernels": plans}
+    result = {**compare(simulated, real, windows), "kernels": plans}
+    if noise_floor:
+        result["noise_floor"] = compare(simulated, Perturbed(simulated), windows)
+    return result

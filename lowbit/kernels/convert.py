@@ -88,7 +88,8 @@ def build_int8(q: torch.Tensor, rec: WeightRecord, dtype: torch.dtype, bias) -> 
 
 
 def build_int4(q: torch.Tensor, rec: WeightRecord, group: int, dtype: torch.dtype, bias) -> Int4WeightLinear:
-    """Codes u = q + 8 (symmetric) or q (asymmetric) in [0, 15]; w = (q - z) * s = (u - 8) * s + (8 - o - z) * s."""
+    """Kernel codes u = q + shift in [0, 15] (shift 8 if symmetric, else 0), so that
+    w = (q - z) * s = (u - 8) * s + (8 - shift - z) * s: the kernel's scale s and additive zero (8 - shift - z) * s."""
     n, k = q.shape
     shift = 8 if rec.spec.symmetric else 0
     scale = per_weight(rec.scale.float(), rec.spec, q.shape)[:, ::group]
