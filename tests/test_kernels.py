@@ -145,11 +145,11 @@ def test_real_model_matches_simulated(tiny_runs, name, max_diff, top1):
     from lowbit.kernels.check import check_run
 
     runs, text = tiny_runs
-    result = check_run(runs[name], data=str(text), seq_len=64, max_tokens=256, compute_dtype="float32",
+    result = check_run(runs[name], data=str(text), seq_len=64, max_tokens=128, compute_dtype="float32",
                        noise_floor=name == "w8a8")
     if name == "w8a8":  # the simulated model under float-rounding-sized input noise, the same order of disagreement
         assert 0 < result["noise_floor"]["mean_logit_diff"] < 0.01
-    assert result["tokens"] == 4 * 63
+    assert result["tokens"] == 2 * 63
     assert result["top1_agreement"] >= top1
     assert abs(result["ppl_a"] / result["ppl_b"] - 1) < 1e-3
     if max_diff is not None:
@@ -164,7 +164,7 @@ def test_bfloat16_kernels_close_to_simulated(tiny_runs):
     from lowbit.kernels.check import check_run
 
     runs, text = tiny_runs
-    result = check_run(runs["w4a16"], data=str(text), seq_len=64, max_tokens=256, compute_dtype="bfloat16")
+    result = check_run(runs["w4a16"], data=str(text), seq_len=64, max_tokens=128, compute_dtype="bfloat16")
     assert {p.compute for p in result["kernels"]} == {"bfloat16"}
     # bfloat16 rounding of layer inputs (~0.4%) on a random model with nearly flat logits (many near-ties)
     assert result["top1_agreement"] >= 0.95
