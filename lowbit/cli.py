@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl = bsub.add_parser("layers", help="ms per call of each packed layer type on one layer shape, 1 and 128 rows")
     bl.add_argument("--out-features", type=int, default=1536)
     bl.add_argument("--in-features", type=int, default=576)
-    bl.add_argument("--repeats", type=int, default=5)
+    bl.add_argument("--repeats", type=int, default=20)
     bl.add_argument("--threads", type=int, default=1)
     bl.set_defaults(fn=_cmd_bench_layers)
 
