@@ -9,7 +9,7 @@ What the ops require in PyTorch 2.13 (checked on this CPU build): `_weight_int8p
 scales [N])` takes one scale per output row. `_convert_weight_to_int4pack_for_cpu(u int32 [N,K] in [0,15], 1)`
 needs N divisible by 16 and `_weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])`
 needs group in {32, 64, 128, 256} dividing K, and dequantizes w = (u - 8) * scale + zero. Both accept float32,
-bfloat16 and float16 inputs, but only bfloat16 takes a vectorized path (float32 is ~100x slower at 128 rows,
+bfloat16 and float16 inputs, but only bfloat16 takes a vectorized path (float32 is many times slower at 128 rows,
 see `lowbit bench layers`). `torch._int_mm(a int8 [M,K], b int8 [K,N])` accepted every shape we tried on the CPU
 (M = 1, 5, 17; odd K and N), so no padding is needed there.
 """
