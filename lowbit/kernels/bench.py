@@ -10,6 +10,7 @@ greedy single-token steps with the KV cache.
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -47,6 +48,17 @@ def build(model_name: str, settings: Settings | None, calib_ids: torch.Tensor) -
     return model, ", ".join(sorted({f"{p.kernel} ({p.compute})" for p in model.lowbit_kernels}))
 
 
+def share_unchanged(model: nn.Module, reference: nn.Module) -> None:
+    """Point parameters equal to the same-named ones of `reference` (embeddings, norms) at the reference's tensors,
+    so several variants of one model fit in memory together; each still counts them in its own size."""
+    ref = dict(reference.named_parameters(remove_duplicate=False))
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        r = ref.get(name)
+        if r is not None and r.shape == p.shape and torch.equal(r, p):
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, r)
+
+
 @torch.inference_mode()
 def time_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """Seconds for the prefill of `prompt` [1, T] and for `new_tokens` greedy decode steps after it."""
@@ -73,7 +85,11 @@ def bench_speed(model_name: str = "smollm2-135m", configs: tuple[str, ...] = tup
     tokens = tokenize(tokenizer, load_text("wikitext2", "validation"))
     calib_ids = calibration_windows(tokens, 2, 64, seed=0)
     prompt = tokens[None, :prompt_len]
-    models = {name: build(model_name, CONFIGS[name], calib_ids) for name in configs}
+    models = {}
+    for name in configs:
+        models[name] = build(model_name, CONFIGS[name], calib_ids)
+        share_unchanged(models[name][0], next(iter(models.values()))[0])
+        gc.collect()
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     for round_ in range(warmup + repeats):
         for name, (model, _) in models.items():
