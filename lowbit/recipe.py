@@ -5,9 +5,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowbit.errors import LowbitError
+from lowbit.export.backends import check_settings
 from lowbit.formats import QuantSpec
 from lowbit.loading import EMBEDDED
 from lowbit.pipeline import Settings
@@ -29,6 +30,12 @@ class FormatConfig(_Strict):
     dynamic: bool = False
     fp_variant: Literal["e4m3", "e5m2", "e2m1"] | None = None
     observer: Literal["minmax", "mse", "percentile"] = "minmax"
+
+    @model_validator(mode="after")
+    def _group_size_implies_group(self) -> "FormatConfig":
+        if self.group_size is not None and self.granularity == "channel":
+            self.granularity = "group"
+        return self
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
@@ -71,6 +78,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig | None = EvaluationConfig()
     save: bool = True
+    target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -161,8 +169,10 @@ def parse_recipe(data: dict) -> Recipe:
         raise LowbitError(_format_validation(exc)) from None
     except TypeError as exc:
         raise LowbitError(f"recipe error: {exc}") from None
-    recipe.settings()
+    settings = recipe.settings()
     recipe.build_steps()
+    if recipe.target is not None:
+        check_settings(recipe.target, settings)
     return recipe
 
 
