@@ -38,7 +38,8 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare(model_a: nn.Module, model_b: nn.Module, windows: torch.Tensor, progress: bool = False) -> Comparison:
+def compare(model_a: nn.Module, model_b: nn.Module, windows: torch.Tensor, progress: bool = False,
+            chunk: int = 256) -> Comparison:
     """Score each window [k, seq_len] with both models: logit differences, top-1 agreement, perplexities."""
     nll_a = nll_b = diff_sum = 0.0
     diff_max, agree, count, positions = 0.0, 0, 0, 0
@@ -50,13 +51,15 @@ def compare(model_a: nn.Module, model_b: nn.Module, windows: torch.Tensor, progr
             raise LowbitError(f"the two models give logits of different shapes {tuple(la.shape)} and "
                               f"{tuple(lb.shape)}: they do not share a vocabulary")
         target = row[1:]
-        nll_a += F.cross_entropy(la, target, reduction="sum").item()
-        nll_b += F.cross_entropy(lb, target, reduction="sum").item()
-        diff = (la - lb).abs()
-        diff_max = max(diff_max, diff.max().item())
-        diff_sum += diff.sum().item()
-        count += diff.numel()
-        agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+        for s in range(0, target.numel(), chunk):  # chunks of positions keep temporaries small at 49k vocab
+            a, b, t = la[s: s + chunk], lb[s: s + chunk], target[s: s + chunk]
+            nll_a += F.cross_entropy(a, t, reduction="sum").item()
+            nll_b += F.cross_entropy(b, t, reduction="sum").item()
+            diff = (a - b).abs()
+            diff_max = max(diff_max, diff.max().item())
+            diff_sum += diff.sum().item()
+            count += diff.numel()
+            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
         positions += target.numel()
     return Comparison(positions, math.exp(nll_a / positions), math.exp(nll_b / positions), diff_max,
                       diff_sum / count, agree / positions)
