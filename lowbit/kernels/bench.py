@@ -4,8 +4,8 @@
 is fast (one input row, as in decoding, or many, as in prefill) and why weight-only kernels take bfloat16 inputs.
 
 Every configuration is quantized in memory with round-to-nearest, converted with `to_real`, and timed in
-interleaved rounds (after warm-up rounds) so that machine load drifts affect all of them alike; the median of
-the repeats is reported. Prefill: one forward over the prompt (logits of the last position only). Decode:
+rounds alternating with the FP32 model (after warm-up rounds) so that machine load drifts affect both alike;
+medians of the repeats are reported. Prefill: one forward over the prompt (logits of the last position only). Decode:
 greedy single-token steps with the KV cache.
 """
 from __future__ import annotations
@@ -74,7 +74,8 @@ def time_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[
 def bench_speed(model_name: str = "smollm2-135m", configs: tuple[str, ...] = tuple(CONFIGS), prompt_len: int = 128,
                 new_tokens: int = 32, repeats: int = 5, warmup: int = 1, threads: int = 1) -> list[dict]:
     """One row per configuration: kernels, memory and tokens/s of prefill and decode, each also as a ratio to
-    the first configuration (FP32 by default)."""
+    FP32. Quantized models are built one at a time and timed in rounds alternating with the FP32 model, so that
+    each ratio compares runs made under the same machine load and only two models are in memory at once."""
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise LowbitError(f"unknown benchmark configuration(s) {unknown}: choose from {', '.join(CONFIGS)}")
@@ -85,37 +86,44 @@ def bench_speed(model_name: str = "smollm2-135m", configs: tuple[str, ...] = tup
     tokens = tokenize(tokenizer, load_text("wikitext2", "validation"))
     calib_ids = calibration_windows(tokens, 2, 64, seed=0)
     prompt = tokens[None, :prompt_len]
-    models = {}
-    for name in configs:
-        models[name] = build(model_name, CONFIGS[name], calib_ids)
-        share_unchanged(models[name][0], next(iter(models.values()))[0])
-        gc.collect()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
-    for round_ in range(warmup + repeats):
-        for name, (model, _) in models.items():
-            t = time_once(model, prompt, new_tokens)
-            if round_ >= warmup:
-                times[name].append(t)
+    fp, _ = build(model_name, None, calib_ids)
+    fp_times: list[tuple[float, float]] = []
     rows = []
-    for name, (model, kernels) in models.items():
-        prefill = prompt_len / statistics.median(t[0] for t in times[name])
-        decode = new_tokens / statistics.median(t[1] for t in times[name])
-        rows.append({"config": name, "kernels": kernels, "memory_mb": memory_bytes(model) / 1e6,
-                     "prefill_tok_s": prefill, "decode_tok_s": decode})
-    base = rows[0]
-    for row in rows:
-        for key in ("memory_mb", "prefill_tok_s", "decode_tok_s"):
-            row[f"{key}_ratio"] = row[key] / base[key]
-    return rows
+    for name in [c for c in configs if c != "fp32"]:
+        model, kernels = build(model_name, CONFIGS[name], calib_ids)
+        share_unchanged(model, fp)
+        gc.collect()
+        pair: dict[str, list[tuple[float, float]]] = {"fp32": [], name: []}
+        for round_ in range(warmup + repeats):
+            for key, m in (("fp32", fp), (name, model)):
+                t = time_once(m, prompt, new_tokens)
+                if round_ >= warmup:
+                    pair[key].append(t)
+        fp_times += pair["fp32"]
+        rows.append(_speed_row(name, kernels, memory_bytes(model), pair[name], pair["fp32"], prompt_len, new_tokens))
+        del model
+        gc.collect()
+    fp_row = _speed_row("fp32", "fp32 dense", memory_bytes(fp), fp_times, fp_times, prompt_len, new_tokens)
+    return [fp_row, *rows]
+
+
+def _speed_row(name: str, kernels: str, memory: int, times: list[tuple[float, float]],
+               fp_times: list[tuple[float, float]], prompt_len: int, new_tokens: int) -> dict:
+    """Median tokens/s of prefill and decode, and ratios to the FP32 times measured alongside."""
+    row = {"config": name, "kernels": kernels, "memory_mb": memory / 1e6}
+    for key, count, i in (("prefill_tok_s", prompt_len, 0), ("decode_tok_s", new_tokens, 1)):
+        row[key] = count / statistics.median(t[i] for t in times)
+        row[f"{key}_ratio"] = statistics.median(t[i] for t in fp_times) / statistics.median(t[i] for t in times)
+    return row
 
 
 def speed_table(rows: list[dict]) -> str:
-    """Markdown table of `bench_speed` rows; ratios are relative to the first row."""
-    ref = rows[0]["config"]
-    lines = [f"| config | kernels | memory MB (x {ref}) | prefill tok/s (x {ref}) | decode tok/s (x {ref}) |",
+    """Markdown table of `bench_speed` rows (the first is FP32)."""
+    fp_mb = rows[0]["memory_mb"]
+    lines = ["| config | kernels | memory MB (x fp32) | prefill tok/s (x fp32) | decode tok/s (x fp32) |",
              "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['kernels']} | {r['memory_mb']:.1f} ({r['memory_mb_ratio']:.2f}) | "
+        lines.append(f"| {r['config']} | {r['kernels']} | {r['memory_mb']:.1f} ({r['memory_mb'] / fp_mb:.2f}) | "
                      f"{r['prefill_tok_s']:.1f} ({r['prefill_tok_s_ratio']:.2f}) | "
                      f"{r['decode_tok_s']:.1f} ({r['decode_tok_s_ratio']:.2f}) |")
     return "\n".join(lines)
