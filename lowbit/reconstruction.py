@@ -37,7 +37,7 @@ class ReconArgs(BaseModel):
 
     iters: int = Field(50, ge=0)  # optimizer steps per reconstructed unit (a linear or a block)
     batch_size: int = Field(1, gt=0)  # calibration windows per step
-    lr: float = Field(0.1, gt=0)  # Adam learning rate of the rounding variables V
+    lr: float = Field(0.05, gt=0)  # Adam learning rate of the rounding variables V
     lam: float = Field(0.01, ge=0)  # weight of the rounding regularizer
     beta_start: float = Field(20.0, gt=0)  # regularizer exponent at the end of the warm-up ...
     beta_end: float = Field(2.0, gt=0)  # ... annealed linearly to this value at the last step
