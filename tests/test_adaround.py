@@ -110,7 +110,7 @@ def test_schedule_warms_up_then_anneals_beta():
     assert s.at(99)[1] == pytest.approx(2 + 18 / 80)
 
 
-def test_adaround_lowers_the_whole_model_error_vs_rtn_on_a_tiny_model():
+def test_adaround_lowers_the_model_error_vs_rtn_and_records_its_grid():
     spec = QuantSpec(2, symmetric=False, group_size=32)
     ref, ids = _tiny()
     with torch.no_grad():
@@ -119,18 +119,36 @@ def test_adaround_lowers_the_whole_model_error_vs_rtn_on_a_tiny_model():
     for name, args in (("rtn", {}), ("adaround", {"iters": 40})):
         model, _ = _tiny()
         step = get_step(name)
-        compress(model, get_adapter(model), Settings(weights=spec), [step(step.Args(**args))], ids, progress=False)
+        state = compress(model, get_adapter(model), Settings(weights=spec), [step(step.Args(**args))], ids,
+                         progress=False)
         with torch.no_grad():
             errors[name] = (model(ids).logits - target).pow(2).mean().item()
     assert errors["adaround"] < errors["rtn"]
-
-
-def test_fake_quant_matches_hardened_weight_with_recorded_params():
-    spec = QuantSpec(2, symmetric=False, group_size=32)
-    model, ids = _tiny()
-    step = get_step("adaround")
-    state = compress(model, get_adapter(model), Settings(weights=spec), [step(step.Args(iters=10))], ids,
-                     progress=False)
-    for name, rec in state.weights.items():
+    for name, rec in state.weights.items():  # the stored weights lie on the recorded grid
         w = model.get_submodule(name).weight.data
         assert torch.allclose(fake_quant(w, rec.scale, rec.zero, spec), w, atol=1e-6), name
+
+
+def test_gptq_init_starts_from_gptqs_rounding():
+    spec = QuantSpec(3, symmetric=False, group_size=32)
+    model_g, ids = _tiny()
+    fp = {n: p.detach().clone() for n, p in model_g.named_parameters()}
+    state_g = compress(model_g, get_adapter(model_g), Settings(weights=spec), [get_step("gptq")()], ids,
+                       progress=False)
+    model_a, _ = _tiny()
+    step = get_step("adaround")
+    state_a = compress(model_a, get_adapter(model_a), Settings(weights=spec), [step(step.Args(iters=0, init="gptq"))],
+                       ids, progress=False)
+    representable = total = 0
+    for name in [n for n in state_g.weights if n.startswith("model.layers.0.")]:  # same inputs in both runs
+        rec = state_g.weights[name]
+        assert torch.equal(state_a.weights[name].scale, rec.scale)
+        w_g, w_a = model_g.get_submodule(name).weight.data, model_a.get_submodule(name).weight.data
+        g_scaled, _, s, _ = _codes(w_g, rec.scale, rec.zero, spec)
+        a_scaled = _codes(w_a, rec.scale, rec.zero, spec)[0]
+        fp_scaled = fp[name + ".weight"].reshape(g_scaled.shape) / s
+        offset = torch.round(g_scaled) - torch.floor(fp_scaled)
+        ok = (offset == 0) | (offset == 1)
+        assert torch.equal(torch.round(a_scaled)[ok], torch.round(g_scaled)[ok])
+        representable, total = representable + int(ok.sum()), total + ok.numel()
+    assert representable > 0.8 * total
