@@ -47,6 +47,7 @@ class Adapter:
     attention: str  # relative name of the attention module
     mlp_out: str  # the last linear of the MLP (its input is the MLP's hidden activation)
     attn_out: str  # the attention's output projection (with mlp_out, the linears writing the residual stream)
+    kv_linears: tuple[str, ...]  # the key and value projections (their outputs are what a KV cache stores)
     linear_order: tuple[str, ...] = field(default=())  # block linears in execution order
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
