@@ -17,9 +17,9 @@ from lowbit.steps.rotation import RotationArgs, residual_rotation, rotate_model
 ROTATION_SOLVER = "gptq" if "gptq" in STEPS else "rtn"  # rotation + GPTQ once the GPTQ step is available
 
 
-def tiny_llama(tie: bool = True, vocab: int = 128) -> LlamaForCausalLM:
+def tiny_llama(tie: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tie)
     model = LlamaForCausalLM(cfg).eval()
@@ -93,30 +93,27 @@ def _real_ids(tokenizer, n: int) -> torch.Tensor:
     return tokenize(tokenizer, load_text("wikitext2", "test"))[:n][None]
 
 
-def test_rotated_run_saves_and_reloads(tmp_path):
-    """A run with the rotate step (tiny LLaMA with tied embeddings, the embedded tokenizer) reloads with the
-    same logits, its untied head and its online Hadamard transforms."""
-    _, tokenizer = load_model(EMBEDDED)
-    model = tiny_llama(vocab=len(tokenizer))
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+def test_rotated_run_saves_and_reloads(tmp_path, tiny_dirs, tokenizer):
+    """A run with the rotate step on tiny LLaMA (tied embeddings) reloads with the same logits as before
+    rotation, its untied head and its online Hadamard transforms."""
     ids = _real_ids(tokenizer, 48)
+    model, _ = load_model(tiny_dirs["llama"])
     with torch.no_grad():
         ref = model(ids).logits
-    recipe = parse_recipe({"model": str(tmp_path / "tiny"), "weights": None, "steps": [{"rotate": {"seed": 1}}],
+    recipe = parse_recipe({"model": tiny_dirs["llama"], "weights": None, "steps": [{"rotate": {"seed": 1}}],
                            "calibration": {"n_samples": 2, "seq_len": 16}, "evaluation": None, "threads": 1})
     result = run_recipe(recipe, tmp_path / "run", progress=False)
     reloaded, _, state = load_run(tmp_path / "run")
     with torch.no_grad():
         out = reloaded(ids).logits
+        assert torch.allclose(out, result.model(ids).logits, atol=1e-5)
     assert rel_err(out, ref) < 1e-4
-    assert torch.allclose(out, result.model(ids).logits, atol=1e-5)
     assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
-    assert state.transforms["model.layers.1.mlp.down_proj"] == {"kind": "hadamard", "size": 192}
+    assert state.transforms["model.layers.1.mlp.down_proj"] == {"kind": "hadamard", "size": 128}
 
 
-def test_rotation_keeps_embedded_model_logits():
-    model, tokenizer = load_model(EMBEDDED)
+def test_rotation_keeps_embedded_model_logits(embedded_path):
+    model, tokenizer = load_model(embedded_path)
     ids = _real_ids(tokenizer, 96)
     with torch.no_grad():
         before = model(ids).logits
@@ -125,13 +122,14 @@ def test_rotation_keeps_embedded_model_logits():
     assert rel_err(after, before) < 1e-4
 
 
+@pytest.mark.slow
 def test_w4a4_rotation_beats_rtn_on_embedded_model():
     """W4A4 (per-channel weights, per-token dynamic activations), few calibration windows and eval tokens."""
     base = {"model": EMBEDDED, "threads": 1, "save": False,
             "weights": {"bits": 4, "granularity": "channel", "symmetric": True},
             "activations": {"bits": 4, "granularity": "token", "dynamic": True, "symmetric": False},
             "calibration": {"n_samples": 4, "seq_len": 128},
-            "evaluation": {"seq_len": 512, "max_tokens": 1024, "baseline": False}}
+            "evaluation": {"seq_len": 512, "max_tokens": 2048, "baseline": False}}
     ppl = {}
     for name, steps in (("rtn", ["rtn"]), ("rotate", [{"rotate": {}}, ROTATION_SOLVER])):
         ppl[name] = run_recipe(parse_recipe({**base, "steps": steps}), progress=False).metrics["ppl"]["ppl"]
