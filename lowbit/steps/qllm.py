@@ -38,7 +38,7 @@ from lowbit.steps.base import Step, StepArgs, register_step
 class QLLMArgs(StepArgs):
     channel_ratio: float = 0.05  # largest number of extra (disassembled) channels, as a fraction of the width
     candidates: int = 5  # budgets tried, evenly spaced from 0 to channel_ratio
-    eval_samples: int = 8  # calibration windows used to score a threshold
+    samples: int = 4  # calibration windows for channel statistics and for scoring thresholds
     lora_rank: int = 0  # rank of the low-rank error correction (0: none)
     epochs: int = 0
     lr: float = 1e-3
@@ -208,8 +208,8 @@ def lora_tune(ctx: BlockContext, rank: int, epochs: int, lr: float) -> None:
                 linear.weight.requires_grad_(False)
 
 
-def _group_stats(ctx: BlockContext, first: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel max |x| and the Gram matrix X^T X of a linear's input over the calibration inputs."""
+def _group_stats(ctx: BlockContext, first: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel max |x| and the Gram matrix X^T X of a linear's input over the first n calibration windows."""
     amax, gram = None, None
 
     def fn(_rel, x, _out):
@@ -219,7 +219,7 @@ def _group_stats(ctx: BlockContext, first: str) -> tuple[torch.Tensor, torch.Ten
         amax = a if amax is None else torch.maximum(amax, a)
         gram = g if gram is None else gram + g
 
-    ctx.collect([first], fn)
+    ctx.collect([first], fn, ctx.q_inputs[:n])
     return amax, gram
 
 
@@ -227,13 +227,13 @@ def _group_stats(ctx: BlockContext, first: str) -> tuple[torch.Tensor, torch.Ten
 def reassemble_block(ctx: BlockContext, args: QLLMArgs) -> dict[str, float]:
     """Choose and apply a channel reassembly for each norm output of the block; returns the chosen thresholds."""
     chosen = {}
-    n = min(args.eval_samples, ctx.q_inputs.shape[0])
+    n = min(args.samples, ctx.q_inputs.shape[0])
     for group in ctx.adapter.norm_groups:
         names = [ctx.full_name(r) for r in group.linears]
         if any(nm in ctx.state.transforms for nm in names):
             raise LowbitError(f"{names[0]} already has an online input transform; put qllm before steps that add one")
         linears = [ctx.block.get_submodule(r) for r in group.linears]
-        amax, gram_x = _group_stats(ctx, group.linears[0])
+        amax, gram_x = _group_stats(ctx, group.linears[0], n)
         w = torch.cat([lin.weight.data.double() for lin in linears])
         gram_w = w.T @ w
         originals = [lin.weight.data.clone() for lin in linears]
