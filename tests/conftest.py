@@ -71,3 +71,16 @@ def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, str]:
 @pytest.fixture
 def calib_ids() -> torch.Tensor:
     return torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M and a few short real calibration windows from WikiText-2 validation.
+
+    Shared across tests: a test that changes the model must work on a copy."""
+    from lowbit.data import calibration_windows, load_text, tokenize
+    from lowbit.loading import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    ids = calibration_windows(tokenize(tokenizer, load_text("wikitext2", "validation")), 4, 256, 0)
+    return model, ids
