@@ -151,8 +151,8 @@ def rotate_model(ctx: ModelContext, args: RotationArgs) -> None:
 
     d = model.config.hidden_size
     q = residual_rotation(d, args.seed, keep_mean=adapter.norm_kind == "layernorm")
-    for emb in adapter.embeddings(model):
-        emb.weight.data.copy_((emb.weight.data.double() @ q).to(emb.weight.dtype))
+    for emb in adapter.embeddings(model):  # vocabulary-sized: float32 is exact enough and half the cost
+        emb.weight.data.copy_((emb.weight.data.float() @ q.float()).to(emb.weight.dtype))
     for i, block in enumerate(blocks):
         for group in adapter.norm_groups:
             for rel in group.linears:
@@ -166,7 +166,8 @@ def rotate_model(ctx: ModelContext, args: RotationArgs) -> None:
             h, cfg = online_matrix(down.in_features, args.seed)
             _linear_fold(down, right=h.T)
             ctx.state.transforms[f"{adapter.block_name(i)}.{adapter.mlp_out}"] = cfg
-    _linear_fold(adapter.head(model), right=q)
+    head = adapter.head(model)
+    head.weight.data.copy_((head.weight.data.float() @ q.float()).to(head.weight.dtype))
     for name, module in model.named_modules():
         if name.endswith(_norm_names(adapter)) and getattr(module, "bias", None) is not None:
             module.bias.data.copy_((module.bias.data.double() @ q).to(module.bias.dtype))
