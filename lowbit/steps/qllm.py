@@ -19,6 +19,7 @@ updates B A of every linear's weight, merged back into the weights before roundi
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -33,6 +34,8 @@ from lowbit.observers import observe
 from lowbit.pipeline import BlockContext
 from lowbit.state import register_input_transform
 from lowbit.steps.base import Step, StepArgs, register_step
+
+log = logging.getLogger("lowbit")
 
 
 class QLLMArgs(StepArgs):
@@ -276,6 +279,8 @@ class QLLM(Step):
     needs_fp_targets = True
 
     def on_block(self, ctx: BlockContext) -> None:
-        reassemble_block(ctx, self.args)
+        chosen = reassemble_block(ctx, self.args)
+        log.info("qllm %s: outlier thresholds %s (inf: left unchanged)", ctx.name,
+                 {k: round(v, 3) for k, v in chosen.items()})
         if self.args.lora_rank > 0 and self.args.epochs > 0:
             lora_tune(ctx, self.args.lora_rank, self.args.epochs, self.args.lr)
