@@ -26,7 +26,7 @@ from lowbit.steps.base import Step, StepArgs, register_step
 class RotationArgs(StepArgs):
     seed: int = 0  # seed of the random signs of the residual rotation (and of any dense fallback)
     online_down: bool = True  # online Hadamard transform on the down projection's input
-    heads: bool = True  # per-head Hadamard on the attention values (v_proj -> o_proj)
+    heads: bool = True  # per-head Hadamard on the values (v_proj -> o_proj); skipped if head_dim has no known H
 
 
 @register_input_transform("hadamard")
@@ -81,6 +81,9 @@ def fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
     gamma = norm.weight.data.double()
     beta = norm.bias.data.double() if getattr(norm, "bias", None) is not None else None
     fuse_bias = beta is not None and all(linear.bias is not None for linear in linears)
+    if beta is not None and not fuse_bias and (gamma == 0).any():
+        raise LowbitError("a norm with zero scale entries feeds a bias-free linear: its bias cannot be kept "
+                          "through the rotation")
     for linear in linears:
         w = linear.weight.data.double()
         if fuse_bias:
