@@ -25,7 +25,7 @@ class KVCacheArgs(StepArgs):
 
 @register_step
 class KVCache(Step):
-    """Adds disabled output quantizers on k/v projections; the pipeline enables them once each block is done."""
+    """KV-cache quantization, simulated: dynamic per-head or per-token quantizers on the k/v projection outputs."""
 
     name = "kvcache"
     Args = KVCacheArgs
