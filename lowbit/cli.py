@@ -1,4 +1,4 @@
-"""Command line: lowbit run | quantize | eval | steps. Expected failures print one line and exit with code 2."""
+"""Command line: lowbit run | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -81,12 +81,92 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(results_table(rows))
 
 
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.kernels import kernel_table
+    from lowbit.kernels.runtime import generate, load_for_inference
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, plans = load_for_inference(args.run, args.kernels, args.compute_dtype)
+    if plans and not args.quiet:
+        print(kernel_table(plans), file=sys.stderr)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens))
+
+
+def _cmd_kernels(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.kernels import kernel_table, memory_bytes
+    from lowbit.kernels.check import check_run
+    from lowbit.kernels.runtime import load_for_inference
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.check:
+        result = check_run(args.run, args.data, args.split, args.seq_len, args.max_tokens, args.compute_dtype,
+                           args.noise_floor)
+        plans = result.pop("kernels")
+        print(kernel_table(plans))
+        print(json.dumps({"a": "simulated", "b": "real kernels", **result}, indent=2))
+        return
+    simulated, _, _ = load_for_inference(args.run, "simulated")
+    real, _, plans = load_for_inference(args.run, "real", args.compute_dtype)
+    print(kernel_table(plans))
+    print(f"memory (parameters + buffers): simulated {memory_bytes(simulated) / 1e6:.1f} MB, "
+          f"real kernels {memory_bytes(real) / 1e6:.1f} MB")
+
+
+def _cmd_bench_speed(args: argparse.Namespace) -> None:
+    from lowbit.kernels.bench import bench_speed, speed_table
+
+    rows = bench_speed(args.model, tuple(args.configs), args.prompt_len, args.new_tokens, args.repeats,
+                       args.warmup, args.threads)
+    print(speed_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def _cmd_bench_layers(args: argparse.Namespace) -> None:
+    from lowbit.kernels.bench import bench_layers, layers_table
+
+    print(layers_table(bench_layers(args.out_features, args.in_features, repeats=args.repeats,
+                                    threads=args.threads)))
+
+
 def _cmd_steps(_args: argparse.Namespace) -> None:
     from lowbit.steps import STEPS
 
     for name, cls in sorted(STEPS.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{name:14s} {doc}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from lowbit.export import export_run
+
+    result = export_run(args.run, args.format, args.out, args.dtype)
+    for note in result.notes:
+        print(note)
+    print(f"exported to {result.path}")
+
+
+def _cmd_backends(_args: argparse.Namespace) -> None:
+    from lowbit.export.backends import backends_table
+
+    print(backends_table())
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.verify import verify
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    result = verify(args.run, args.export, args.data, args.split, args.seq_len, args.max_tokens or None,
+                    progress=not args.quiet)
+    print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +216,70 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
     rp.add_argument("runs", nargs="+")
     rp.set_defaults(fn=_cmd_report)
+
+    x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
+    x.add_argument("run")
+    x.add_argument("--format", required=True, help="compressed-tensors, gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
+    x.add_argument("--out", help="output folder or .gguf file (default: inside the run folder)")
+    x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of stored scales and unquantized tensors where the format leaves a choice")
+    x.set_defaults(fn=_cmd_export)
+
+    b = sub.add_parser("backends", help="which formats and granularities each export target executes")
+    b.set_defaults(fn=_cmd_backends)
+
+    v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
+    v.add_argument("run")
+    v.add_argument("export")
+    v.add_argument("--data", default="wikitext2")
+    v.add_argument("--split", default="test")
+    v.add_argument("--seq-len", type=int, default=2048)
+    v.add_argument("--max-tokens", type=int, default=16384, help="0 = whole split")
+    v.add_argument("--threads", type=int)
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(fn=_cmd_verify)
+    g = sub.add_parser("generate", help="greedy text generation from a run, on real low-bit kernels or simulated")
+    g.add_argument("run", help="a run folder written by 'lowbit run' or 'lowbit quantize'")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--kernels", choices=["real", "simulated"], default="real")
+    g.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="input dtype of the weight-only kernels (float32 is exact but slow in PyTorch 2.13)")
+    g.add_argument("--threads", type=int)
+    g.add_argument("--quiet", action="store_true", help="do not print which kernel each layer uses")
+    g.set_defaults(fn=_cmd_generate)
+
+    k = sub.add_parser("kernels", help="which real CPU kernel each layer of a run uses; --check compares with simulated")
+    k.add_argument("run")
+    k.add_argument("--check", action="store_true", help="logit difference, top-1 agreement, perplexity of both")
+    k.add_argument("--noise-floor", action="store_true",
+                   help="also compare the simulated model with itself under 1e-6 relative input noise")
+    k.add_argument("--data", default="wikitext2")
+    k.add_argument("--split", default="test")
+    k.add_argument("--seq-len", type=int, default=512)
+    k.add_argument("--max-tokens", type=int, default=4096)
+    k.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    k.add_argument("--threads", type=int)
+    k.set_defaults(fn=_cmd_kernels)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("speed", help="prefill and decode tokens/s and memory: FP32 vs real W8A16, W4A16, W8A8")
+    bs.add_argument("--model", default="smollm2-135m")
+    bs.add_argument("--configs", nargs="+", default=["fp32", "w8a16", "w4a16", "w8a8"])
+    bs.add_argument("--prompt-len", type=int, default=128)
+    bs.add_argument("--new-tokens", type=int, default=32)
+    bs.add_argument("--repeats", type=int, default=5)
+    bs.add_argument("--warmup", type=int, default=1)
+    bs.add_argument("--threads", type=int, default=1)
+    bs.add_argument("--json", help="also write the rows as JSON to this file")
+    bs.set_defaults(fn=_cmd_bench_speed)
+    bl = bsub.add_parser("layers", help="ms per call of each packed layer type on one layer shape, 1 and 128 rows")
+    bl.add_argument("--out-features", type=int, default=1536)
+    bl.add_argument("--in-features", type=int, default=576)
+    bl.add_argument("--repeats", type=int, default=20)
+    bl.add_argument("--threads", type=int, default=1)
+    bl.set_defaults(fn=_cmd_bench_layers)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
     s.set_defaults(fn=_cmd_steps)

@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowbit.errors import LowbitError
+from lowbit.export.backends import check_settings
 from lowbit.formats import QuantSpec
 from lowbit.loading import EMBEDDED
 from lowbit.pipeline import Settings
@@ -77,6 +78,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig | None = EvaluationConfig()
     save: bool = True
+    target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -167,8 +169,10 @@ def parse_recipe(data: dict) -> Recipe:
         raise LowbitError(_format_validation(exc)) from None
     except TypeError as exc:
         raise LowbitError(f"recipe error: {exc}") from None
-    recipe.settings()
+    settings = recipe.settings()
     recipe.build_steps()
+    if recipe.target is not None:
+        check_settings(recipe.target, settings)
     return recipe
 
 

@@ -1,0 +1,143 @@
+"""What every exporter shares: the exporter registry, the loaded run, the run's exact codes, atomic writing.
+
+Exporters write the codes the run itself computed, round(w / scale) + zero from `QuantState.weights`, so
+the deployed model is the simulated one; only the scales are rounded to the dtype the format stores.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
+from lowbit.formats import dequantize, quantize
+from lowbit.state import QuantState, WeightRecord
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedRun:
+    """A saved run as exporters see it: the float32 model without hooks, its tokenizer and quantization state."""
+
+    run_dir: Path
+    model: nn.Module
+    tokenizer: object
+    state: QuantState
+    schemes: dict[str, Scheme | None]  # every block linear -> the target scheme that runs it (None: unquantized)
+    dtype: str = "bfloat16"  # dtype of stored scales and unquantized tensors, where the format leaves a choice
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.model.get_submodule(name)
+
+
+@dataclass(frozen=True)
+class Exporter:
+    name: str
+    suffix: str  # "" writes a folder, ".gguf" a single file
+    write: Callable[[LoadedRun, Path], list[str]]  # writes the export at the path, returns notes for the user
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    target: str
+    notes: list[str] = field(default_factory=list)
+
+
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def register_exporter(name: str, suffix: str = ""):
+    """Decorator registering `write(run, path) -> notes` as the exporter for target `name`."""
+    get_target(name)
+
+    def wrap(fn):
+        EXPORTERS[name] = Exporter(name, suffix, fn)
+        return fn
+    return wrap
+
+
+def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
+    """Check every quantized layer against the target (before loading the model) and pick its scheme."""
+    check_transforms(target, state.transforms)
+    if state.outputs:
+        name = next(iter(state.outputs))
+        raise LowbitError(f"cannot export to {target}: output quantization (on {name}) is not supported by any "
+                          f"export target; export a run without output quantizers")
+    names = sorted(set(state.weights) | set(state.inputs))
+    acts = {n: q.spec for n, q in state.inputs.items()}
+    return {n: select_scheme(target, state.weights[n].spec if n in state.weights else None, acts.get(n), n)
+            for n in names}
+
+
+def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
+               dtype: str = "bfloat16") -> ExportResult:
+    """Write `run_dir`'s model in `target`'s format to `out` (default: inside the run folder), atomically."""
+    from lowbit.run import load_run
+
+    run_dir = Path(run_dir)
+    if target not in EXPORTERS:
+        raise LowbitError(f"unknown export format {target!r}: choose from {', '.join(EXPORTERS)}")
+    exporter = EXPORTERS[target]
+    if dtype not in DTYPES:
+        raise LowbitError(f"unknown export dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    if not (run_dir / "quant_state.json").exists():
+        raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
+                          f"'lowbit run' or 'lowbit quantize'")
+    schemes = plan_schemes(target, QuantState.load(run_dir))
+    if not any(schemes.values()):
+        raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
+                          f"quantizes weights")
+    out = Path(out) if out else run_dir / f"{target}{exporter.suffix}"
+    if out.exists():
+        raise LowbitError(f"export path {out} already exists: choose another --out or remove it")
+    model, tokenizer, state = load_run(run_dir)
+    state.uninstall()
+    run = LoadedRun(run_dir, model, tokenizer, state, schemes, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        notes = exporter.write(run, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    return ExportResult(out, target, notes)
+
+
+@torch.no_grad()
+def run_codes(name: str, weight: torch.Tensor, rec: WeightRecord) -> torch.Tensor:
+    """The run's codes of a saved (dequantized) weight: integers, or FP grid values in units of the scale.
+
+    Refuses a weight that is not on its recorded grid (e.g. changed after quantization), since its codes
+    would not reproduce the simulated model.
+    """
+    w = weight.detach().float()
+    q = quantize(w, rec.scale, rec.zero, rec.spec)
+    err = (dequantize(q, rec.scale, rec.zero, rec.spec) - w).abs()
+    unit = dequantize(torch.ones_like(w), rec.scale, torch.zeros_like(rec.zero), rec.spec)
+    if rec.spec.format == "fp":
+        unit = unit * 2.0 ** (rec.spec.fp.min_normal_exp - rec.spec.fp.mbits)
+    if (err > 0.05 * unit + 2.0 ** -8 * w.abs()).any():
+        raise LowbitError(f"weight {name} is not on the grid recorded in quant_state (max error "
+                          f"{(err / unit).max().item():.3f} steps): the run folder is inconsistent; rerun it")
+    return q
+
+
+def stored_scale(scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """`scale` rounded to the dtype a format stores it in (as float32); refuses values that dtype cannot hold."""
+    rounded = scale.float().to(dtype).float()
+    if not torch.isfinite(rounded).all() or ((rounded == 0) & (scale != 0)).any():
+        raise LowbitError(f"scales of {name} do not fit in {dtype}: export with a wider scale dtype")
+    return rounded

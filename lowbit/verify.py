@@ -1,0 +1,90 @@
+"""Deployed equals simulated: run two models on the same token windows and compare their logits and perplexity.
+
+`compare` works on any two causal LMs (simulated run vs an export, or vs real low-bit kernels);
+`verify` loads a run and one of its exports and compares them on WikiText-2 (or another text).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Logit agreement of model b with model a over `tokens` scored positions, and both perplexities."""
+
+    tokens: int
+    ppl_a: float
+    ppl_b: float
+    max_logit_diff: float
+    mean_logit_diff: float
+    top1_agreement: float
+
+    @property
+    def ppl_rel_diff(self) -> float:
+        return abs(self.ppl_b - self.ppl_a) / self.ppl_a
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ppl_rel_diff": self.ppl_rel_diff}
+
+
+@torch.no_grad()
+def compare(model_a: nn.Module, model_b: nn.Module, windows: torch.Tensor, progress: bool = False) -> Comparison:
+    """Score each window [k, seq_len] with both models: logit differences, top-1 agreement, perplexities."""
+    nll_a = nll_b = diff_sum = 0.0
+    diff_max, agree, count, positions = 0.0, 0, 0, 0
+    for row in tqdm(windows, desc="comparing", disable=not progress):
+        ids = row[None]
+        la = model_a(ids).logits[0, :-1].float()
+        lb = model_b(ids).logits[0, :-1].float()
+        if la.shape != lb.shape:
+            raise LowbitError(f"the two models give logits of different shapes {tuple(la.shape)} and "
+                              f"{tuple(lb.shape)}: they do not share a vocabulary")
+        target = row[1:]
+        nll_a += F.cross_entropy(la, target, reduction="sum").item()
+        nll_b += F.cross_entropy(lb, target, reduction="sum").item()
+        diff = (la - lb).abs()
+        diff_max = max(diff_max, diff.max().item())
+        diff_sum += diff.sum().item()
+        count += diff.numel()
+        agree += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+        positions += target.numel()
+    return Comparison(positions, math.exp(nll_a / positions), math.exp(nll_b / positions), diff_max,
+                      diff_sum / count, agree / positions)
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """An exported model on the CPU in float32: a .gguf file (transformers' GGUF loader) or a
+    compressed-tensors folder (transformers + compressed-tensors)."""
+    from lowbit.export.compressed import load_compressed
+    from lowbit.export.gguf_llama import load_gguf
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path)
+    config = path / "config.json"
+    if path.is_dir() and config.exists() and "quantization_config" in json.loads(config.read_text()):
+        return load_compressed(path)
+    raise LowbitError(f"{path} is not an export: give a .gguf file or a compressed-tensors folder written by "
+                      f"'lowbit export'")
+
+
+def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2", split: str = "test",
+           seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False) -> Comparison:
+    """Compare a run's simulated model with its export on the same token windows."""
+    from lowbit.data import eval_windows, load_text, tokenize
+    from lowbit.run import load_run
+
+    simulated, tokenizer, _ = load_run(run_dir)
+    exported = load_exported(export_path)
+    windows = eval_windows(tokenize(tokenizer, load_text(data, split)), seq_len, max_tokens)
+    return compare(simulated, exported, windows, progress)
