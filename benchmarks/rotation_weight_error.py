@@ -1,7 +1,7 @@
 """Diagnostic: relative output error of 4-bit per-channel RTN weights, ||X (Q(W) - W)^T|| / ||X W^T||, per linear of
 blocks 2, 15, 28 on one 512-token window, before and after rotation. Usage: PYTHONPATH=. python benchmarks/rotation_weight_error.py"""
 import torch
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 from lowbit.data import load_text, tokenize
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
