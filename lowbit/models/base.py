@@ -47,6 +47,8 @@ class Adapter:
     linear_pairs: tuple[LinearPair, ...]
     attention: str  # relative name of the attention module
     mlp_out: str  # the last linear of the MLP (its input is the MLP's hidden activation)
+    attn_out: str  # the attention's output projection (with mlp_out, the linears writing the residual stream)
+    kv_linears: tuple[str, ...]  # the key and value projections (their outputs are what a KV cache stores)
     linear_order: tuple[str, ...] = field(default=())  # block linears in execution order
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -63,6 +65,11 @@ class Adapter:
 
     def head(self, model: nn.Module) -> nn.Linear:
         return model.get_submodule(self.head_path)
+
+    def head_dim(self, model: nn.Module) -> int:
+        """Channels per attention head, from the transformers config."""
+        config = model.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """The block's linear layers in execution order, by relative name."""

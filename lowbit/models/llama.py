@@ -19,6 +19,8 @@ LLAMA = register_adapter(Adapter(
         LinearPair("mlp.up_proj", ("mlp.down_proj",)),
     ),
     attention="self_attn",
+    attn_out="self_attn.o_proj",
+    kv_linears=("self_attn.k_proj", "self_attn.v_proj"),
     mlp_out="mlp.down_proj",
     linear_order=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),

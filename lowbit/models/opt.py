@@ -17,6 +17,8 @@ OPT = register_adapter(Adapter(
     ),
     linear_pairs=(LinearPair("self_attn.v_proj", ("self_attn.out_proj",), heads=True),),
     attention="self_attn",
+    attn_out="self_attn.out_proj",
+    kv_linears=("self_attn.k_proj", "self_attn.v_proj"),
     mlp_out="fc2",
     linear_order=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
 ))

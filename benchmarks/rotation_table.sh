@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Weight-activation table of docs/results.md, "rotation and channel reassembly" section: FP, RTN, rotation,
+# rotation+GPTQ and QLLM at W8A8, W6A6, W4A8, W4A4 (per-channel symmetric weights, per-token dynamic
+# asymmetric activations, 16 x 512 calibration tokens, 8192 WikiText-2 test tokens).
+# Usage: bash benchmarks/rotation_table.sh [OUT_DIR]   (each run is 5-25 minutes on a busy 2-core machine)
+set -euo pipefail
+OUT=${1:-runs}
+LB=${LB:-.venv/bin/lowbit}
+for method in rtn rotate rotate-gptq qllm; do
+  for wa in "8 8" "6 6" "4 8" "4 4"; do
+    set -- $wa
+    [ -d "$OUT/wa-$method-w$1a$2" ] || "$LB" run "recipes/wa-$method.yaml" --set weights.bits=$1 \
+      --set activations.bits=$2 --out "$OUT/wa-$method-w$1a$2"
+  done
+done
+"$LB" report "$OUT"/wa-*-w*a*
