@@ -236,7 +236,7 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) 
     try:
         for row in ids:
             try:
-                model(row[None])
+                model(row[None], use_cache=False)
             except _Stop:
                 pass
     finally:
