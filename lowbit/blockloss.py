@@ -75,7 +75,12 @@ def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch
     if scope is None:
         return ctx.forward(x)
     outs: list[torch.Tensor] = []
-    ctx.collect([scope], lambda _rel, _inp, out: outs.append(out.detach().float()), x)
+    handle = ctx.block.get_submodule(scope).register_forward_hook(
+        lambda _m, _args, out: outs.append((out[0] if isinstance(out, tuple) else out).detach().float()))
+    try:
+        ctx.forward(x)
+    finally:
+        handle.remove()
     return torch.cat(outs)
 
 
