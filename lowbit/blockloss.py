@@ -69,16 +69,32 @@ def quantized(ctx: BlockContext, rels: Sequence[str]) -> Iterator[None]:
             q.enabled = b
 
 
+class _ScopeDone(Exception):
+    pass
+
+
 @torch.no_grad()
 def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch.Tensor:
-    """Output of the module `scope` (relative name) on inputs `x`, or of the whole block when None."""
+    """Output of the module `scope` (relative name) on inputs `x`, or of the whole block when None.
+
+    The block's forward stops right after `scope`, so measuring attention skips the MLP.
+    """
     if scope is None:
         return ctx.forward(x)
     outs: list[torch.Tensor] = []
-    handle = ctx.block.get_submodule(scope).register_forward_hook(
-        lambda _m, _args, out: outs.append((out[0] if isinstance(out, tuple) else out).detach().float()))
+
+    def hook(_m, _args, out):
+        outs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+        raise _ScopeDone
+
+    handle = ctx.block.get_submodule(scope).register_forward_hook(hook)
+    bs = ctx.settings.batch_size
     try:
-        ctx.forward(x)
+        for i in range(0, x.shape[0], bs):
+            try:
+                ctx.run(x[i: i + bs])
+            except _ScopeDone:
+                pass
     finally:
         handle.remove()
     return torch.cat(outs)
@@ -93,7 +109,8 @@ def quantized_error(ctx: BlockContext, x: torch.Tensor, target: torch.Tensor, re
     return (out.float() - target.float()).pow(2).mean().item()
 
 
-def scope_for(ctx: BlockContext, rels: Sequence[str]) -> str | None:
-    """Where to measure a transform of these linears: after attention for attention linears, else the block output."""
+def scope_for(ctx: BlockContext, rels: Sequence[str]) -> str:
+    """Where to measure a transform of these linears: the attention output for attention linears, else the
+    output of the MLP's last linear."""
     prefix = ctx.adapter.attention + "."
-    return ctx.adapter.attention if all(r.startswith(prefix) for r in rels) else None
+    return ctx.adapter.attention if all(r.startswith(prefix) for r in rels) else ctx.adapter.mlp_out

@@ -6,8 +6,8 @@ Per norm group, over the calibration tokens of the linears' input x:
 - scaling: s_j = max(1, (max_j - z_j) / t, (z_j - min_j) / t) brings every channel inside [-t, t], folded
   as norm weight and bias / s and linear columns * s. The threshold t is searched on a geometric grid from
   the largest channel range down to `min_ratio` of it, minimizing the error of the quantized following
-  layers' output: for q/k/v the attention module's output (so the softmax is accounted for), else the
-  block output.
+  layers' output: for q/k/v the attention module's output (so the softmax is accounted for), for the MLP's
+  inputs the output of its last linear.
 With `pairs`, o_proj's and down_proj's inputs are scaled the same way through v_proj's / up_proj's output
 rows (scaling only: a shift cannot pass the gating multiply of up -> down).
 
@@ -68,20 +68,21 @@ class OutlierSuppressionPlus(Step):
     def on_block(self, ctx: BlockContext) -> None:
         block, adapter = ctx.block, ctx.adapter
         x = ctx.q_inputs[: self.args.search_samples]
+        pairs = adapter.linear_pairs if self.args.pairs else ()
+        # every transform below is exact, so all ranges can be measured once, before any of them
+        ranges = channel_ranges(ctx, [g.linears[0] for g in adapter.norm_groups] + [p.nexts[0] for p in pairs])
         for group in adapter.norm_groups:
-            lo, hi = channel_ranges(ctx, [group.linears[0]])[group.linears[0]]
+            lo, hi = ranges[group.linears[0]]
             z = torch.zeros_like(lo)
             if self.args.shift is not False and can_shift(block, group):
                 z = (lo + hi) / 2
                 shift_norm_group(block, group, z)
             self._scale(ctx, x, group.linears, lo, hi, z, lambda s, g=group: scale_norm_group(block, g, s))
-        if self.args.pairs:
-            for pair in adapter.linear_pairs:
-                lo, hi = channel_ranges(ctx, [pair.nexts[0]])[pair.nexts[0]]
-                lo = pair_reduce(block, adapter, pair, lo, "amin")
-                hi = pair_reduce(block, adapter, pair, hi, "amax")
-                self._scale(ctx, x, (pair.prev, *pair.nexts), lo, hi, torch.zeros_like(lo),
-                            lambda s, p=pair: scale_pair(block, adapter, p, s))
+        for pair in pairs:
+            lo = pair_reduce(block, adapter, pair, ranges[pair.nexts[0]][0], "amin")
+            hi = pair_reduce(block, adapter, pair, ranges[pair.nexts[0]][1], "amax")
+            self._scale(ctx, x, (pair.prev, *pair.nexts), lo, hi, torch.zeros_like(lo),
+                        lambda s, p=pair: scale_pair(block, adapter, p, s))
 
     def _scale(self, ctx: BlockContext, x: torch.Tensor, rels: tuple[str, ...], lo: torch.Tensor, hi: torch.Tensor,
                z: torch.Tensor, apply: Callable[[torch.Tensor], None]) -> None:

@@ -55,8 +55,9 @@ class SmoothQuant(Step):
                       for p in adapter.linear_pairs]
         x = ctx.q_inputs[: self.args.search_samples]
         target = scope_output(ctx, x, None) if self.args.alpha_grid else None
+        ranges = channel_ranges(ctx, [site[1] for site in sites])  # the transforms are exact: measure once
         for rels, reader, apply, pair in sites:
-            lo, hi = channel_ranges(ctx, [reader])[reader]
+            lo, hi = ranges[reader]
             act_max = torch.maximum(lo.abs(), hi.abs())
             readers = pair.nexts if pair else rels
             w_max = torch.stack([block.get_submodule(r).weight.detach().float().abs().amax(0) for r in readers]).amax(0)
