@@ -1,7 +1,6 @@
 """SmoothQuant, OS and OS+ on the embedded SmolLM2-135M: exact FP equivalence, and OS+ beats RTN at W6A6."""
 import pytest
-import torch
-from smoothing_utils import rel_err, transformed_rel_err, windows
+from smoothing_utils import transformed_rel_err, windows
 
 from lowbit.eval import perplexity
 from lowbit.formats import QuantSpec
@@ -18,15 +17,15 @@ from lowbit.steps.smoothquant import SmoothQuant, SmoothQuantArgs
                          ids=["smoothquant", "os", "osplus"])
 def test_transform_preserves_embedded_model_logits(step):
     model, _ = load_model("smollm2-135m")
-    assert transformed_rel_err(model, step, windows(2, 128, 0), windows(1, 128, 1)) < 1e-4
+    assert transformed_rel_err(model, step, windows(1, 64, 0), windows(1, 64, 1)) < 1e-4
 
 
 def test_osplus_beats_rtn_at_w6a6_on_embedded_model():
     settings = Settings(weights=QuantSpec(bits=6, granularity="channel"),
                         activations=QuantSpec(bits=6, granularity="token", dynamic=True))
-    calib, evals = windows(4, 128, 0), windows(2, 256, 1)
+    calib, evals = windows(2, 128, 0), windows(1, 256, 1)
     ppl = {}
-    for name, steps in (("rtn", []), ("osplus", [OutlierSuppressionPlus(OSPlusArgs(grid=6, search_samples=1))])):
+    for name, steps in (("rtn", []), ("osplus", [OutlierSuppressionPlus(OSPlusArgs(grid=4, search_samples=1))])):
         model, _ = load_model("smollm2-135m")
         compress(model, get_adapter(model), settings, steps, calib, progress=False).install(model)
         ppl[name] = perplexity(model, evals, progress=False).ppl

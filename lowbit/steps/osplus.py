@@ -52,6 +52,8 @@ def osplus_scale(lo: torch.Tensor, hi: torch.Tensor, z: torch.Tensor, t: float) 
 
 @register_step
 class OutlierSuppressionPlus(Step):
+    """Channel-wise shifting (LayerNorm models) and threshold-searched channel-wise scaling, folded into weights."""
+
     name = "osplus"
     Args = OSPlusArgs
 

@@ -37,6 +37,8 @@ class OSArgs(StepArgs):
 
 @register_step
 class OutlierSuppression(Step):
+    """Gamma migration into the following linears, then token-wise clipping of static activation ranges."""
+
     name = "os"
     Args = OSArgs
 
