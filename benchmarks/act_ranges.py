@@ -4,10 +4,10 @@ before and after each equivalent transformation, as a PNG.
     python benchmarks/act_ranges.py --steps smoothquant os osplus --out docs/act_ranges.png
 
 Each transformation is a step name, optionally with YAML arguments ('osplus: {grid: 10}'), applied alone to a
-fresh copy of the model. Steps that search (SmoothQuant's alpha grid, OS+ thresholds) score candidates with the
-activation format given by --abits (dynamic per-token); weights stay full precision and the quantizers are
-switched off before measuring, so the plotted tensors are exactly what the transformed FP model feeds its linears.
-Only the blocks up to --block are transformed (the model is cut after it while compressing).
+fresh copy of the model and compressed as in the results tables (weights --wbits per channel, activations --abits
+per token, so searches such as OS+'s threshold see the real trade-off; the first row is plain RTN). The activation
+quantizers are switched off before measuring: the plot shows what each linear receives before it is quantized.
+Only the blocks up to --block are compressed (the model is cut after it).
 """
 from __future__ import annotations
 
@@ -67,13 +67,12 @@ def input_ranges(model: nn.Module, block: nn.Module, rels: list[str], ids: torch
 def measure(args, model: nn.Module, step_item, ids: torch.Tensor) -> dict:
     adapter = get_adapter(model)
     full = truncated_blocks(model, args.block + 1)
-    if step_item is not None:
-        steps = parse_recipe({"model": args.model, "steps": [step_item], "weights": None}).build_steps()
-        acts = QuantSpec(bits=args.abits, granularity="token", dynamic=True)
-        state = compress(model, adapter, Settings(activations=acts), steps, ids, progress=False)
-        for q in state.quantizers():
-            q.enabled = False
-        state.install(model)
+    steps = parse_recipe({"model": args.model, "steps": [step_item], "weights": None}).build_steps() if step_item else []
+    settings = Settings(weights=QuantSpec(bits=args.wbits, granularity="channel"),
+                        activations=QuantSpec(bits=args.abits, granularity="token", dynamic=True))
+    state = compress(model, adapter, settings, steps, ids, progress=False)
+    for q in state.quantizers():
+        q.enabled = False
     block = adapter.blocks(model)[args.block]
     ranges = input_ranges(model, block, sites(adapter), ids)
     truncated_blocks(model, len(full))
@@ -123,7 +122,8 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", default=["smoothquant", "os", "osplus"],
                         help="step names, optionally 'name: {yaml args}'; each applied alone")
     parser.add_argument("--block", type=int, default=2)
-    parser.add_argument("--abits", type=int, default=6, help="activation bits the searches score with")
+    parser.add_argument("--wbits", type=int, default=6, help="weight bits (per-channel) the blocks are rounded to")
+    parser.add_argument("--abits", type=int, default=6, help="activation bits (per-token) the searches score with")
     parser.add_argument("--n-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
@@ -134,7 +134,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     adapter = get_adapter(model)
     ids = calibration_windows(tokenize(tokenizer, load_text("wikitext2", "validation")), args.n_samples, args.seq_len)
-    results = [("original", measure(args, model, None, ids))]
+    results = [("original (rtn)", measure(args, model, None, ids))]
     results += [(label(item), measure(args, load_model(args.model)[0], item, ids)) for item in items]
     rels = sites(adapter)
     titles = [f"input of {', '.join(r.split('.')[-1] for r in adapter.norm_groups[0].linears)}",
