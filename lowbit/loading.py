@@ -65,14 +65,21 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Model (eval mode) and tokenizer. Raises LowbitError with a fix for every expected failure."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: bool = True) -> tuple[nn.Module, object]:
+    """Model (eval mode) and tokenizer. Raises LowbitError with a fix for every expected failure.
+
+    The architecture is checked against the adapters from the config alone, before any weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from lowbit.models import adapter_for_type
 
     path = resolve_model_path(name)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
+        if check_adapter:
+            adapter_for_type(AutoConfig.from_pretrained(path).model_type)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:

@@ -55,6 +55,7 @@ class ModelContext:
     settings: Settings
     state: QuantState
     calib_ids: torch.Tensor
+    steps: tuple["Step", ...] = ()  # the recipe's steps in order (a step may defer to a later one)
 
 
 @dataclass
@@ -147,18 +148,31 @@ class BlockContext:
 
     @torch.no_grad()
     def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor], None],
-                x: torch.Tensor | None = None) -> None:
+                x: torch.Tensor | None = None, stop_early: bool = False) -> None:
         """Run the block over inputs `x` and call fn(rel, layer_input, layer_output) for each listed module.
 
         Used to accumulate statistics (Hessians, activation ranges) without storing every layer's input.
+        `stop_early` ends each batch's forward once every listed module has run (the block output is unused).
         """
-        handles = []
-        for rel in rels:
-            module = self.block.get_submodule(rel)
-            handles.append(module.register_forward_hook(
-                lambda _m, args, out, rel=rel: fn(rel, args[0], out[0] if isinstance(out, tuple) else out)))
+        x = self.q_inputs if x is None else x
+        seen: set[str] = set()
+
+        def hook(rel: str, args: tuple, out) -> None:
+            fn(rel, args[0], out[0] if isinstance(out, tuple) else out)
+            seen.add(rel)
+            if stop_early and len(seen) == len(set(rels)):
+                raise _Stop
+
+        handles = [self.block.get_submodule(rel).register_forward_hook(
+            lambda _m, args, out, rel=rel: hook(rel, args, out)) for rel in rels]
+        bs = self.settings.batch_size
         try:
-            self.forward(x)
+            for i in range(0, x.shape[0], bs):
+                seen.clear()
+                try:
+                    self.run(x[i: i + bs])
+                except _Stop:
+                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -262,7 +276,7 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
              calib_ids: torch.Tensor, progress: bool = True) -> QuantState:
     """Run `steps` over the model block by block; returns what was added beyond the weights."""
     validate(model, adapter, settings)
-    mctx = ModelContext(model, adapter, settings, QuantState(), calib_ids)
+    mctx = ModelContext(model, adapter, settings, QuantState(), calib_ids, tuple(steps))
     for step in steps:
         step.before_blocks(mctx)
     inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)

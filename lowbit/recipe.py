@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec
@@ -29,6 +29,12 @@ class FormatConfig(_Strict):
     dynamic: bool = False
     fp_variant: Literal["e4m3", "e5m2", "e2m1"] | None = None
     observer: Literal["minmax", "mse", "percentile"] = "minmax"
+
+    @model_validator(mode="after")
+    def _group_size_implies_group(self) -> "FormatConfig":
+        if self.group_size is not None and self.granularity == "channel":
+            self.granularity = "group"
+        return self
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,

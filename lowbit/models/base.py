@@ -16,6 +16,7 @@ class NormGroup:
 
     norm: str
     linears: tuple[str, ...]
+    inspect: str | None = None  # module whose output reflects these linears' error (None: the linears themselves)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,16 @@ class Adapter:
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """The block's linear layers in execution order, by relative name."""
         return {name: block.get_submodule(name) for name in self.linear_order}
+
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """Block linears grouped by shared input, in execution order (e.g. q/k/v, o, gate/up, down)."""
+        grouped = {rel: g.linears for g in self.norm_groups for rel in g.linears}
+        groups: list[tuple[str, ...]] = []
+        for rel in self.linear_order:
+            group = grouped.get(rel, (rel,))
+            if group not in groups:
+                groups.append(group)
+        return groups
 
 
 def _has(model: nn.Module, path: str) -> bool:

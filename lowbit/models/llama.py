@@ -11,8 +11,8 @@ LLAMA = register_adapter(Adapter(
     head_path="lm_head",
     norm_kind="rmsnorm",
     norm_groups=(
-        NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), inspect="self_attn"),
+        NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), inspect="mlp"),
     ),
     linear_pairs=(
         LinearPair("self_attn.v_proj", ("self_attn.o_proj",), heads=True),

@@ -11,7 +11,8 @@ OPT = register_adapter(Adapter(
     head_path="lm_head",
     norm_kind="layernorm",
     norm_groups=(
-        NormGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        NormGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  inspect="self_attn"),
         NormGroup("final_layer_norm", ("fc1",)),
     ),
     linear_pairs=(LinearPair("self_attn.v_proj", ("self_attn.out_proj",), heads=True),),

@@ -16,7 +16,10 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return adapter_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def adapter_for_type(model_type: str | None) -> Adapter:
     if model_type not in _ADAPTERS:
         raise LowbitError(f"unsupported architecture {model_type!r}: lowbit has adapters for "
                           f"{', '.join(sorted(_ADAPTERS))}; add one in lowbit/models/")

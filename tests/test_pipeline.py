@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from conftest import make_tiny
+from lowbit.formats import QuantSpec
+from lowbit.models import get_adapter
+from lowbit.pipeline import BlockContext, Settings, capture_block_inputs, compress
+from lowbit.steps import Step, get_step
+
+
+class _Probe(Step):
+    """Records each block's quantized-path inputs and FP targets."""
+
+    name = "probe"
+    needs_fp_targets = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[BlockContext] = []
+        self.inputs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def on_block(self, ctx):
+        self.inputs.append(ctx.q_inputs.clone())
+        self.targets.append(ctx.fp_outputs.clone())
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "qwen2"])
+def test_block_inputs_match_hidden_states(kind, calib_ids):
+    model = make_tiny(kind)
+    hidden = model(calib_ids, output_hidden_states=True).hidden_states
+    probe = _Probe()
+    compress(model, get_adapter(model), Settings(), [probe], calib_ids, progress=False)
+    for i, x in enumerate(probe.inputs):
+        torch.testing.assert_close(x, hidden[i], rtol=1e-5, atol=1e-5)
+        if i + 1 < len(probe.inputs):
+            torch.testing.assert_close(probe.targets[i], hidden[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_capture_runs_windows_one_at_a_time(calib_ids):
+    model = make_tiny("llama")
+    inputs, _args, kwargs = capture_block_inputs(model, get_adapter(model), calib_ids)
+    assert inputs.shape == (4, 32, 64)
+    assert kwargs["position_embeddings"][0].shape[0] == 1
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_no_formats_leaves_model_unchanged(kind, calib_ids):
+    model = make_tiny(kind)
+    ref = model(calib_ids).logits
+    compress(model, get_adapter(model), Settings(), [get_step("rtn")()], calib_ids, progress=False)
+    torch.testing.assert_close(model(calib_ids).logits, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("bits,bound", [(4, 0.5), (8, 0.05)])
+def test_rtn_weights_on_grid_and_close(kind, bits, bound, calib_ids):
+    model = make_tiny(kind)
+    ref = model(calib_ids).logits
+    spec = QuantSpec(bits=bits, symmetric=False, group_size=32)
+    adapter = get_adapter(model)
+    state = compress(model, adapter, Settings(weights=spec), [get_step("rtn")()], calib_ids, progress=False)
+    assert len(state.weights) == len(adapter.linear_order) * 2
+    for name, rec in state.weights.items():
+        w = model.get_submodule(name).weight
+        codes = w.reshape(-1, 32) / rec.scale.reshape(-1, 1) + rec.zero.reshape(-1, 1)
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)
+        assert codes.round().min() >= 0 and codes.round().max() <= 2**bits - 1
+    out = model(calib_ids).logits
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-5 < rel < bound
+
+
+def test_mixed_precision_overrides(calib_ids):
+    model = make_tiny("llama")
+    settings = Settings(weights=QuantSpec(bits=4), overrides=(("*.mlp.down_proj", QuantSpec(bits=8)),
+                                                              ("*.0.self_attn.q_proj", None)))
+    before = model.model.layers[0].self_attn.q_proj.weight.clone()
+    state = compress(model, get_adapter(model), settings, [], calib_ids, progress=False)
+    assert state.weights["model.layers.1.mlp.down_proj"].spec.bits == 8
+    assert state.weights["model.layers.1.mlp.up_proj"].spec.bits == 4
+    assert "model.layers.0.self_attn.q_proj" not in state.weights
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_quantized_path_differs_from_fp_path(calib_ids):
+    model = make_tiny("llama")
+    probe = _Probe()
+    compress(model, get_adapter(model), Settings(weights=QuantSpec(bits=2)), [probe], calib_ids, progress=False)
+    assert torch.equal(probe.inputs[0], probe.targets[0]) is False
+    assert not torch.allclose(probe.inputs[1], probe.targets[0])
+
+
+def test_static_activation_quantizers_calibrated(calib_ids):
+    model = make_tiny("opt")
+    ref = model(calib_ids).logits
+    acts = QuantSpec(bits=8, granularity="tensor", dynamic=False)
+    state = compress(model, get_adapter(model), Settings(weights=QuantSpec(bits=8), activations=acts),
+                     [], calib_ids, progress=False)
+    assert len(state.inputs) == 12
+    for q in state.inputs.values():
+        assert q.scale is not None and q.enabled and q.scale.item() > 0
+    out = model(calib_ids).logits
+    assert (out - ref).norm() / ref.norm() < 0.1
+    state.uninstall()
+    assert not torch.equal(model(calib_ids).logits, out)

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import yaml
+
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.recipe import apply_overrides, load_recipe, parse_recipe
+
+
+def _write(tmp_path, data) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def test_steps_shapes_and_overrides(tmp_path):
+    path = _write(tmp_path, {"steps": ["rtn"], "weights": {"bits": 4, "group_size": 64}})
+    recipe = load_recipe(path, ["weights.bits=3", "calibration.n_samples=8", "evaluation=null"])
+    assert recipe.weights.bits == 3 and recipe.weights.granularity == "group"
+    assert recipe.calibration.n_samples == 8 and recipe.evaluation is None
+    assert [s.name for s in recipe.steps] == ["rtn"]
+    assert recipe.settings().weights.group_size == 64
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"wieghts": {"bits": 4}}, "recipe error at wieghts: Extra inputs"),
+    ({"weights": {"bits": "four"}}, "recipe error at weights.bits"),
+    ({"steps": ["nope"]}, "unknown step 'nope'"),
+    ({"steps": [{"rtn": {"observer": "magic"}}]}, r"steps\[0\].rtn.observer"),
+    ({"weights": {"bits": 3, "format": "fp"}}, "no 3-bit FP format"),
+    ({"activations": {"bits": 8, "granularity": "token"}}, "static activation quantization is per-tensor"),
+])
+def test_recipe_errors_name_the_key(tmp_path, data, match):
+    with pytest.raises(LowbitError, match=match):
+        load_recipe(_write(tmp_path, data))
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(LowbitError, match="not valid YAML line"):
+        load_recipe(_write(tmp_path, "weights: [1, 2"))
+    with pytest.raises(LowbitError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_set_requires_key_value():
+    with pytest.raises(LowbitError, match="key=value"):
+        apply_overrides({}, ["weights.bits"])
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """Exit code and the last stderr line, which must be the whole one-line error (no traceback)."""
+    capsys.readouterr()
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err.strip().splitlines()[-1] if err.strip() else ""
+
+
+def test_cli_missing_model_path(capsys):
+    code, err = _cli(capsys, "eval", "./no/such/model")
+    assert code == 2 and err.startswith("lowbit: error: model path ./no/such/model does not exist")
+
+
+def test_cli_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    path = _write(tmp_path, {"model": str(tmp_path / "gpt2"), "save": False, "evaluation": None})
+    code, err = _cli(capsys, "run", path, "--quiet")
+    assert code == 2 and err.startswith("lowbit: error: unsupported architecture 'gpt2'")
+
+
+def test_cli_malformed_recipe(capsys, tmp_path):
+    code, err = _cli(capsys, "run", _write(tmp_path, {"steps": [{"rtn": {"foo": 1}}]}))
+    assert code == 2 and "steps[0].rtn.foo" in err
+
+
+def test_cli_impossible_formats(capsys, tiny_dirs):
+    code, err = _cli(capsys, "quantize", "--model", tiny_dirs["llama"], "--wbits", "3", "--wformat", "fp", "--no-save")
+    assert code == 2 and "no 3-bit FP format" in err
+    code, err = _cli(capsys, "quantize", "--model", tiny_dirs["llama"], "--group-size", "48", "--no-save", "--quiet")
+    assert code == 2 and "group size 48 does not divide the width 64" in err
+
+
+def test_cli_quantize_saves_run_and_eval_reloads(capsys, tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    code = main(["quantize", "--model", tiny_dirs["opt"], "--wbits", "4", "--group-size", "32", "--abits", "8",
+                 "--nsamples", "4", "--calib-seq-len", "64", "--seq-len", "128", "--max-tokens", "512",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| rtn | int4 g32 asym | int8 token sym dynamic |" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ppl"]["tokens"] == 4 * 127
+    assert {p.name for p in out.iterdir()} >= {"model", "metrics.json", "recipe.yaml", "run.log",
+                                               "quant_state.json", "quant_state.safetensors"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    code = main(["eval", str(out), "--seq-len", "128", "--max-tokens", "512", "--quiet"])
+    assert code == 0
+    reloaded = json.loads(capsys.readouterr().out)
+    assert reloaded["ppl"] == pytest.approx(metrics["ppl"]["ppl"], rel=1e-4)
+
+
+def test_failed_run_leaves_no_folder(capsys, tiny_dirs, tmp_path):
+    out = tmp_path / "run"
+    code = main(["quantize", "--model", tiny_dirs["llama"], "--group-size", "48", "--out", str(out), "--quiet"])
+    assert code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_table(capsys, tmp_path):
+    code, err = _cli(capsys, "report", str(tmp_path))
+    assert code == 2 and "has no metrics.json" in err
