@@ -11,8 +11,6 @@ from lowbit.loading import embedded_model_path
 from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, compress
 
-torch.set_num_threads(1)
-
 
 @functools.lru_cache(maxsize=1)
 def tokens() -> torch.Tensor:

@@ -61,7 +61,7 @@ class OutlierSuppression(Step):
         if self.clip:
             x = ctx.q_inputs[: self.args.search_samples]
             target = scope_output(ctx, x, None)
-            for rels in input_sites(ctx):
+            for rels in ctx.adapter.input_groups():
                 self._clip_site(ctx, rels, x, target)
 
     def _clip_site(self, ctx: BlockContext, rels: tuple[str, ...], x: torch.Tensor, target: torch.Tensor) -> None:
@@ -85,13 +85,6 @@ class OutlierSuppression(Step):
             if err < best_err:
                 best, best_err = a, err
         error(best)
-
-
-def input_sites(ctx: BlockContext) -> list[tuple[str, ...]]:
-    """Groups of block linears that read the same tensor: each norm group, then every other linear alone."""
-    grouped = [g.linears for g in ctx.adapter.norm_groups]
-    seen = {r for g in grouped for r in g}
-    return grouped + [(rel,) for rel in ctx.linears() if rel not in seen]
 
 
 @torch.no_grad()
