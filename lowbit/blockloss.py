@@ -1,0 +1,116 @@
+"""Measuring candidate transforms inside one block: activation ranges, and output error once quantized.
+
+Searches (SmoothQuant's alpha, OS token clipping, OS+ thresholds) try a transform, quantize the affected
+linears' weights (round to nearest, temporarily) and inputs, and compare a module's output with its
+full-precision value on a few calibration windows; `snapshot`/`restore` undo each candidate.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from lowbit.formats import fake_quant
+from lowbit.observers import observe
+from lowbit.pipeline import BlockContext
+
+
+@torch.no_grad()
+def channel_ranges(ctx: BlockContext, rels: Sequence[str], x: torch.Tensor | None = None
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (min, max) of each listed module's input over every calibration token."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fn(rel: str, inp: torch.Tensor, _out: torch.Tensor) -> None:
+        flat = inp.detach().reshape(-1, inp.shape[-1]).float()
+        lo, hi = flat.amin(0), flat.amax(0)
+        if rel in out:
+            lo, hi = torch.minimum(out[rel][0], lo), torch.maximum(out[rel][1], hi)
+        out[rel] = (lo, hi)
+
+    with ctx.act_quant(False):
+        ctx.collect(list(dict.fromkeys(rels)), fn, x)
+    return out
+
+
+def snapshot(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in ctx.block.state_dict().items()}
+
+
+def restore(ctx: BlockContext, snap: dict[str, torch.Tensor]) -> None:
+    ctx.block.load_state_dict(snap)
+
+
+@contextlib.contextmanager
+def quantized(ctx: BlockContext, rels: Sequence[str]) -> Iterator[None]:
+    """Temporarily round the listed linears' weights (those no solver has quantized yet) and switch on
+    their input quantizers; everything else in the block stays full precision."""
+    saved = {}
+    for rel in rels:
+        spec = ctx.weight_spec(rel)
+        if spec is None or ctx.is_quantized(rel):
+            continue
+        linear = ctx.block.get_submodule(rel)
+        saved[rel] = linear.weight.data.clone()
+        w = linear.weight.data.float()
+        scale, zero = observe(w, spec, ctx.settings.weight_observer)
+        linear.weight.data.copy_(fake_quant(w, scale, zero, spec).to(linear.weight.dtype))
+    quantizers = [q for rel, q in ctx.act_quantizers().items() if rel in rels]
+    before = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = True
+    try:
+        yield
+    finally:
+        for rel, w in saved.items():
+            ctx.block.get_submodule(rel).weight.data.copy_(w)
+        for q, b in zip(quantizers, before):
+            q.enabled = b
+
+
+class _ScopeDone(Exception):
+    pass
+
+
+@torch.no_grad()
+def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch.Tensor:
+    """Output of the module `scope` (relative name) on inputs `x`, or of the whole block when None.
+
+    The block's forward stops right after `scope`, so measuring attention skips the MLP.
+    """
+    if scope is None:
+        return ctx.forward(x)
+    outs: list[torch.Tensor] = []
+
+    def hook(_m, _args, out):
+        outs.append((out[0] if isinstance(out, tuple) else out).detach().float())
+        raise _ScopeDone
+
+    handle = ctx.block.get_submodule(scope).register_forward_hook(hook)
+    bs = ctx.settings.batch_size
+    try:
+        for i in range(0, x.shape[0], bs):
+            try:
+                ctx.run(x[i: i + bs])
+            except _ScopeDone:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def quantized_error(ctx: BlockContext, x: torch.Tensor, target: torch.Tensor, rels: Sequence[str],
+                    scope: str | None) -> float:
+    """Mean squared error of `scope`'s output against `target` with `rels` quantized (weights and inputs)."""
+    with quantized(ctx, rels):
+        out = scope_output(ctx, x, scope)
+    return (out.float() - target.float()).pow(2).mean().item()
+
+
+def scope_for(ctx: BlockContext, rels: Sequence[str]) -> str:
+    """Where to measure a transform of these linears: the attention output for attention linears, else the
+    output of the MLP's last linear."""
+    prefix = ctx.adapter.attention + "."
+    return ctx.adapter.attention if all(r.startswith(prefix) for r in rels) else ctx.adapter.mlp_out
