@@ -11,11 +11,7 @@ from lowbit.pipeline import ModelContext, Settings
 from lowbit.recipe import parse_recipe
 from lowbit.run import load_run, run_recipe
 from lowbit.state import QuantState
-from lowbit.steps import STEPS
 from lowbit.steps.rotation import RotationArgs, residual_rotation, rotate_model
-
-ROTATION_SOLVER = "gptq" if "gptq" in STEPS else "rtn"  # rotation + GPTQ once the GPTQ step is available
-
 
 def tiny_llama(tie: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
@@ -123,7 +119,7 @@ def test_rotation_keeps_embedded_model_logits(embedded_path):
 
 
 @pytest.mark.slow
-def test_w4a4_rotation_beats_rtn_on_embedded_model():
+def test_w4a4_rotation_beats_smoothquant_and_rtn_on_embedded_model():
     """W4A4 (per-channel weights, per-token dynamic activations), few calibration windows and eval tokens."""
     base = {"model": EMBEDDED, "threads": 1, "save": False,
             "weights": {"bits": 4, "granularity": "channel", "symmetric": True},
@@ -131,8 +127,10 @@ def test_w4a4_rotation_beats_rtn_on_embedded_model():
             "calibration": {"n_samples": 4, "seq_len": 128},
             "evaluation": {"seq_len": 512, "max_tokens": 2048, "baseline": False}}
     ppl = {}
-    for name, steps in (("rtn", ["rtn"]), ("rotate", [{"rotate": {}}, ROTATION_SOLVER])):
+    for name, steps in (("rtn", ["rtn"]), ("smoothquant", ["smoothquant", "rtn"]),
+                        ("rotate", [{"rotate": {}}, "gptq"])):
         ppl[name] = run_recipe(parse_recipe({**base, "steps": steps}), progress=False).metrics["ppl"]["ppl"]
+    assert ppl["rotate"] < ppl["smoothquant"]
     assert ppl["rotate"] < ppl["rtn"]
 
 
