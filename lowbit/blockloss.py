@@ -56,17 +56,12 @@ def quantized(ctx: BlockContext, rels: Sequence[str]) -> Iterator[None]:
         w = linear.weight.data.float()
         scale, zero = observe(w, spec, ctx.settings.weight_observer)
         linear.weight.data.copy_(fake_quant(w, scale, zero, spec).to(linear.weight.dtype))
-    quantizers = [q for rel, q in ctx.act_quantizers().items() if rel in rels]
-    before = [q.enabled for q in quantizers]
-    for q in quantizers:
-        q.enabled = True
     try:
-        yield
+        with ctx.act_quant(True, rels):
+            yield
     finally:
         for rel, w in saved.items():
             ctx.block.get_submodule(rel).weight.data.copy_(w)
-        for q, b in zip(quantizers, before):
-            q.enabled = b
 
 
 class _ScopeDone(Exception):

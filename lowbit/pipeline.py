@@ -122,9 +122,12 @@ class BlockContext:
         return {n[len(prefix):]: q for n, q in self.state.inputs.items() if n.startswith(prefix)}
 
     @contextlib.contextmanager
-    def act_quant(self, enabled: bool = True) -> Iterator[None]:
-        """Temporarily switch this block's activation quantizers on or off."""
-        quantizers = self.state.quantizers(self.name + ".")
+    def act_quant(self, enabled: bool = True, rels: Sequence[str] | None = None) -> Iterator[None]:
+        """Temporarily switch this block's activation quantizers on or off (only the inputs of `rels` if given)."""
+        if rels is None:
+            quantizers = self.state.quantizers(self.name + ".")
+        else:
+            quantizers = [q for rel, q in self.act_quantizers().items() if rel in rels]
         before = [q.enabled for q in quantizers]
         for q in quantizers:
             q.enabled = enabled
