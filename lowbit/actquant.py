@@ -19,13 +19,16 @@ class ActQuantizer(nn.Module):
 
     Static quantizers calibrate by observing inputs while `calibrating` is set: min-max ranges are
     accumulated per channel over tokens, or samples are kept for the MSE / percentile observers.
+    Dynamic quantizers shrink each token's min-max range by `clip_ratio` (QuaRot clips 4-bit activations at 0.9).
     `scale` is a parameter so learned step-size methods (LSQ) can train it.
     """
 
-    def __init__(self, spec: QuantSpec, observer: Observer = "minmax", max_samples: int = 65536):
+    def __init__(self, spec: QuantSpec, observer: Observer = "minmax", max_samples: int = 65536,
+                 clip_ratio: float = 1.0):
         super().__init__()
         self.spec = spec
         self.observer = observer
+        self.clip_ratio = clip_ratio
         self.max_samples = max_samples
         self.enabled = True
         self.calibrating = False
@@ -42,7 +45,7 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         if self.spec.dynamic or self.scale is None:
-            scale, zero = minmax_qparams(x, self.spec)
+            scale, zero = minmax_qparams(x, self.spec, self.clip_ratio)
             return fake_quant(x, scale, zero, self.spec)
         return fake_quant(x, self.scale.to(x.dtype), self.zero.to(x.dtype), self.spec)
 
@@ -73,7 +76,8 @@ class ActQuantizer(nn.Module):
         self._samples = []
 
     def extra_repr(self) -> str:
-        return f"{self.spec.describe()}, observer={self.observer}, static={self.scale is not None}"
+        clip = f", clip_ratio={self.clip_ratio}" if self.clip_ratio != 1 else ""
+        return f"{self.spec.describe()}, observer={self.observer}{clip}, static={self.scale is not None}"
 
 
 def attach_input_hook(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.utils.hooks.RemovableHandle:

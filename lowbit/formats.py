@@ -184,10 +184,10 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     return dequantize(quantize(x, scale, zero, spec), scale, zero, spec)
 
 
-def minmax_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantization parameters from each group's min and max, shaped as `params_shape`."""
+def minmax_qparams(x: torch.Tensor, spec: QuantSpec, ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantization parameters from each group's min and max (both scaled by `ratio` to clip), shaped as `params_shape`."""
     g = group_view(x.detach(), spec)
-    scale, zero = qparams_from_range(g.amin(-1), g.amax(-1), spec)
+    scale, zero = qparams_from_range(g.amin(-1) * ratio, g.amax(-1) * ratio, spec)
     shape = params_shape(x, spec)
     return scale.reshape(shape), zero.reshape(shape)
 

@@ -35,6 +35,7 @@ class Settings:
     weight_observer: str = "minmax"
     activations: QuantSpec | None = None
     act_observer: str = "minmax"
+    act_clip_ratio: float = 1.0  # dynamic activation ranges shrunk by this factor
     overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
     batch_size: int = 8
 
@@ -150,24 +151,34 @@ class BlockContext:
         return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
 
     @torch.no_grad()
-    def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor], None],
+    def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],
                 x: torch.Tensor | None = None, stop_early: bool = False) -> None:
         """Run the block over inputs `x` and call fn(rel, layer_input, layer_output) for each listed module.
 
         Used to accumulate statistics (Hessians, activation ranges) without storing every layer's input.
-        `stop_early` ends each batch's forward once every listed module has run (the block output is unused).
+        `stop_early` passes only inputs (layer_output is None) and ends each batch's forward as soon as every
+        listed module has received its input, so neither the last module nor the rest of the block runs.
+        The input is what the module computes on: after its online transforms and activation quantizer.
         """
         x = self.q_inputs if x is None else x
         seen: set[str] = set()
+        wanted = len(set(rels))
+
+        def pre_hook(rel: str, args: tuple) -> None:
+            fn(rel, args[0], None)
+            seen.add(rel)
+            if len(seen) == wanted:
+                raise _Stop
 
         def hook(rel: str, args: tuple, out) -> None:
             fn(rel, args[0], out[0] if isinstance(out, tuple) else out)
-            seen.add(rel)
-            if stop_early and len(seen) == len(set(rels)):
-                raise _Stop
 
-        handles = [self.block.get_submodule(rel).register_forward_hook(
-            lambda _m, args, out, rel=rel: hook(rel, args, out)) for rel in rels]
+        modules = [(rel, self.block.get_submodule(rel)) for rel in rels]
+        if stop_early:
+            handles = [m.register_forward_pre_hook(lambda _m, args, rel=rel: pre_hook(rel, args)) for rel, m in modules]
+        else:
+            handles = [m.register_forward_hook(lambda _m, args, out, rel=rel: hook(rel, args, out))
+                       for rel, m in modules]
         bs = self.settings.batch_size
         try:
             for i in range(0, x.shape[0], bs):
@@ -255,7 +266,7 @@ def install_act_quantizers(ctx: BlockContext) -> None:
     for rel in ctx.linears():
         name = ctx.full_name(rel)
         if name not in ctx.state.inputs:
-            q = ActQuantizer(spec, ctx.settings.act_observer)
+            q = ActQuantizer(spec, ctx.settings.act_observer, clip_ratio=ctx.settings.act_clip_ratio)
             q.enabled = False
             ctx.state.inputs[name] = q
 

@@ -30,6 +30,7 @@ class FormatConfig(_Strict):
     dynamic: bool = False
     fp_variant: Literal["e4m3", "e5m2", "e2m1"] | None = None
     observer: Literal["minmax", "mse", "percentile"] = "minmax"
+    clip_ratio: float = Field(1.0, gt=0, le=1)  # dynamic activations only: shrink each token's range (QuaRot: 0.9)
 
     @model_validator(mode="after")
     def _group_size_implies_group(self) -> "FormatConfig":
@@ -102,11 +103,18 @@ class Recipe(_Strict):
         if acts is not None and not acts.dynamic and acts.granularity != "tensor":
             raise LowbitError("static activation quantization is per-tensor: set activations.granularity: tensor, "
                               "or dynamic: true for per-token")
+        if acts is not None and not acts.dynamic and self.activations.clip_ratio != 1:
+            raise LowbitError("activations.clip_ratio applies to dynamic activations; static ranges are chosen by "
+                              "activations.observer (mse or percentile to clip)")
+        for key, fmt in [("weights", self.weights), *((f"layers.{p}", f) for p, f in self.layers.items())]:
+            if fmt is not None and fmt.clip_ratio != 1:
+                raise LowbitError(f"{key}.clip_ratio is for activations only: clip weights with {key}.observer: mse")
         return Settings(
             weights=self.weights.spec() if self.weights else None,
             weight_observer=self.weights.observer if self.weights else "minmax",
             activations=acts,
             act_observer=self.activations.observer if self.activations else "minmax",
+            act_clip_ratio=self.activations.clip_ratio if self.activations else 1.0,
             overrides=tuple((p, f.spec() if f else None) for p, f in self.layers.items()),
             batch_size=self.calibration.batch_size,
         )

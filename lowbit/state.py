@@ -86,7 +86,8 @@ class QuantState:
             tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
         for kind, table in (("inputs", self.inputs), ("outputs", self.outputs)):
             for name, q in table.items():
-                meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None}
+                meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
+                                    "clip_ratio": q.clip_ratio}
                 if q.scale is not None:
                     tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
                     tensors[f"{name}.{kind}_zero"] = q.zero.contiguous()
@@ -103,7 +104,7 @@ class QuantState:
                                                tensors[f"{name}.weight_zero"])
         for kind in ("inputs", "outputs"):
             for name, info in meta[kind].items():
-                q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"])
+                q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
                 if info["static"]:
                     q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                     q.zero = tensors[f"{name}.{kind}_zero"]

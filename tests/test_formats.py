@@ -105,6 +105,26 @@ def test_dynamic_per_token():
     assert (per_token_err <= x.abs().amax(-1) / 127 / 2 + 1e-6).all()
 
 
+def test_clipped_dynamic_activations_saturate_and_round_trip(tmp_path):
+    from lowbit.actquant import ActQuantizer
+    from lowbit.state import QuantState
+
+    x = torch.randn(4, 9, 64)
+    spec = QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True)
+    q = ActQuantizer(spec, clip_ratio=0.9)
+    y = q(x)
+    half_step = 0.9 * (x.amax(-1) - x.amin(-1)) / 15 / 2  # the rounded zero point may shift the grid this much
+    assert (y.amax(-1) <= 0.9 * x.amax(-1) + half_step + 1e-6).all()
+    assert (y.amin(-1) >= 0.9 * x.amin(-1) - half_step - 1e-6).all()
+    assert (y.amax(-1) < x.amax(-1)).all()
+    # a smaller step: tokens without outliers are represented more finely than by min-max
+    inner = (x.abs() < 0.5 * x.abs().amax(-1, keepdim=True))
+    assert ((y - x)[inner].abs().mean() < (ActQuantizer(spec)(x) - x)[inner].abs().mean())
+    QuantState(inputs={"layer": q}).save(tmp_path)
+    loaded = QuantState.load(tmp_path).inputs["layer"]
+    assert loaded.clip_ratio == 0.9 and torch.equal(loaded(x), y)
+
+
 def test_impossible_formats_are_clear_errors():
     with pytest.raises(LowbitError, match="no 3-bit FP format"):
         QuantSpec(bits=3, format="fp")

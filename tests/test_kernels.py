@@ -71,6 +71,15 @@ def test_w8a8_matches_simulated(act_spec):
     assert rel_err(out, ref) < 1e-5
 
 
+def test_w8a8_clipped_dynamic_activations_match_simulated():
+    act = ActQuantizer(INT8_ACT, clip_ratio=0.8)
+    ref, out, module, _ = outputs(QuantSpec(8, symmetric=True), act)
+    assert isinstance(module, W8A8Linear)
+    assert rel_err(out, ref) < 1e-5
+    unclipped, _, _, _ = outputs(QuantSpec(8, symmetric=True), ActQuantizer(INT8_ACT))
+    assert rel_err(unclipped, ref) > 1e-3  # the ratio changes the computation
+
+
 def test_w8a8_static_per_tensor_activations():
     act = ActQuantizer(QuantSpec(8, symmetric=True, granularity="tensor"))
     act.calibrating = True

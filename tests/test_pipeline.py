@@ -4,7 +4,8 @@ import torch
 from conftest import make_tiny
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import BlockContext, Settings, capture_block_inputs, compress
+from lowbit.pipeline import BlockContext, ModelContext, Settings, capture_block_inputs, compress
+from lowbit.state import QuantState
 from lowbit.steps import Step, get_step
 
 
@@ -104,3 +105,28 @@ def test_static_activation_quantizers_calibrated(calib_ids):
     assert (out - ref).norm() / ref.norm() < 0.1
     state.uninstall()
     assert not torch.equal(model(calib_ids).logits, out)
+
+
+def test_collect_stop_early_skips_the_rest_of_the_block(calib_ids):
+    """stop_early sees the same inputs as a full pass, but the last listed module and what follows never run."""
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    block = adapter.blocks(model)[0]
+    mctx = ModelContext(model, adapter, Settings(batch_size=2), QuantState(), calib_ids)
+    ctx = BlockContext(mctx, 0, block, inputs, args, kwargs)
+    rels = ["self_attn.o_proj", "mlp.down_proj"]
+    calls = {r: 0 for r in rels}
+    hooks = [block.get_submodule(r).register_forward_hook(lambda _m, _a, _o, r=r: calls.__setitem__(r, calls[r] + 1))
+             for r in rels]
+    full: dict[str, list] = {r: [] for r in rels}
+    early: dict[str, list] = {r: [] for r in rels}
+    ctx.collect(rels, lambda r, x, y: full[r].append(x.clone()))
+    assert calls == {r: 2 for r in rels}  # 4 windows in batches of 2
+    ctx.collect(rels, lambda r, x, y: early[r].append(x.clone()) or (y is None) or pytest.fail("output given"),
+                stop_early=True)
+    assert calls == {"self_attn.o_proj": 4, "mlp.down_proj": 2}
+    for r in rels:
+        assert torch.equal(torch.cat(full[r]), torch.cat(early[r]))
+    for h in hooks:
+        h.remove()

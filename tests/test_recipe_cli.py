@@ -30,6 +30,10 @@ def test_steps_shapes_and_overrides(tmp_path):
     ({"steps": [{"rtn": {"observer": "magic"}}]}, r"steps\[0\].rtn.observer"),
     ({"weights": {"bits": 3, "format": "fp"}}, "no 3-bit FP format"),
     ({"activations": {"bits": 8, "granularity": "token"}}, "static activation quantization is per-tensor"),
+    ({"weights": {"bits": 4, "clip_ratio": 0.9}}, "weights.clip_ratio is for activations only"),
+    ({"activations": {"bits": 8, "granularity": "tensor", "clip_ratio": 0.9}}, "applies to dynamic activations"),
+    ({"activations": {"bits": 4, "granularity": "token", "dynamic": True, "clip_ratio": 1.5}},
+     "activations.clip_ratio"),
 ])
 def test_recipe_errors_name_the_key(tmp_path, data, match):
     with pytest.raises(LowbitError, match=match):

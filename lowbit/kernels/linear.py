@@ -117,7 +117,7 @@ class W8A8Linear(PackedLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         spec: QuantSpec = self.act.spec
         if spec.dynamic or self.act.scale is None:
-            sx, zx = minmax_qparams(x, spec)
+            sx, zx = minmax_qparams(x, spec, self.act.clip_ratio)
         else:
             sx, zx = self.act.scale.to(x.dtype), self.act.zero.to(x.dtype)
         q = quantize(x, sx, zx, spec)

@@ -21,7 +21,7 @@ class GPTQArgs(StepArgs):
     block_size: int = Field(128, gt=0)  # columns updated lazily together
     act_order: bool = False  # quantize columns by decreasing H_ii (group parameters stay static)
     static_groups: bool = False  # group parameters from the original weights (always on with act_order)
-    true_sequential: bool = True  # re-collect inputs after each group of linears is quantized
+    true_sequential: bool = False  # re-collect inputs after each group of linears is quantized (1.4x slower)
     observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
 
 
@@ -130,8 +130,9 @@ def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]]) -> dic
 class GPTQ(Step):
     """Second-order error compensation (Frantar et al., 2022), one Hessian per group of linears sharing an input.
 
-    `true_sequential` quantizes q/k/v first, then collects o_proj's inputs through the quantized q/k/v, and
-    so on; otherwise all Hessians come from one pass over the block before any of it is quantized.
+    By default all Hessians come from one pass over the block before any of it is quantized (as llm-compressor
+    does); `true_sequential` quantizes q/k/v first, then collects o_proj's inputs through the quantized q/k/v,
+    and so on: one more partial block forward per group, for no measured gain on the embedded model.
     """
 
     name = "gptq"
