@@ -66,14 +66,15 @@ def pair_expand(block: nn.Module, adapter: Adapter, pair: LinearPair, s: torch.T
 
 def pair_reduce(block: nn.Module, adapter: Adapter, pair: LinearPair, v: torch.Tensor,
                 reduce: str = "amax") -> torch.Tensor:
-    """Per-channel statistics of `nexts`' inputs reduced onto `prev`'s outputs (max/min over the heads sharing one)."""
+    """Per-channel statistics of `nexts`' inputs reduced onto `prev`'s outputs (amax, amin or mean over the heads
+    sharing one)."""
     prev = block.get_submodule(pair.prev)
     if v.numel() == prev.out_features:
         return v
     head_dim = block.get_submodule(adapter.attention).head_dim
     n_kv = prev.out_features // head_dim
     grouped = v.reshape(n_kv, -1, head_dim)
-    return (grouped.amax(1) if reduce == "amax" else grouped.amin(1)).reshape(-1)
+    return {"amax": grouped.amax, "amin": grouped.amin, "mean": grouped.mean}[reduce](1).reshape(-1)
 
 
 @torch.no_grad()

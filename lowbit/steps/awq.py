@@ -9,7 +9,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from lowbit.fold import pair_expand, pair_reduce, scale_norm_group, scale_pair
 from lowbit.formats import QuantSpec, fake_quant, group_view, qparams_from_range
+from lowbit.models.base import LinearPair, NormGroup
 from lowbit.observers import observe
 from lowbit.pipeline import BlockContext
 from lowbit.steps.base import Step, StepArgs, register_step
@@ -27,64 +29,39 @@ class AWQArgs(StepArgs):
 
 @dataclass
 class ScaleUnit:
-    """Linears whose input channels share one scale, where the inverse scale goes, and what output to measure."""
+    """Linears whose input channels share one scale, where the inverse scale folds, and what output to measure."""
 
     linears: tuple[str, ...]
-    norm: str | None = None  # fold 1/s into this norm's weight (and bias) ...
-    prev: str | None = None  # ... or into this linear's output rows
+    group: NormGroup | None = None  # fold 1/s into this group's norm ...
+    pair: LinearPair | None = None  # ... or into this pair's `prev` linear
     inspect: str | None = None  # module whose output is compared (None: the linears' own outputs)
 
 
 def scale_units(ctx: BlockContext) -> list[ScaleUnit]:
     """The adapter's norm groups and linear pairs, in execution order."""
     ad = ctx.adapter
-    units = [ScaleUnit(g.linears, norm=g.norm, inspect=g.inspect) for g in ad.norm_groups]
-    units += [ScaleUnit(p.nexts, prev=p.prev) for p in ad.linear_pairs]
+    units = [ScaleUnit(g.linears, group=g, inspect=g.inspect) for g in ad.norm_groups]
+    units += [ScaleUnit(p.nexts, pair=p) for p in ad.linear_pairs]
     return sorted(units, key=lambda u: ad.linear_order.index(u.linears[0]))
-
-
-def head_dim(model: nn.Module) -> int:
-    cfg = model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def fold_scale(ctx: BlockContext, unit: ScaleUnit, s: torch.Tensor) -> None:
     """Multiply the unit's input channels by `s` and divide the producer by `s`: the FP function is unchanged.
 
-    For v -> o with grouped-query attention, o_proj has `rep` input channels per v_proj output row;
-    `s` must then be equal across those copies (see `_tie_heads`) and v_proj rows take one copy.
+    For v -> o with grouped-query attention `s` is equal across o_proj's copies of a v_proj row (`_tie_heads`).
     """
-    block = ctx.block
-    for rel in unit.linears:
-        block.get_submodule(rel).weight.data.mul_(s.to(block.get_submodule(rel).weight.dtype))
-    producer = block.get_submodule(unit.norm or unit.prev)
-    width = producer.weight.shape[0]
-    s_prod = s if s.numel() == width else _untie(ctx, s, width)
-    if unit.norm is not None:
-        producer.weight.data.div_(s_prod)
+    if unit.group is not None:
+        scale_norm_group(ctx.block, unit.group, s)
     else:
-        producer.weight.data.div_(s_prod[:, None])
-    if getattr(producer, "bias", None) is not None:
-        producer.bias.data.div_(s_prod)
-
-
-def _untie(ctx: BlockContext, s: torch.Tensor, width: int) -> torch.Tensor:
-    """One scale per v_proj output row from o_proj's tied per-input scales ([kv, rep, head_dim] layout)."""
-    hd = head_dim(ctx.model_ctx.model)
-    rep = s.numel() // width
-    return s.reshape(width // hd, rep, hd)[:, 0].reshape(-1)
+        scale_pair(ctx.block, ctx.adapter, unit.pair, pair_reduce(ctx.block, ctx.adapter, unit.pair, s))
 
 
 def _tie_heads(ctx: BlockContext, unit: ScaleUnit, stat: torch.Tensor) -> torch.Tensor:
     """Average a per-o_proj-input statistic over the heads sharing one KV head, so scales can fold into v_proj."""
-    if unit.prev is None:
+    if unit.pair is None:
         return stat
-    width = ctx.block.get_submodule(unit.prev).weight.shape[0]
-    if stat.numel() == width:
-        return stat
-    hd = head_dim(ctx.model_ctx.model)
-    rep = stat.numel() // width
-    return stat.reshape(width // hd, rep, hd).mean(1, keepdim=True).expand(-1, rep, -1).reshape(-1)
+    mean = pair_reduce(ctx.block, ctx.adapter, unit.pair, stat, "mean")
+    return pair_expand(ctx.block, ctx.adapter, unit.pair, mean)
 
 
 def quantize_scaled(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
