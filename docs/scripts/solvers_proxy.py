@@ -2,8 +2,9 @@
 
 Quantizes only the first K=4 blocks of the embedded model with 16 calibration windows and reports the per-token
 relative MSE of the hidden state after block K against FP, on 8 held-out validation windows of 512 tokens.
-Run: PYTHONPATH=. python docs/scripts/solvers_proxy.py
+Run: PYTHONPATH=. python docs/scripts/solvers_proxy.py [CONFIG ...]   (default: every config below)
 """
+import sys
 import time
 
 import torch
@@ -38,7 +39,12 @@ configs = {
  "gptq-seq-ao-mse": [("gptq", {"act_order": True, "observer": "mse"})],
  "awq": [("awq", {"n_grid": 10})],
  "awq+gptq-ao": [("awq", {"n_grid": 10}), ("gptq", {"act_order": True})],
+ "lwc-e2-lr0.005": [("lwc", {"epochs": 2, "lr": 0.005})],
+ "lwc-e2-lr0.05": [("lwc", {"epochs": 2, "lr": 0.05})],
+ "lwc-e5-lr0.05-bs1": [("lwc", {"epochs": 5, "lr": 0.05, "batch_size": 1})],
+ "lwc-e5-lr0.01-bs1": [("lwc", {"epochs": 5, "lr": 0.01, "batch_size": 1})],
 }
+configs = {k: v for k, v in configs.items() if k in sys.argv[1:]} or configs
 for bits in (4,):
     for obs in ("minmax",):  # the weights' default observer; configs override it per step
         spec = QuantSpec(bits, symmetric=False, group_size=64)
