@@ -16,3 +16,4 @@ for cell in "${CELLS[@]}"; do
   [ -d "$OUT/$cell" ] || "$LB" run "recipes/recon-$f.yaml" --set "steps.0=$m" --set name="$cell" --out "$OUT/$cell" --quiet
 done
 "$LB" report "$OUT"/*
+${PY:-.venv/bin/python} benchmarks/pivot.py "$OUT"/*

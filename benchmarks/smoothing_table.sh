@@ -3,7 +3,7 @@
 # W4A8, W4A4 with dynamic per-token activations and W8A8, W6A6 with static per-tensor ones
 # (recipes/wa-dynamic.yaml, recipes/wa-static.yaml: 8 x 512 calibration, 8192 test tokens).
 # Usage: bash benchmarks/smoothing_table.sh [OUT_DIR [CELL ...]]   CELL = KIND-wWaA-METHOD, e.g. dyn-w4a8-osplus
-# (default: every cell; folders that exist are kept). Then: python benchmarks/wa_table.py OUT_DIR/*
+# (default: every cell; folders that exist are kept). Then: python benchmarks/pivot.py OUT_DIR/*
 set -euo pipefail
 OUT=${1:-runs/smooth}
 shift || true
@@ -28,4 +28,4 @@ for cell in "${CELLS[@]}"; do
   [ -d "$OUT/$cell" ] || "$LB" run "$recipe" --set weights.bits=$w --set activations.bits=$a --set "steps=$steps" \
     --set name="$m" --out "$OUT/$cell" --quiet
 done
-${PY:-.venv/bin/python} benchmarks/wa_table.py "$OUT"/*
+${PY:-.venv/bin/python} benchmarks/pivot.py "$OUT"/*

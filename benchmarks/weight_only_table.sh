@@ -21,3 +21,4 @@ for cell in "${CELLS[@]}"; do
   [ -d "$OUT/$cell" ] || "$LB" run "recipes/${RECIPE[$m]}.yaml" ${FORMAT[$f]} --set name="$cell" --out "$OUT/$cell" --quiet
 done
 "$LB" report "$OUT"/*
+${PY:-.venv/bin/python} benchmarks/pivot.py "$OUT"/*

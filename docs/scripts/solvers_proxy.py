@@ -2,7 +2,8 @@
 
 Quantizes only the first K=4 blocks of the embedded model with 16 calibration windows and reports the per-token
 relative MSE of the hidden state after block K against FP, on 8 held-out validation windows of 512 tokens.
-Run: PYTHONPATH=. python docs/scripts/solvers_proxy.py [CONFIG ...]   (default: every config below)
+Run: PYTHONPATH=. python docs/scripts/solvers_proxy.py [--w3ch] [CONFIG ...]   (default: every config below;
+--w3ch: int3 asymmetric per-channel weights instead of int4 g64)
 """
 import sys
 import time
@@ -43,11 +44,16 @@ configs = {
  "lwc-e2-lr0.05": [("lwc", {"epochs": 2, "lr": 0.05})],
  "lwc-e5-lr0.05-bs1": [("lwc", {"epochs": 5, "lr": 0.05, "batch_size": 1})],
  "lwc-e5-lr0.01-bs1": [("lwc", {"epochs": 5, "lr": 0.01, "batch_size": 1})],
+ "adaround": [("adaround", {})],
+ "adaround-lr0.01": [("adaround", {"lr": 0.01})],
+ "adaround-lr0.01-it200": [("adaround", {"lr": 0.01, "iters": 200})],
+ "brecq": [("brecq", {})],
 }
 configs = {k: v for k, v in configs.items() if k in sys.argv[1:]} or configs
-for bits in (4,):
+W3CH = "--w3ch" in sys.argv
+for bits in ((3,) if W3CH else (4,)):
     for obs in ("minmax",):  # the weights' default observer; configs override it per step
-        spec = QuantSpec(bits, symmetric=False, group_size=64)
+        spec = QuantSpec(bits, symmetric=False) if W3CH else QuantSpec(bits, symmetric=False, group_size=64)
         for name, steps in configs.items():
             model0.load_state_dict(sd)
             t = time.perf_counter()
@@ -55,4 +61,4 @@ for bits in (4,):
             compress(model0, get_adapter(model0), Settings(weights=spec, weight_observer=obs), st, calib, progress=False)
             h = hidden(model0)
             err = (((h - ref) ** 2).sum(-1) / (ref ** 2).sum(-1)).mean()
-            print(f"W{bits} g64 {obs:6s} {name:14s} rel_mse={err:.5f} wall={time.perf_counter() - t:.0f}s", flush=True)
+            print(f"W{bits} {'ch' if W3CH else 'g64'} {obs:6s} {name:14s} rel_mse={err:.5f} wall={time.perf_counter() - t:.0f}s", flush=True)
