@@ -23,6 +23,7 @@ from lowbit.formats import QuantSpec, group_view
 from lowbit.observers import observe
 from lowbit.pipeline import BlockContext, calibrate_act_quantizers
 
+Loss = Literal["token_relative", "mse"]
 _ZETA, _GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid: h = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
 
 
@@ -46,6 +47,8 @@ class ReconArgs(BaseModel):
     n_samples: int | None = Field(None, gt=0)  # use only the first n calibration windows (default: all)
     init: str = "fractional"  # "fractional" (h(V) = fractional part) or a weight-solving step, e.g. "gptq"
     observer: Literal["minmax", "mse", "percentile"] | None = None  # weight range; default: the recipe's
+    loss: Loss = "token_relative"  # or "mse": plain squared error, dominated by outlier tokens (see output_error);
+    # AdaRound's default is "mse" (lowbit.steps.adaround)
     seed: int = 0
 
 
@@ -210,12 +213,21 @@ def optimize(mods: list[SoftRounding], batch_loss: Callable[[torch.Generator], t
     return history
 
 
-def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error summed over features, averaged over tokens (optionally weighted element-wise)."""
+def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                 loss: Loss = "token_relative") -> torch.Tensor:
+    """Squared error summed over features (optionally weighted element-wise), averaged over tokens; with
+    `token_relative`, each token's error is divided by its target's squared norm first.
+
+    Why relative: from block 12 of SmolLM2-135M on, the first token of every window (an attention sink) has a hidden
+    state ~100x larger than the others and carries 99% of the block output's squared norm, so a plain MSE fits the
+    rounding to that one token and wrecks the rest (docs/results.md, issue 5)."""
     err = (pred.float() - target.float()).pow(2)
     if weight is not None:
         err = err * weight
-    return err.sum(-1).mean()
+    err = err.sum(-1)
+    if loss == "token_relative":
+        err = err / target.float().pow(2).sum(-1).clamp_min(1e-12)
+    return err.mean()
 
 
 def pending(ctx: BlockContext) -> list[str]:
@@ -244,7 +256,7 @@ def reconstruct_layers(ctx: BlockContext, args: ReconArgs) -> dict[str, list[flo
         with soft_rounded(ctx, [rel], args, initial) as mods:
             def batch_loss(gen: torch.Generator) -> torch.Tensor:
                 xb = x[pick(x, gen, args.batch_size)]
-                return output_error(linear(xb), F.linear(xb, w_fp, bias))
+                return output_error(linear(xb), F.linear(xb, w_fp, bias), loss=args.loss)
             histories[rel] = optimize(list(mods.values()), batch_loss, args)
     return histories
 
@@ -296,7 +308,7 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, *, quantize_acts:
                 x = fp_in[idx] if use_fp_inputs else q_in[idx]
                 if drop is not None:
                     x = torch.where(torch.rand(x.shape, generator=drop_gen) < drop, fp_in[idx], x)
-                return output_error(ctx.run(x), target[idx], None if weights is None else weights[idx])
+                return output_error(ctx.run(x), target[idx], None if weights is None else weights[idx], args.loss)
             return optimize(list(mods.values()), batch_loss, args, steps_sizes, args.act_lr)
     finally:
         for s in steps_sizes:

@@ -9,7 +9,7 @@ from lowbit.formats import QuantSpec, fake_quant, minmax_qparams
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
 from lowbit.pipeline import BlockContext, ModelContext, Settings, capture_block_inputs, compress, rtn_linear
-from lowbit.reconstruction import ReconArgs, Schedule, SoftRounding, reconstruct_layers
+from lowbit.reconstruction import ReconArgs, Schedule, SoftRounding, output_error, reconstruct_layers
 from lowbit.state import QuantState
 from lowbit.steps import get_step
 
@@ -152,3 +152,18 @@ def test_gptq_init_starts_from_gptqs_rounding():
         assert torch.equal(torch.round(a_scaled)[ok], torch.round(g_scaled)[ok])
         representable, total = representable + int(ok.sum()), total + ok.numel()
     assert representable > 0.8 * total
+
+
+def test_token_relative_loss_is_not_dominated_by_an_outlier_token():
+    """A sink token 1000x larger than the rest (as in SmolLM2's middle blocks) decides a plain MSE, not the default."""
+    target = torch.randn(2, 16, 32)
+    target[:, 0] *= 1000
+    small_err_on_sink = target.clone()
+    small_err_on_sink[:, 0] *= 1.01  # 1% error on the sink token only
+    large_err_elsewhere = target.clone()
+    large_err_elsewhere[:, 1:] *= 1.5  # 50% error on every other token
+    mse = [output_error(p, target, loss="mse") for p in (small_err_on_sink, large_err_elsewhere)]
+    rel = [output_error(p, target) for p in (small_err_on_sink, large_err_elsewhere)]
+    assert mse[0] > mse[1]  # plain MSE prefers wrecking 15 tokens to a 1% error on the sink
+    assert rel[0] < rel[1]
+    assert torch.allclose(rel[1], torch.tensor(0.25 * 15 / 16))

@@ -9,6 +9,7 @@ from torch.nn.utils import parametrize
 
 from lowbit.formats import QuantSpec, fake_quant, group_view, params_shape, round_ste
 from lowbit.pipeline import BlockContext
+from lowbit.reconstruction import Loss, output_error
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -21,6 +22,7 @@ class LWCArgs(StepArgs):
     lr: float = Field(0.05, gt=0)
     batch_size: int = Field(1, gt=0)
     init: float = 4.0  # initial logit of both factors: sigmoid(4) ≈ 0.982 of the (possibly AWQ-clipped) range
+    loss: Loss = "token_relative"  # or "mse" (OmniQuant's), dominated by attention-sink tokens on SmolLM2
 
 
 def clipped_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +105,7 @@ class LWC(Step):
         with torch.enable_grad():
             for _ in range(a.epochs):
                 for idx in torch.randperm(x.shape[0], generator=gen).split(a.batch_size):
-                    loss = torch.nn.functional.mse_loss(ctx.run(x[idx]), y[idx])
+                    loss = output_error(ctx.run(x[idx]), y[idx], loss=a.loss)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
