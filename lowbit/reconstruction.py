@@ -220,7 +220,7 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
     Why relative: from block 12 of SmolLM2-135M on, the first token of every window (an attention sink) has a hidden
     state ~100x larger than the others and carries 99% of the block output's squared norm, so a plain MSE fits the
-    rounding to that one token and wrecks the rest (docs/results.md, issue 5)."""
+    rounding to that one token and wrecks the rest (docs/results.md, issue 5). Default of BRECQ and QDrop."""
     err = (pred.float() - target.float()).pow(2)
     if weight is not None:
         err = err * weight
