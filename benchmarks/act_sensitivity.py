@@ -40,8 +40,8 @@ def main() -> None:
     steps = [get_step(name)(get_step(name).Args()) for name in args.steps]
     state = compress(model, adapter, settings, steps, calib, progress=False)
     windows = eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")), 2048, args.max_tokens)
-    kinds = {"none": (), "q/k/v": tuple(g.linears for g in adapter.norm_groups)[0],
-             "o_proj": (adapter.attn_out,), "gate/up": tuple(g.linears for g in adapter.norm_groups)[1],
+    kinds = {"none": (), "q/k/v": adapter.norm_groups[0].linears,
+             "o_proj": (adapter.attn_out,), "gate/up": adapter.norm_groups[1].linears,
              "down_proj": (adapter.mlp_out,), "all": tuple(adapter.linear_order)}
     print(f"| A{args.abits} inputs quantized (after {'+'.join(args.steps) or 'nothing'}, clip {args.clip_ratio}) "
           f"| ppl ({windows.numel()} tokens) |")
