@@ -8,6 +8,7 @@ to 0 or 1; hardening then picks floor or ceil for each weight (Nagel et al. 2020
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
@@ -24,6 +25,8 @@ from lowbit.observers import observe
 from lowbit.pipeline import BlockContext, calibrate_act_quantizers
 
 Loss = Literal["token_relative", "mse"]
+log = logging.getLogger("lowbit")
+UNDECIDED_WARN = 0.1  # warn when more than this fraction of rounding variables is still soft at hardening
 _ZETA, _GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid: h = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
 
 
@@ -37,7 +40,8 @@ class ReconArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    iters: int = Field(50, ge=0)  # optimizer steps per reconstructed unit (a linear or a block)
+    iters: int = Field(200, ge=0)  # optimizer steps per reconstructed unit (a linear or a block); at 50, a third of
+    # the rounding variables were still soft when hardened (docs/reconstruction.md)
     batch_size: int = Field(1, gt=0)  # calibration windows per step
     lr: float = Field(0.05, gt=0)  # Adam learning rate of the rounding variables V
     lam: float = Field(0.01, ge=0)  # weight of the rounding regularizer
@@ -110,6 +114,12 @@ class SoftRounding(nn.Module):
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         return self._weight(self.h()).to(original.dtype)
 
+    @torch.no_grad()
+    def undecided(self) -> torch.Tensor:
+        """Boolean mask of the variables still soft (0.05 < h < 0.95): hardening moves these the most."""
+        h = self.h()
+        return (h > 0.05) & (h < 0.95)
+
     def regularizer(self, beta: float) -> torch.Tensor:
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
@@ -179,9 +189,22 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
             parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
         for p in frozen:
             p.requires_grad_(True)
+    report_undecided(ctx.full_name(rels[0]) if len(rels) == 1 else ctx.name, list(mods.values()), args.iters)
     for rel, mod in mods.items():
         scale, zero = mod.scale_zero(linears[rel].weight)
         ctx.set_quantized_weight(rel, mod.hard_weight(), mod.spec, scale, zero)
+
+
+def report_undecided(where: str, mods: list[SoftRounding], iters: int) -> float:
+    """Log the fraction of rounding variables still soft at hardening; warn when it is large, since the hard
+    weights then differ from the ones the loss was minimized for."""
+    n = sum(m.v.numel() for m in mods)
+    frac = sum(m.undecided().sum().item() for m in mods) / max(1, n)
+    log.info("%s: %.1f%% of rounding variables undecided at hardening", where, 100 * frac)
+    if frac > UNDECIDED_WARN:
+        log.warning("%s: %.0f%% of rounding variables still soft after %d steps; hardening will move them: "
+                    "raise iters", where, 100 * frac, iters)
+    return frac
 
 
 def initial_rounding(ctx: BlockContext, rels: list[str], init: str) -> dict[str, tuple[torch.Tensor, ...]]:

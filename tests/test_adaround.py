@@ -167,3 +167,23 @@ def test_token_relative_loss_is_not_dominated_by_an_outlier_token():
     assert mse[0] > mse[1]  # plain MSE prefers wrecking 15 tokens to a 1% error on the sink
     assert rel[0] < rel[1]
     assert torch.allclose(rel[1], torch.tensor(0.25 * 15 / 16))
+
+
+def test_training_decides_the_rounding_and_too_few_steps_warn(caplog):
+    """Hardening an undecided h moves the weight away from what the loss was minimized for: the run says so."""
+    spec = QuantSpec(2, symmetric=False, group_size=32)
+    fractions = {}
+    for iters in (0, 200):
+        model, ids = _tiny()
+        step = get_step("brecq")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lowbit"):
+            compress(model, get_adapter(model), Settings(weights=spec), [step(step.Args(iters=iters, batch_size=2))],
+                     ids, progress=False)
+        infos = [r.getMessage() for r in caplog.records if "undecided at hardening" in r.getMessage()]
+        assert len(infos) == 2  # one line per block
+        fractions[iters] = [float(m.split(": ")[1].split("%")[0]) for m in infos]
+        warned = [r for r in caplog.records if r.levelname == "WARNING" and "raise iters" in r.getMessage()]
+        assert bool(warned) == (iters == 0)
+    assert all(f > 50 for f in fractions[0])  # h starts at the fractional parts
+    assert all(f < 10 for f in fractions[200])
