@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -49,7 +49,8 @@ class ReconArgs(BaseModel):
     beta_end: float = Field(2.0, gt=0)  # ... annealed linearly to this value at the last step
     warmup: float = Field(0.2, ge=0, lt=1)  # fraction of steps without the regularizer
     n_samples: int | None = Field(None, gt=0)  # use only the first n calibration windows (default: all)
-    init: str = "fractional"  # "fractional" (h(V) = fractional part) or a weight-solving step, e.g. "gptq"
+    init: str | dict[str, dict] = "fractional"  # "fractional" (h(V) = fractional part) or a weight-solving step,
+    # by name ("gptq") or with its arguments ({gptq: {act_order: true}})
     observer: Literal["minmax", "mse", "percentile"] | None = None  # weight range; default: the recipe's
     loss: Loss = "token_relative"  # or "mse": plain squared error, dominated by outlier tokens (see output_error);
     # AdaRound's default is "mse" (lowbit.steps.adaround)
@@ -134,18 +135,26 @@ class SoftRounding(nn.Module):
         return self.scale.reshape(shape), self.zero.reshape(shape)
 
 
-def solver_codes(ctx: BlockContext, solver: str, rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+def solver_codes(ctx: BlockContext, solver: str | dict[str, dict],
+                 rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Run a weight-solving step (e.g. GPTQ) on the block and return, per linear, its offsets over
     floor(W / scale) as an initial h (0.1 / 0.9, clamped to floor or ceil) with the solver's scale and zero.
     The block's FP weights are restored afterwards so reconstruction starts from them."""
     from lowbit.steps import STEPS
 
-    if solver not in STEPS or not STEPS[solver].solves_weights:
-        raise LowbitError(f"init: {solver!r} is not a weight-solving step: use 'fractional' or one of "
+    if isinstance(solver, dict) and len(solver) != 1:
+        raise LowbitError(f"init: give one step, e.g. {{gptq: {{act_order: true}}}}, got {solver!r}")
+    name, kwargs = (solver, {}) if isinstance(solver, str) else next(iter(solver.items()))
+    if name not in STEPS or not STEPS[name].solves_weights:
+        raise LowbitError(f"init: {name!r} is not a weight-solving step: use 'fractional' or one of "
                           f"{sorted(n for n, s in STEPS.items() if s.solves_weights)}")
+    try:
+        step = STEPS[name](STEPS[name].Args(**(kwargs or {})))
+    except ValidationError as e:
+        raise LowbitError(f"init: bad arguments for {name!r}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}") from None
     linears = ctx.linears()
     saved = {rel: linears[rel].weight.data.clone() for rel in rels}
-    STEPS[solver]().on_block(ctx)
+    step.on_block(ctx)
     out = {}
     for rel in rels:
         rec = ctx.state.weights[ctx.full_name(rel)]
@@ -207,7 +216,8 @@ def report_undecided(where: str, mods: list[SoftRounding], iters: int) -> float:
     return frac
 
 
-def initial_rounding(ctx: BlockContext, rels: list[str], init: str) -> dict[str, tuple[torch.Tensor, ...]]:
+def initial_rounding(ctx: BlockContext, rels: list[str],
+                     init: str | dict[str, dict]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Starting point of the rounding: empty for "fractional", else the named solver's solution."""
     return {} if init == "fractional" or not rels else solver_codes(ctx, init, rels)
 

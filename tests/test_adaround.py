@@ -187,3 +187,21 @@ def test_training_decides_the_rounding_and_too_few_steps_warn(caplog):
         assert bool(warned) == (iters == 0)
     assert all(f > 50 for f in fractions[0])  # h starts at the fractional parts
     assert all(f < 10 for f in fractions[200])
+
+
+def test_init_solver_takes_arguments_and_bad_ones_are_clear_errors():
+    spec = QuantSpec(3, symmetric=False, group_size=32)
+    step = get_step("adaround")
+    model_a, ids = _tiny()
+    compress(model_a, get_adapter(model_a), Settings(weights=spec),
+             [step(step.Args(iters=0, init={"rtn": {"observer": "mse"}}))], ids, progress=False)
+    model_b, _ = _tiny()
+    compress(model_b, get_adapter(model_b), Settings(weights=spec), [get_step("rtn")(get_step("rtn").Args(observer="mse"))],
+             ids, progress=False)
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), name
+    for bad, match in (({"gptq": {"dampp": 0.1}}, "bad arguments for 'gptq'"), ({"gptq": {}, "rtn": {}}, "one step")):
+        model, _ = _tiny()
+        with pytest.raises(LowbitError, match=match):
+            compress(model, get_adapter(model), Settings(weights=spec), [step(step.Args(iters=0, init=bad))], ids,
+                     progress=False)
