@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Block-reconstruction table of docs/results.md (issue 5): RTN, GPTQ, AdaRound, BRECQ, QDrop at W2A16 g64,
 # W3A16 per-channel, W4A4 and W2A4 (recipes/recon-*.yaml: 16 x 128 calibration, 16384 test tokens, CPU defaults
-# of 50 reconstruction steps per linear or block). Usage: bash benchmarks/recon_table.sh [OUT_DIR [CELL ...]]
+# of 200 reconstruction steps per linear or block). Usage: bash benchmarks/recon_table.sh [OUT_DIR [CELL ...]]
 # CELL = METHOD-FORMAT, e.g. brecq-w3 (default: every cell; folders that exist are kept).
 set -euo pipefail
 OUT=${1:-runs/recon}

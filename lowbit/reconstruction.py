@@ -33,9 +33,8 @@ _ZETA, _GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid: h = clip(sigmoid(
 class ReconArgs(BaseModel):
     """Settings shared by the reconstruction steps (a StepArgs, spelled out because lowbit.steps imports us).
 
-    Defaults fit a 2-core CPU: the embedded model with 16 x 128-token calibration windows in an estimated 5 to 10
-    minutes of one core (few steps, so a large learning rate; at this budget use brecq, not adaround: see
-    docs/results.md). With a GPU use the papers' settings: iters=20000,
+    Defaults fit a 2-core CPU: BRECQ on the embedded model with 16 x 128-token calibration windows took 17 minutes
+    on one thread of a shared machine (few steps, so a large learning rate; docs/results.md). With a GPU use the papers' settings: iters=20000,
     batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2, act_lr=4e-5, 1024 samples."""
 
     model_config = ConfigDict(extra="forbid")
