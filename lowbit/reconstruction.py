@@ -34,8 +34,9 @@ class ReconArgs(BaseModel):
     """Settings shared by the reconstruction steps (a StepArgs, spelled out because lowbit.steps imports us).
 
     Defaults fit a 2-core CPU: BRECQ on the embedded model with 16 x 128-token calibration windows took 17 minutes
-    on one thread of a shared machine (few steps, so a large learning rate; docs/results.md). With a GPU use the papers' settings: iters=20000,
-    batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2, act_lr=4e-5, 1024 samples."""
+    on one thread of a shared machine (few steps, so a large learning rate; docs/results.md). With a GPU use the
+    papers' settings: iters=20000, batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2,
+    act_lr=4e-5, 1024 samples."""
 
     model_config = ConfigDict(extra="forbid")
 
