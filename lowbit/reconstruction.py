@@ -172,11 +172,12 @@ def solver_codes(ctx: BlockContext, solver: str | dict[str, dict],
 
 
 @contextlib.contextmanager
-def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
-                 initial: dict[str, tuple[torch.Tensor, ...]]) -> Iterator[dict[str, SoftRounding]]:
+def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs, initial: dict[str, tuple[torch.Tensor, ...]],
+                 report: bool = True) -> Iterator[dict[str, SoftRounding]]:
     """Give each listed linear a SoftRounding parametrization (started from `initial[rel]` = (h, scale, zero)
     if given, else from the observer's range and the fractional part); on exit, store the hardened weights
-    through `set_quantized_weight`. Every other block parameter is frozen meanwhile."""
+    through `set_quantized_weight` (and, if `report`, log how many were still soft). Every other block parameter
+    is frozen meanwhile."""
     linears = ctx.linears()
     frozen = [p for p in ctx.block.parameters() if p.requires_grad]
     for p in frozen:
@@ -198,15 +199,16 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
             parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
         for p in frozen:
             p.requires_grad_(True)
-    report_undecided(ctx.full_name(rels[0]) if len(rels) == 1 else ctx.name, list(mods.values()), args.iters)
+    if report:
+        report_undecided(ctx.name, list(mods.values()), args.iters)
     for rel, mod in mods.items():
         scale, zero = mod.scale_zero(linears[rel].weight)
         ctx.set_quantized_weight(rel, mod.hard_weight(), mod.spec, scale, zero)
 
 
 def report_undecided(where: str, mods: list[SoftRounding], iters: int) -> float:
-    """Log the fraction of rounding variables still soft at hardening; warn when it is large, since the hard
-    weights then differ from the ones the loss was minimized for."""
+    """Log the fraction of a block's rounding variables still soft at hardening; warn when it is large, since the
+    hard weights then differ from the ones the loss was minimized for."""
     n = sum(m.v.numel() for m in mods)
     frac = sum(m.undecided().sum().item() for m in mods) / max(1, n)
     log.info("%s: %.1f%% of rounding variables undecided at hardening", where, 100 * frac)
@@ -280,17 +282,21 @@ def reconstruct_layers(ctx: BlockContext, args: ReconArgs) -> dict[str, list[flo
     x_all = ctx.q_inputs[: args.n_samples]
     rels = pending(ctx)
     initial = initial_rounding(ctx, rels, args.init)
+    trained: list[SoftRounding] = []
     for rel in rels:
         linear = ctx.linears()[rel]
         inputs: list[torch.Tensor] = []
         ctx.collect([rel], lambda _r, x, _y: inputs.append(x.detach()), x_all)
         x = torch.cat(inputs)
         w_fp, bias = linear.weight.data.clone(), linear.bias
-        with soft_rounded(ctx, [rel], args, initial) as mods:
+        with soft_rounded(ctx, [rel], args, initial, report=False) as mods:
             def batch_loss(gen: torch.Generator) -> torch.Tensor:
                 xb = x[pick(x, gen, args.batch_size)]
                 return output_error(linear(xb), F.linear(xb, w_fp, bias), loss=args.loss)
             histories[rel] = optimize(list(mods.values()), batch_loss, args)
+        trained += mods.values()
+    if trained:
+        report_undecided(ctx.name, trained, args.iters)
     return histories
 
 

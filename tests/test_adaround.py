@@ -205,3 +205,13 @@ def test_init_solver_takes_arguments_and_bad_ones_are_clear_errors():
         with pytest.raises(LowbitError, match=match):
             compress(model, get_adapter(model), Settings(weights=spec), [step(step.Args(iters=0, init=bad))], ids,
                      progress=False)
+
+
+def test_adaround_reports_once_per_block(caplog):
+    model, ids = _tiny()
+    step = get_step("adaround")
+    with caplog.at_level("INFO", logger="lowbit"):
+        compress(model, get_adapter(model), Settings(weights=QuantSpec(2, symmetric=False, group_size=32)),
+                 [step(step.Args(iters=0))], ids, progress=False)
+    infos = [r.getMessage() for r in caplog.records if "undecided at hardening" in r.getMessage()]
+    assert [m.split(":")[0] for m in infos] == ["model.layers.0", "model.layers.1"]
