@@ -172,12 +172,11 @@ def solver_codes(ctx: BlockContext, solver: str | dict[str, dict],
 
 
 @contextlib.contextmanager
-def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs, initial: dict[str, tuple[torch.Tensor, ...]],
-                 report: bool = True) -> Iterator[dict[str, SoftRounding]]:
+def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
+                 initial: dict[str, tuple[torch.Tensor, ...]]) -> Iterator[dict[str, SoftRounding]]:
     """Give each listed linear a SoftRounding parametrization (started from `initial[rel]` = (h, scale, zero)
     if given, else from the observer's range and the fractional part); on exit, store the hardened weights
-    through `set_quantized_weight` (and, if `report`, log how many were still soft). Every other block parameter
-    is frozen meanwhile."""
+    through `set_quantized_weight`. Every other block parameter is frozen meanwhile."""
     linears = ctx.linears()
     frozen = [p for p in ctx.block.parameters() if p.requires_grad]
     for p in frozen:
@@ -199,8 +198,6 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs, initial: d
             parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
         for p in frozen:
             p.requires_grad_(True)
-    if report:
-        report_undecided(ctx.name, list(mods.values()), args.iters)
     for rel, mod in mods.items():
         scale, zero = mod.scale_zero(linears[rel].weight)
         ctx.set_quantized_weight(rel, mod.hard_weight(), mod.spec, scale, zero)
@@ -289,7 +286,7 @@ def reconstruct_layers(ctx: BlockContext, args: ReconArgs) -> dict[str, list[flo
         ctx.collect([rel], lambda _r, x, _y: inputs.append(x.detach()), x_all)
         x = torch.cat(inputs)
         w_fp, bias = linear.weight.data.clone(), linear.bias
-        with soft_rounded(ctx, [rel], args, initial, report=False) as mods:
+        with soft_rounded(ctx, [rel], args, initial) as mods:
             def batch_loss(gen: torch.Generator) -> torch.Tensor:
                 xb = x[pick(x, gen, args.batch_size)]
                 return output_error(linear(xb), F.linear(xb, w_fp, bias), loss=args.loss)
@@ -348,7 +345,9 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, *, quantize_acts:
                 if drop is not None:
                     x = torch.where(torch.rand(x.shape, generator=drop_gen) < drop, fp_in[idx], x)
                 return output_error(ctx.run(x), target[idx], None if weights is None else weights[idx], args.loss)
-            return optimize(list(mods.values()), batch_loss, args, steps_sizes, args.act_lr)
+            history = optimize(list(mods.values()), batch_loss, args, steps_sizes, args.act_lr)
     finally:
         for s in steps_sizes:
             s.requires_grad_(False)
+    report_undecided(ctx.name, list(mods.values()), args.iters)
+    return history
