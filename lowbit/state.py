@@ -42,24 +42,26 @@ class WeightRecord:
 
 @dataclass
 class QuantState:
+    """Per module name: weight records, input and output activation quantizers, online input transforms."""
+
     weights: dict[str, WeightRecord] = field(default_factory=dict)
-    inputs: dict[str, ActQuantizer] = field(default_factory=dict)
-    outputs: dict[str, ActQuantizer] = field(default_factory=dict)
+    input_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
+    output_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     transforms: dict[str, dict] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
     def install(self, model: nn.Module, prefix: str = "") -> None:
         """(Re)attach hooks for every module under `prefix` that has a transform or quantizer."""
         self.uninstall(prefix)
-        names = {n for n in (*self.inputs, *self.outputs, *self.transforms) if n.startswith(prefix)}
+        names = {n for n in (*self.input_quantizers, *self.output_quantizers, *self.transforms) if n.startswith(prefix)}
         for name in sorted(names):
             module = model.get_submodule(name)
             transform = self._transform_fn(name, module)
-            quant = self.inputs.get(name)
+            quant = self.input_quantizers.get(name)
             if transform or quant:
                 self._handles.append((name, module.register_forward_pre_hook(_input_hook(transform, quant))))
-            if name in self.outputs:
-                self._handles.append((name, module.register_forward_hook(_output_hook(self.outputs[name]))))
+            if name in self.output_quantizers:
+                self._handles.append((name, module.register_forward_hook(_output_hook(self.output_quantizers[name]))))
 
     def uninstall(self, prefix: str = "") -> None:
         keep = []
@@ -75,7 +77,7 @@ class QuantState:
         return INPUT_TRANSFORMS[cfg["kind"]](cfg, module) if cfg else None
 
     def quantizers(self, prefix: str = "") -> list[ActQuantizer]:
-        return [q for n, q in (*self.inputs.items(), *self.outputs.items()) if n.startswith(prefix)]
+        return [q for n, q in (*self.input_quantizers.items(), *self.output_quantizers.items()) if n.startswith(prefix)]
 
     def save(self, directory: Path) -> None:
         """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
@@ -84,7 +86,7 @@ class QuantState:
             meta["weights"][name] = _spec_dict(rec.spec)
             tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
             tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
-        for kind, table in (("inputs", self.inputs), ("outputs", self.outputs)):
+        for kind, table in (("inputs", self.input_quantizers), ("outputs", self.output_quantizers)):
             for name, q in table.items():
                 meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
                                     "clip_ratio": q.clip_ratio}
@@ -102,13 +104,13 @@ class QuantState:
         for name, spec in meta["weights"].items():
             state.weights[name] = WeightRecord(QuantSpec(**spec), tensors[f"{name}.weight_scale"],
                                                tensors[f"{name}.weight_zero"])
-        for kind in ("inputs", "outputs"):
+        for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
             for name, info in meta[kind].items():
                 q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
                 if info["static"]:
                     q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                     q.zero = tensors[f"{name}.{kind}_zero"]
-                getattr(state, kind)[name] = q
+                table[name] = q
         return state
 
 

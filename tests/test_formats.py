@@ -120,8 +120,8 @@ def test_clipped_dynamic_activations_saturate_and_round_trip(tmp_path):
     # a smaller step: tokens without outliers are represented more finely than by min-max
     inner = (x.abs() < 0.5 * x.abs().amax(-1, keepdim=True))
     assert ((y - x)[inner].abs().mean() < (ActQuantizer(spec)(x) - x)[inner].abs().mean())
-    QuantState(inputs={"layer": q}).save(tmp_path)
-    loaded = QuantState.load(tmp_path).inputs["layer"]
+    QuantState(input_quantizers={"layer": q}).save(tmp_path)
+    loaded = QuantState.load(tmp_path).input_quantizers["layer"]
     assert loaded.clip_ratio == 0.9 and torch.equal(loaded(x), y)
 
 
