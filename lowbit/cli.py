@@ -169,6 +169,16 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
 
 
+def _text_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The evaluation text options shared by eval and verify."""
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="0 = whole split")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,12 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
     e.add_argument("model")
-    e.add_argument("--data", default="wikitext2")
-    e.add_argument("--split", default="test")
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--max-tokens", type=int, default=32768, help="0 = whole split")
-    e.add_argument("--threads", type=int)
-    e.add_argument("--quiet", action="store_true")
+    _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
@@ -231,12 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
     v.add_argument("run")
     v.add_argument("export")
-    v.add_argument("--data", default="wikitext2")
-    v.add_argument("--split", default="test")
-    v.add_argument("--seq-len", type=int, default=2048)
-    v.add_argument("--max-tokens", type=int, default=16384, help="0 = whole split")
-    v.add_argument("--threads", type=int)
-    v.add_argument("--quiet", action="store_true")
+    _text_arguments(v, max_tokens=16384)
     v.set_defaults(fn=_cmd_verify)
     g = sub.add_parser("generate", help="greedy text generation from a run, on real low-bit kernels or simulated")
     g.add_argument("run", help="a run folder written by 'lowbit run' or 'lowbit quantize'")
