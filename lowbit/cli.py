@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import math
@@ -33,12 +35,12 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.report import results_table
     from lowbit.run import run_recipe
 
-    weights = None if args.wbits >= 16 else {
+    weights = None if args.wbits == 16 else {
         "bits": args.wbits, "format": args.wformat, "granularity": "group" if args.group_size else "channel",
         "group_size": args.group_size or None, "observer": args.observer}
     if args.wformat == "int":  # FP formats are always symmetric
         weights["symmetric"] = args.sym
-    acts = None if args.abits >= 16 else {
+    acts = None if args.abits == 16 else {
         "bits": args.abits, "format": args.aformat, "symmetric": True,
         "granularity": "token" if not args.static_act else "tensor", "dynamic": not args.static_act}
     data = {"name": args.name or f"{'-'.join(args.method)}-w{args.wbits}a{args.abits}", "model": args.model,
@@ -204,6 +206,13 @@ def _threads(text: str) -> int:
     return value
 
 
+def _bits(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if not (2 <= value <= 8 or value == 16):
+        raise argparse.ArgumentTypeError(f"must be 2 to 8, or 16 to keep FP, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -242,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="the same pipeline from flags, without writing YAML")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--method", nargs="+", default=["rtn"], help="steps in order, e.g. awq gptq")
-    q.add_argument("--wbits", type=int, default=4, help="weight bits (16 = keep FP)")
+    q.add_argument("--wbits", type=_bits, default=4, help="weight bits (16 = keep FP)")
     q.add_argument("--wformat", choices=["int", "fp"], default="int")
     q.add_argument("--group-size", type=NONNEGATIVE, default=0, help="0 = per output channel")
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--observer", choices=["minmax", "mse", "percentile"], default="minmax")
-    q.add_argument("--abits", type=int, default=16, help="activation bits (16 = keep FP)")
+    q.add_argument("--abits", type=_bits, default=16, help="activation bits (16 = keep FP)")
     q.add_argument("--aformat", choices=["int", "fp"], default="int")
     q.add_argument("--static-act", action="store_true", help="static per-tensor activations (default dynamic per-token)")
     q.add_argument("--nsamples", type=POSITIVE, default=64)
@@ -389,34 +398,41 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")  # names and paths that are not valid UTF-8
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-    try:
-        with warnings.catch_warnings():
+    stderr = sys.stderr
+    try:  # with --quiet, libraries' progress bars and notices are dropped; lowbit's own error line is not
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO() if args.quiet else stderr):
             if args.quiet:
                 warnings.simplefilter("ignore")
-            return _dispatch(args)
+            return _dispatch(args, stderr)
     finally:
         logging.getLogger().removeHandler(handler)
         for signum, old in previous.items():
             signal.signal(signum, old)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    """Run the command; every expected failure becomes one line on stderr and an exit code."""
+def _one_line(message) -> str:
+    """Messages quoted from libraries may span lines; the user gets one."""
+    return " ".join(str(message).split())
+
+
+def _dispatch(args: argparse.Namespace, stderr) -> int:
+    """Run the command; every expected failure becomes one line on `stderr` and an exit code."""
     try:
         args.fn(args)
     except CheckFailed as exc:
-        print(f"lowbit: check failed: {exc}", file=sys.stderr)
+        print(f"lowbit: check failed: {_one_line(exc)}", file=stderr)
         return 1
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        print(f"lowbit: error: {_one_line(exc)}", file=stderr)
         return 2
     except OSError as exc:  # the environment failed (disk, permissions) where no step expected it
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"lowbit: error: {exc.strerror or exc}{where}: check free space and permissions there", file=sys.stderr)
+        print(f"lowbit: error: {_one_line(exc.strerror or exc)}{where}: check free space and permissions there",
+              file=stderr)
         return 2
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"lowbit: interrupted by {signal.Signals(signum).name}; unfinished output removed", file=sys.stderr)
+        print(f"lowbit: interrupted by {signal.Signals(signum).name}; unfinished output removed", file=stderr)
         return 128 + signum
     return 0
 

@@ -46,6 +46,15 @@ def _owner_alive(pid: int, start: int) -> bool:
     return True
 
 
+def check_utf8_path(path: Path, what: str) -> None:
+    """Refuse a path with bytes that are not UTF-8: tokenizers and safetensors cannot open or write it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LowbitError(f"{what} {str(path).encode('utf-8', 'backslashreplace').decode()} is not valid UTF-8: "
+                          f"choose a UTF-8 name") from None
+
+
 def staging_path(final: Path) -> Path:
     """A hidden sibling of `final` that names this process as its owner (pid, start time)."""
     pid = os.getpid()
@@ -152,6 +161,14 @@ def _link_file(staging: Path, target: Path) -> None:
         os.rename(staging, target)
         return
     staging.unlink()
+
+
+def write_error(exc: BaseException) -> str:
+    """What went wrong in a failed write, in a few words (OSError, or safetensors' own error wrapping one)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "No space left on device" if "No space left" in text else text
 
 
 def file_sha256(path: Path) -> str:

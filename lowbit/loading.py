@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.files import check_manifest, fsync_tree, staging_path, sweep_leftovers, write_manifest
+from lowbit.files import check_manifest, check_utf8_path, fsync_tree, staging_path, sweep_leftovers, write_manifest
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +65,7 @@ def resolve_model_path(name: str) -> str:
     if name == EMBEDDED:
         return str(embedded_model_path())
     path = Path(name).expanduser()
+    check_utf8_path(path, "model path")
     if path.exists():
         if not (path / "config.json").exists():
             raise LowbitError(f"{name} is not a Hugging Face model folder (no config.json): give a folder saved "

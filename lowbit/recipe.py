@@ -165,7 +165,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise LowbitError(f"--set expects key=value (e.g. weights.bits=3), got {item!r}")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise LowbitError(f"--set {key}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}): "
+                              f"quote it or fix it") from None
         parts = key.split(".")
         node: Any = data
         for part in parts[:-1]:

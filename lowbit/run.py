@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
-from lowbit.files import publish, staging_path, sweep_leftovers, write_atomic
+from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
 from lowbit.loading import cache_dir, empty_model, load_model, resolve_model_path
 from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, check_finite, compress, validate
@@ -99,20 +100,22 @@ def check_before_loading(recipe: Recipe, settings: Settings) -> int:
 
 def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
     """Create the hidden folder a run writes into, after checking the target and its free space."""
+    check_utf8_path(out_dir, "output folder")
     if explicit and (out_dir.exists() or out_dir.is_symlink()):
         raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(out_dir.parent)
-        free = shutil.disk_usage(out_dir.parent).free
-        if free < need_bytes:
-            raise LowbitError(f"{out_dir.parent} has {free / 1e6:.0f} MB free but the run needs about "
-                              f"{need_bytes / 1e6:.0f} MB: free some space or choose another --out")
         staging = staging_path(out_dir)
         staging.mkdir()
+        free = shutil.disk_usage(out_dir.parent).free
     except OSError as exc:
         raise LowbitError(f"cannot write the output folder {out_dir}: {exc.strerror or exc} "
                           f"({exc.filename or out_dir.parent}): choose a writable --out") from None
+    if free < need_bytes:
+        staging.rmdir()
+        raise LowbitError(f"{out_dir.parent} has {free / 1e6:.0f} MB free but the run needs about "
+                          f"{need_bytes / 1e6:.0f} MB: free some space or choose another --out")
     return staging
 
 
@@ -193,7 +196,7 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     if tmp_dir is not None:
         try:
             save_run(tmp_dir, recipe_to_yaml(recipe), metrics, model, tokenizer, state)
-        except OSError as exc:
-            raise LowbitError(f"writing the run failed: {exc.strerror or exc} ({exc.filename or tmp_dir}): free "
-                              f"some space or choose another --out; nothing was saved") from None
+        except (OSError, SafetensorError) as exc:
+            raise LowbitError(f"writing the run failed: {write_error(exc)} (in {tmp_dir.parent}): free some space "
+                              f"or choose another --out; nothing was saved") from None
     return RunResult(metrics, None, model, state)

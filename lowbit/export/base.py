@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
 from lowbit.formats import dequantize, quantize
-from lowbit.files import publish, staging_path, sweep_leftovers, write_atomic
+from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
 from lowbit.runfolder import check_run_folder, load_run, load_state, provenance
 from lowbit.state import QuantState, WeightRecord
 
@@ -101,6 +102,7 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")
     out = Path(out) if out else run_dir / f"{target}{exporter.suffix}"
+    check_utf8_path(out, "export path")
     if out.exists():
         raise LowbitError(f"export path {out} already exists: choose another --out or remove it")
     model, tokenizer, state = load_run(run_dir)
@@ -117,8 +119,8 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
         if tmp.is_dir():
             write_atomic(tmp / PROVENANCE, json.dumps(run.provenance, indent=1))
         return ExportResult(publish(tmp, out, unique=False), target, notes)
-    except OSError as exc:
-        raise LowbitError(f"writing the export {out} failed: {exc.strerror or exc}: free some space or choose "
+    except (OSError, SafetensorError) as exc:
+        raise LowbitError(f"writing the export {out} failed: {write_error(exc)}: free some space or choose "
                           f"another --out; nothing was written") from None
     finally:
         if tmp.is_dir():
