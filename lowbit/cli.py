@@ -392,7 +392,10 @@ def _log_handler(quiet: bool) -> logging.Handler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, code 2) or --help (code 0)
+        return exc.code if isinstance(exc.code, int) else 0
     handler = _log_handler(args.quiet)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")  # names and paths that are not valid UTF-8

@@ -25,7 +25,7 @@ from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
-from lowbit.runfolder import new_run_id, save_run
+from lowbit.runfolder import new_run_id, save_run, seal_run
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -138,6 +138,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+            seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
     except BaseException:

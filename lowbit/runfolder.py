@@ -83,13 +83,17 @@ def new_run_id() -> str:
 
 def save_run(directory: Path, recipe_yaml: str, metrics: dict, model: nn.Module, tokenizer,
              state: QuantState) -> None:
-    """Write a finished run into `directory` (a staging folder), manifest last; metrics must hold its run_id."""
+    """Write a finished run's files into `directory` (a staging folder); `seal_run` adds the manifest last."""
     write_atomic(directory / "recipe.yaml", recipe_yaml)
     model.save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "model")
     save_state(state, directory)
     write_atomic(directory / "metrics.json", json.dumps(metrics, indent=2))
-    write_manifest(directory, {"run_id": metrics["run_id"]})
+
+
+def seal_run(directory: Path, run_id: str) -> None:
+    """Record the run id and every file's size and sha256 (run.log included, so its writer must be closed)."""
+    write_manifest(directory, {"run_id": run_id})
 
 
 def is_run_folder(path: Path) -> bool:

@@ -60,10 +60,7 @@ def hidden(folder: Path) -> list[str]:
 def cli(capsys, *argv) -> tuple[int, str, str]:
     """Exit code, stderr and stdout of an in-process CLI call; stderr must be at most one line, no traceback."""
     capsys.readouterr()
-    try:
-        code = main([a if isinstance(a, str) else os.fspath(a) if isinstance(a, Path) else str(a) for a in argv])
-    except SystemExit as exc:  # argparse
-        code = exc.code
+    code = main([a if isinstance(a, str) else os.fspath(a) if isinstance(a, Path) else str(a) for a in argv])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) <= 1, captured.err
     return code, captured.err.strip(), captured.out
@@ -552,3 +549,14 @@ def test_quiet_success_is_silent_and_errors_are_one_line(saved_run, tmp_path, ca
     assert code == 0 and err == "" and out == f"exported to {run / 'gguf-q4_0.gguf'}\n"
     code, err, _ = cli(capsys, "export", run, "--format", "gguf-q4_0", "--quiet")
     assert code == 2 and err == f"lowbit: error: export path {run / 'gguf-q4_0.gguf'} already exists: choose another --out or remove it"
+
+
+def test_hub_dataset_without_text_column(monkeypatch):
+    import datasets
+
+    from lowbit.data import load_text
+
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **k: datasets.Dataset.from_dict({"content": ["a"], "label": [1]}))
+    with pytest.raises(LowbitError, match="dataset 'org/data' has no 'text' column \\(it has content, label\\)"):
+        load_text("org/data")
