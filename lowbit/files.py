@@ -205,12 +205,15 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def check_manifest(folder: Path, what: str, fix: str) -> dict | None:
-    """Check every file listed in the folder's manifest for presence, size and sha256; name the first bad one."""
+def check_manifest(folder: Path, what: str, fix: str, only: tuple[str, ...] | None = None) -> dict | None:
+    """Check the files listed in the folder's manifest (or just `only` of them) for presence, size and sha256;
+    name the first bad one."""
     manifest = read_manifest(folder)
     if manifest is None:
         return None
     for rel, info in manifest["files"].items():
+        if only is not None and rel not in only:
+            continue
         path = folder / rel
         if not path.is_file():
             problem = "is missing"

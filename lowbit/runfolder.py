@@ -113,7 +113,7 @@ def read_metrics(run_dir: Path) -> dict:
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise LowbitError(f"{run_dir} has no metrics.json: give folders written by 'lowbit run' or 'lowbit quantize'")
-    check_manifest(Path(run_dir), "run folder", "rerun the recipe to write it again")
+    check_manifest(Path(run_dir), "run folder", "rerun the recipe to write it again", only=("metrics.json",))
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
