@@ -311,10 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail (exit 1) if top-1 agreement is lower (default 0.85)")
     v.add_argument("--max-ppl-diff", type=_tolerance, default=0.02,
                    help="fail (exit 1) if |ppl_export - ppl_run| / ppl_run is larger (default 0.02)")
-    v.add_argument("--min-top1", type=_fraction, default=0.85,
-                   help="fail (exit 1) if top-1 agreement is lower (default 0.85)")
-    v.add_argument("--max-ppl-diff", type=_tolerance, default=0.02,
-                   help="fail (exit 1) if |ppl_export - ppl_run| / ppl_run is larger (default 0.02)")
     v.set_defaults(fn=_cmd_verify)
     g = sub.add_parser("generate", help="greedy text generation from a run, on real low-bit kernels or simulated")
     g.add_argument("run", help="a run folder written by 'lowbit run' or 'lowbit quantize'")
