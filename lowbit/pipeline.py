@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
-from lowbit.formats import QuantSpec, check_shape, fake_quant
+from lowbit.formats import FP_FORMATS, QuantSpec, check_shape, fake_quant, global_scale, round_minifloat
 from lowbit.models.base import Adapter
 from lowbit.observers import observe
 from lowbit.state import QuantState, WeightRecord
@@ -76,6 +76,7 @@ class BlockContext:
     fp_inputs: torch.Tensor | None = None
     fp_outputs: torch.Tensor | None = None
     quantized: set[str] = field(default_factory=set)
+    global_scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def adapter(self) -> Adapter:
@@ -105,6 +106,21 @@ class BlockContext:
     def is_quantized(self, rel: str) -> bool:
         return rel in self.quantized
 
+    def global_scale(self, rel: str) -> torch.Tensor | None:
+        """NVFP4's per-tensor scale of a linear (None for other formats), shared by the linears that read the same
+        input with the same format: engines fuse q/k/v and gate/up and run each fusion with one scale. Fixed from
+        their weights the first time one of them asks."""
+        spec = self.weight_spec(rel)
+        if spec is None or spec.scale_format != "e4m3":
+            return None
+        if rel not in self.global_scales:
+            group = next((g for g in self.adapter.input_groups() if rel in g), (rel,))
+            fused = [r for r in group if self.weight_spec(r) == spec]
+            amax = torch.stack([self.block.get_submodule(r).weight.detach().float().abs().max() for r in fused]).max()
+            for r in fused:
+                self.global_scales[r] = global_scale(amax, spec)
+        return self.global_scales[rel]
+
     def set_quantized_weight(self, rel: str, weight: torch.Tensor, spec: QuantSpec,
                              scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Store a solver's dequantized weight in the block and record its quantization parameters."""
@@ -112,9 +128,16 @@ class BlockContext:
         if not torch.isfinite(weight).all():
             raise LowbitError(f"quantizing {self.full_name(rel)} produced non-finite weights: raise the solver's "
                               f"damping or use a different observer")
+        gs = self.global_scale(rel) if spec.scale_format == "e4m3" else None
+        if gs is not None:
+            stored = scale.detach().float() * gs
+            if not torch.allclose(round_minifloat(stored, FP_FORMATS["e4m3"]), stored, rtol=1e-5, atol=0):
+                raise LowbitError(f"the block scales of {self.full_name(rel)} were not computed with its shared "
+                                  f"NVFP4 per-tensor scale: quantize nvfp4 weights with rtn or gptq")
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
-                                                               zero.detach().float().cpu())
+                                                               zero.detach().float().cpu(),
+                                                               None if gs is None else gs.detach().float().cpu())
         self.quantized.add(rel)
 
     def act_quantizers(self) -> dict[str, ActQuantizer]:
@@ -195,7 +218,7 @@ class BlockContext:
 def rtn_linear(ctx: BlockContext, rel: str, linear: nn.Linear, spec: QuantSpec, observer: str) -> None:
     """Round a linear's weight to nearest with the observer's range and record it."""
     w = linear.weight.data.float()
-    scale, zero = observe(w, spec, observer)
+    scale, zero = observe(w, spec, observer, gs=ctx.global_scale(rel))
     ctx.set_quantized_weight(rel, fake_quant(w, scale, zero, spec), spec, scale, zero)
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
-from lowbit.formats import QuantSpec
+from lowbit.formats import QuantSpec, recover_codes
 
 # name -> factory(config, module) -> function applied to the module's input; steps register theirs
 INPUT_TRANSFORMS: dict[str, Callable[[dict, nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {}
@@ -33,11 +33,20 @@ def register_input_transform(kind: str):
 
 @dataclass
 class WeightRecord:
-    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero."""
+    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero.
+
+    `scale` is the effective float32 scale; NVFP4 also records its per-tensor `global_scale` (stored block
+    scales are scale * global_scale, exactly e4m3 values).
+    """
 
     spec: QuantSpec
     scale: torch.Tensor
     zero: torch.Tensor
+    global_scale: torch.Tensor | None = None
+
+    def codes(self, weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+        """The codes of this record's dequantized `weight` (see `formats.recover_codes`)."""
+        return recover_codes(weight, self.scale, self.zero, self.spec, name)
 
 
 @dataclass
@@ -81,12 +90,14 @@ class QuantState:
         """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
         tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": self.transforms}
         for name, rec in self.weights.items():
-            meta["weights"][name] = _spec_dict(rec.spec)
+            meta["weights"][name] = rec.spec.to_dict()
             tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
             tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
+            if rec.global_scale is not None:
+                tensors[f"{name}.weight_global_scale"] = rec.global_scale.reshape(1).contiguous()
         for kind, table in (("inputs", self.inputs), ("outputs", self.outputs)):
             for name, q in table.items():
-                meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
+                meta[kind][name] = {"spec": q.spec.to_dict(), "observer": q.observer, "static": q.scale is not None,
                                     "clip_ratio": q.clip_ratio}
                 if q.scale is not None:
                     tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
@@ -100,21 +111,16 @@ class QuantState:
         tensors = load_file(str(directory / "quant_state.safetensors"))
         state = cls(transforms=meta["transforms"])
         for name, spec in meta["weights"].items():
-            state.weights[name] = WeightRecord(QuantSpec(**spec), tensors[f"{name}.weight_scale"],
-                                               tensors[f"{name}.weight_zero"])
+            state.weights[name] = WeightRecord(QuantSpec.from_dict(spec), tensors[f"{name}.weight_scale"],
+                                               tensors[f"{name}.weight_zero"], tensors.get(f"{name}.weight_global_scale"))
         for kind in ("inputs", "outputs"):
             for name, info in meta[kind].items():
-                q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
+                q = ActQuantizer(QuantSpec.from_dict(info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
                 if info["static"]:
                     q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                     q.zero = tensors[f"{name}.{kind}_zero"]
                 getattr(state, kind)[name] = q
         return state
-
-
-def _spec_dict(spec: QuantSpec) -> dict:
-    return {k: getattr(spec, k) for k in ("bits", "format", "symmetric", "granularity", "group_size", "dynamic",
-                                           "fp_variant")}
 
 
 def _input_hook(transform, quant):

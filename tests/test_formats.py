@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats import (QuantSpec, bits_per_weight, check_shape, dequantize, fake_quant, minmax_qparams,
+from lowbit.formats import (QuantSpec, storage_bits, check_shape, dequantize, fake_quant, minmax_qparams,
                             params_shape, quantize, quantize_dynamic)
 
 
@@ -138,6 +138,10 @@ def test_impossible_formats_are_clear_errors():
         QuantSpec(bits=8, format="fp", fp_variant="e2m1")
 
 
-def test_bits_per_weight_accounts_for_scales_and_zeros():
-    assert bits_per_weight(QuantSpec(bits=4, symmetric=False, group_size=64), 576) == pytest.approx(4 + 20 / 64)
-    assert bits_per_weight(QuantSpec(bits=8), 576) == pytest.approx(8 + 16 / 576)
+def test_storage_bits_accounts_for_scales_and_zeros():
+    assert storage_bits(QuantSpec(bits=4, symmetric=False, group_size=64), (3, 576)) == 3 * 576 * (4 + 20 / 64)
+    assert storage_bits(QuantSpec(bits=8), (3, 576)) == 3 * 576 * 8 + 3 * 16
+    assert storage_bits(QuantSpec.named("mxfp4"), (2, 64)) == 2 * 64 * 4 + 4 * 8
+    assert storage_bits(QuantSpec.named("nvfp4"), (2, 64)) == 2 * 64 * 4 + 8 * 8 + 32
+    # 200 x 300 in 128 x 128 blocks: 2 x 3 blocks (partial edges), 16-bit scales
+    assert storage_bits(QuantSpec(bits=8, format="fp", block=(128, 128)), (200, 300)) == 200 * 300 * 8 + 6 * 16

@@ -17,7 +17,7 @@ def _write(tmp_path, data) -> str:
 def test_steps_shapes_and_overrides(tmp_path):
     path = _write(tmp_path, {"steps": ["rtn"], "weights": {"bits": 4, "group_size": 64}})
     recipe = load_recipe(path, ["weights.bits=3", "calibration.n_samples=8", "evaluation=null"])
-    assert recipe.weights.bits == 3 and recipe.weights.granularity == "group"
+    assert recipe.weights.bits == 3 and recipe.settings().weights.granularity == "group"
     assert recipe.calibration.n_samples == 8 and recipe.evaluation is None
     assert [s.name for s in recipe.steps] == ["rtn"]
     assert recipe.settings().weights.group_size == 64
