@@ -16,7 +16,6 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
-from lowbit.formats import dequantize, quantize
 from lowbit.state import QuantState, WeightRecord
 
 
@@ -119,25 +118,6 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
             tmp.unlink(missing_ok=True)
         raise
     return ExportResult(out, target, notes)
-
-
-@torch.no_grad()
-def run_codes(name: str, weight: torch.Tensor, rec: WeightRecord) -> torch.Tensor:
-    """The run's codes of a saved (dequantized) weight: integers, or FP grid values in units of the scale.
-
-    Refuses a weight that is not on its recorded grid (e.g. changed after quantization), since its codes
-    would not reproduce the simulated model.
-    """
-    w = weight.detach().float()
-    q = quantize(w, rec.scale, rec.zero, rec.spec)
-    err = (dequantize(q, rec.scale, rec.zero, rec.spec) - w).abs()
-    unit = dequantize(torch.ones_like(w), rec.scale, torch.zeros_like(rec.zero), rec.spec)
-    if rec.spec.format == "fp":
-        unit = unit * 2.0 ** (rec.spec.fp.min_normal_exp - rec.spec.fp.mbits)
-    if (err > 0.05 * unit + 2.0 ** -8 * w.abs()).any():
-        raise LowbitError(f"weight {name} is not on the grid recorded in quant_state (max error "
-                          f"{(err / unit).max().item():.3f} steps): the run folder is inconsistent; rerun it")
-    return q
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
