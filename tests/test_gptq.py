@@ -10,7 +10,8 @@ from lowbit.steps.gptq import GPTQ, accumulate_hessians, gptq_quantize
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
 SPECS = [QuantSpec(4, symmetric=False, group_size=32), QuantSpec(3), QuantSpec(4, granularity="tensor"),
-         QuantSpec(4, format="fp"), QuantSpec(8, format="fp", group_size=32)]
+         QuantSpec(4, format="fp"), QuantSpec(8, format="fp", group_size=32), QuantSpec.named("mxfp4"),
+         QuantSpec.named("nvfp4"), QuantSpec.named("mxfp8"), QuantSpec(8, format="fp", block=(32, 32))]
 
 
 def _data(cols=128, rows=48, seed=0):

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lowbit.formats import QuantSpec, fake_quant, params_shape
+from lowbit.formats import QuantSpec, fake_quant, global_scale, params_shape
 from lowbit.observers import observe
 from lowbit.pipeline import BlockContext
 from lowbit.steps.base import Step, StepArgs, register_step
@@ -61,6 +61,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: s
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     rows, cols = w.shape
+    if gs is None:  # every group's FP8 scale must sit under the same tensor scale
+        gs = global_scale(w.abs().max(), spec)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
