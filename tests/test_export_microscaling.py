@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lowbit.cli import main
 from lowbit.export import export_run
-from lowbit.run import load_run
+from lowbit.runfolder import load_run
 from lowbit.verify import compare, load_exported
 
 FP8_BLOCK = {"format": "fp", "bits": 8, "block": [32, 32]}
