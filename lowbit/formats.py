@@ -266,6 +266,16 @@ def block_scale(amax: torch.Tensor, spec: QuantSpec, gs: torch.Tensor | None = N
     raise ValueError(f"{spec.describe()} has no block-scale format")
 
 
+def on_scale_grid(scale: torch.Tensor, spec: QuantSpec, gs: torch.Tensor | None = None) -> bool:
+    """True if every scale is one the format stores: a power of two (e8m0), an e4m3 value times 1/gs (e4m3)."""
+    if spec.scale_format == "e8m0":
+        return bool((torch.log2(scale) == torch.log2(scale).round()).all())
+    if spec.scale_format == "e4m3":
+        stored = scale.detach().float() * gs
+        return torch.allclose(round_minifloat(stored, FP_FORMATS["e4m3"]), stored, rtol=1e-5, atol=0)
+    return True
+
+
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
                        gs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point mapping the range [lo, hi] (per group) onto the format's grid.

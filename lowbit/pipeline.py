@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
-from lowbit.formats import FP_FORMATS, QuantSpec, check_shape, fake_quant, global_scale, round_minifloat
+from lowbit.formats import QuantSpec, check_shape, fake_quant, global_scale, on_scale_grid
 from lowbit.models.base import Adapter
 from lowbit.observers import observe
 from lowbit.state import QuantState, WeightRecord
@@ -129,11 +129,9 @@ class BlockContext:
             raise LowbitError(f"quantizing {self.full_name(rel)} produced non-finite weights: raise the solver's "
                               f"damping or use a different observer")
         gs = self.global_scale(rel) if spec.scale_format == "e4m3" else None
-        if gs is not None:
-            stored = scale.detach().float() * gs
-            if not torch.allclose(round_minifloat(stored, FP_FORMATS["e4m3"]), stored, rtol=1e-5, atol=0):
-                raise LowbitError(f"the block scales of {self.full_name(rel)} were not computed with its shared "
-                                  f"NVFP4 per-tensor scale: quantize nvfp4 weights with rtn or gptq")
+        if not on_scale_grid(scale, spec, gs):
+            raise LowbitError(f"the block scales of {self.full_name(rel)} are not {spec.scale_format} values (under its "
+                              f"shared per-tensor scale, for nvfp4): quantize {spec.describe()} weights with rtn or gptq")
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
                                                                zero.detach().float().cpu(),
