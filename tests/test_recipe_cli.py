@@ -18,10 +18,10 @@ def _write(tmp_path, data) -> str:
 def test_steps_shapes_and_overrides(tmp_path):
     path = _write(tmp_path, {"steps": ["rtn"], "weights": {"bits": 4, "group_size": 64}})
     recipe = load_recipe(path, ["weights.bits=3", "calibration.n_samples=8", "evaluation=null"])
-    assert recipe.weights.bits == 3 and recipe.settings().weights.granularity == "group"
+    assert recipe.weights.bits == 3 and recipe.plan().weights.granularity == "group"
     assert recipe.calibration.n_samples == 8 and recipe.evaluation is None
     assert [s.name for s in recipe.steps] == ["rtn"]
-    assert recipe.settings().weights.group_size == 64
+    assert recipe.plan().weights.group_size == 64
 
 
 @pytest.mark.parametrize("data,match", [
@@ -134,8 +134,8 @@ def test_microscaling_recipe_errors_are_one_line(weights, activations, steps, wo
 
 def test_named_formats_and_blocks_parse():
     recipe = parse_recipe({"weights": {"format": "nvfp4", "observer": "mse"}, "steps": ["gptq"]})
-    assert recipe.settings().weights == QuantSpec.named("nvfp4") and recipe.settings().weight_observer == "mse"
+    assert recipe.plan().weights == QuantSpec.named("nvfp4") and recipe.plan().weight_observer == "mse"
     recipe = parse_recipe({"weights": {"format": "fp", "bits": 8, "block": [128, 64]},
                            "activations": {"format": "fp", "bits": 8, "group_size": 64, "dynamic": True}})
-    assert recipe.settings().weights.describe() == "fp8-e4m3 block 128x64"
-    assert parse_recipe(yaml.safe_load(recipe_to_yaml(recipe))).settings() == recipe.settings()
+    assert recipe.plan().weights.describe() == "fp8-e4m3 block 128x64"
+    assert parse_recipe(yaml.safe_load(recipe_to_yaml(recipe))).plan() == recipe.plan()
