@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Format table of docs/results.md (issue 18): W4 int4 g32 / g64 (asymmetric), MXFP4, NVFP4, FP4 e2m1 g32 with
 # 16-bit scales, and FP8 2-D blocks with per-token-group FP8 activations (W8A8), each with RTN (min-max) and with
-# GPTQ act-order + mse (16 x 512 calibration, 8192 test tokens); every format compressed-tensors has is exported
+# GPTQ act-order + mse (16 x 512 calibration, TOKENS test tokens, default 4096); every format compressed-tensors has is exported
 # and the reloaded model scored on the same windows by `lowbit verify` (RUN/verify.json).
 # Usage: bash benchmarks/format_table.sh [OUT_DIR [CELL ...]]   CELL = SOLVER-FORMAT, e.g. gptq-nvfp4
 set -euo pipefail
 OUT=${1:-runs/formats}
 shift || true
 LB=${LB:-.venv/bin/lowbit}
+TOKENS=${TOKENS:-4096}
 declare -A RECIPE=([rtn]=wo-rtn [gptq]=wo-gptq-ao-mse)
-declare -A SOLVER=([rtn]="--set threads=2" [gptq]="--set threads=2 --set steps.0.gptq.true_sequential=false")
+declare -A SOLVER=([rtn]="--set threads=2 --set evaluation.max_tokens=$TOKENS"
+                   [gptq]="--set threads=2 --set evaluation.max_tokens=$TOKENS --set steps.0.gptq.true_sequential=false")
 declare -A FORMAT=(
   [int4g64]="{bits: 4, symmetric: false, group_size: 64}"
   [int4g32]="{bits: 4, symmetric: false, group_size: 32}"
@@ -32,7 +34,7 @@ for cell in "${CELLS[@]}"; do
     --set name="$cell" --out "$OUT/$cell" --quiet
   [ "$f" = fp4g32 ] && continue  # plain FP4 groups with 16-bit scales: no compressed-tensors format
   [ -d "$OUT/$cell/compressed-tensors" ] || $LB export "$OUT/$cell" --format compressed-tensors
-  [ -f "$OUT/$cell/verify.json" ] || $LB verify "$OUT/$cell" "$OUT/$cell/compressed-tensors" --max-tokens 8192 \
+  [ -f "$OUT/$cell/verify.json" ] || $LB verify "$OUT/$cell" "$OUT/$cell/compressed-tensors" --max-tokens $TOKENS \
     --threads 2 --quiet > "$OUT/$cell/verify.json"
 done
 $LB report "$OUT"/*
