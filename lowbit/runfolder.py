@@ -30,12 +30,14 @@ def save_state(state: QuantState, directory: Path) -> None:
     """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
     tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms}
     for name, rec in state.weights.items():
-        meta["weights"][name] = _spec_dict(rec.spec)
+        meta["weights"][name] = rec.spec.to_dict()
         tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
+        if rec.global_scale is not None:
+            tensors[f"{name}.weight_global_scale"] = rec.global_scale.reshape(1).contiguous()
         tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
     for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
         for name, q in table.items():
-            meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
+            meta[kind][name] = {"spec": q.spec.to_dict(), "observer": q.observer, "static": q.scale is not None,
                                 "clip_ratio": q.clip_ratio}
             if q.scale is not None:
                 tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
@@ -59,21 +61,16 @@ def _read_state(directory: Path) -> QuantState:
     tensors = load_file(str(directory / "quant_state.safetensors"))
     state = QuantState(transforms=dict(meta["transforms"]))
     for name, spec in meta["weights"].items():
-        state.weights[name] = WeightRecord(QuantSpec(**spec), tensors[f"{name}.weight_scale"],
-                                           tensors[f"{name}.weight_zero"])
+        state.weights[name] = WeightRecord(QuantSpec.from_dict(spec), tensors[f"{name}.weight_scale"],
+                                           tensors[f"{name}.weight_zero"], tensors.get(f"{name}.weight_global_scale"))
     for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
         for name, info in meta[kind].items():
-            q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
+            q = ActQuantizer(QuantSpec.from_dict(info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
             if info["static"]:
                 q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                 q.zero = tensors[f"{name}.{kind}_zero"]
             table[name] = q
     return state
-
-
-def _spec_dict(spec: QuantSpec) -> dict:
-    return {k: getattr(spec, k) for k in ("bits", "format", "symmetric", "granularity", "group_size", "dynamic",
-                                           "fp_variant")}
 
 
 def new_run_id() -> str:

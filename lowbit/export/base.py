@@ -17,10 +17,9 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
-from lowbit.formats import dequantize, quantize
 from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
 from lowbit.runfolder import check_run_folder, load_run, load_state, provenance
-from lowbit.state import QuantState, WeightRecord
+from lowbit.state import QuantState
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -151,25 +150,6 @@ def export_provenance(path: Path) -> dict | None:
     found = {key: fields[f"lowbit.{key}"].contents() for key in ("run_id", "quant_state_sha256")
              if f"lowbit.{key}" in fields}
     return found or None
-
-
-@torch.no_grad()
-def run_codes(name: str, weight: torch.Tensor, rec: WeightRecord) -> torch.Tensor:
-    """The run's codes of a saved (dequantized) weight: integers, or FP grid values in units of the scale.
-
-    Refuses a weight that is not on its recorded grid (e.g. changed after quantization), since its codes
-    would not reproduce the simulated model.
-    """
-    w = weight.detach().float()
-    q = quantize(w, rec.scale, rec.zero, rec.spec)
-    err = (dequantize(q, rec.scale, rec.zero, rec.spec) - w).abs()
-    unit = dequantize(torch.ones_like(w), rec.scale, torch.zeros_like(rec.zero), rec.spec)
-    if rec.spec.format == "fp":
-        unit = unit * 2.0 ** (rec.spec.fp.min_normal_exp - rec.spec.fp.mbits)
-    if (err > 0.05 * unit + 2.0 ** -8 * w.abs()).any():
-        raise LowbitError(f"weight {name} is not on the grid recorded in quant_state (max error "
-                          f"{(err / unit).max().item():.3f} steps): the run folder is inconsistent; rerun it")
-    return q
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from lowbit.context import BlockContext
-from lowbit.formats import QuantSpec, fake_quant, params_shape
+from lowbit.formats import QuantSpec, fake_quant, global_scale, params_shape
 from lowbit.observers import observe
 from lowbit.steps.base import Step, StepArgs, register_step
 
@@ -48,27 +48,35 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "minmax", damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  static_groups: bool = False, gs: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `w` [out, in] given the Hessian `h` [in, in] of its inputs; returns (dequantized w, scale, zero).
 
     Scale and zero are shaped like `params_shape(w, spec)`. Columns with H_ii = 0 never see any input:
     they are set to zero. Per-channel and per-tensor parameters come from the whole (original) weight;
     per-group parameters from each group's columns as they are reached, or from the original weight if
-    `static_groups` (forced by `act_order`, so groups stay contiguous in the original column order).
+    `static_groups` (forced by `act_order`, so groups stay contiguous in the original column order); 2-D blocks
+    always from the original weight. `gs`: NVFP4's per-tensor scale (shared across fused linears).
     """
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     rows, cols = w.shape
+    if gs is None:  # every group's FP8 scale must sit under the same tensor scale
+        gs = global_scale(w.abs().max(), spec)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    col_spec = spec.with_(granularity="channel", group_size=None)
-    grouped = spec.granularity == "group"
-    static = not grouped or static_groups or act_order
+    col_spec = spec.row_spec()
+    grouped = spec.granularity in ("group", "block")
+    width = spec.block[1] if spec.granularity == "block" else spec.group_size
+    static = spec.granularity != "group" or static_groups or act_order
     if static:
-        scale, zero = observe(w, spec, observer)
+        scale, zero = observe(w, spec, observer, gs=gs)
         if spec.granularity == "tensor":
             row_scale, row_zero = scale.expand(rows, 1), zero.expand(rows, 1)
+        elif spec.granularity == "block":  # one row of block scales per weight row
+            row_scale = scale.repeat_interleave(spec.block[0], 0)[:rows]
+            row_zero = zero.repeat_interleave(spec.block[0], 0)[:rows]
         else:
             row_scale, row_zero = scale.reshape(rows, -1), zero.reshape(rows, -1)
     else:
@@ -76,7 +84,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: s
         row_zero = torch.empty_like(row_scale)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // spec.group_size if grouped else torch.zeros(cols, dtype=torch.long)
+    group_of = perm // width if grouped else torch.zeros(cols, dtype=torch.long)
     u = robust_inverse_cholesky(h, damp)
     q = torch.empty_like(w)
     for i1 in range(0, cols, block_size):
@@ -87,7 +95,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: s
             c = i1 + i
             if not static and c % spec.group_size == 0:
                 chunk = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :spec.group_size]
-                s, z = observe(chunk, col_spec, observer)
+                s, z = observe(chunk, col_spec, observer, gs=gs)
                 row_scale[:, c // spec.group_size], row_zero[:, c // spec.group_size] = s[:, 0], z[:, 0]
             g = group_of[c]
             col = w1[:, i]
@@ -158,16 +166,16 @@ class GPTQ(Step):
         batches: dict[QuantSpec, list[str]] = {}
         for rel in group:
             spec = ctx.weight_spec(rel)
-            key = spec if spec.granularity != "tensor" else (spec, rel)
+            key = spec if spec.granularity not in ("tensor", "block") else (spec, rel)
             batches.setdefault(key, []).append(rel)
         for rels in batches.values():
             spec = ctx.weight_spec(rels[0])
             weights = [ctx.block.get_submodule(r).weight.data for r in rels]
             q, scale, zero = gptq_quantize(torch.cat(weights), h, spec, observer, a.damp, a.block_size,
-                                           a.act_order, a.static_groups)
+                                           a.act_order, a.static_groups, gs=ctx.global_scale(rels[0]))
             start = 0
             for rel, weight in zip(rels, weights):
                 end = start + weight.shape[0]
-                s, z = (scale, zero) if spec.granularity == "tensor" else (scale[start:end], zero[start:end])
+                s, z = (scale, zero) if spec.granularity in ("tensor", "block") else (scale[start:end], zero[start:end])
                 ctx.set_quantized_weight(rel, q[start:end], spec, s, z)
                 start = end
