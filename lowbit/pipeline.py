@@ -289,6 +289,9 @@ def calibrate_act_quantizers(ctx: BlockContext) -> None:
 def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequence["Step"],
              calib_ids: torch.Tensor, progress: bool = True) -> QuantState:
     """Run `steps` over the model block by block; returns what was added beyond the weights."""
+    from lowbit.sparsity import check_masks, validate_order
+
+    validate_order(steps)
     validate(model, adapter, settings)
     mctx = ModelContext(model, adapter, settings, QuantState(), calib_ids, tuple(steps))
     for step in steps:
@@ -304,11 +307,13 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
         mctx.state.install(model, ctx.name + ".")
         for step in steps:
             step.on_block(ctx)
+            check_masks(ctx, step.name)
         mctx.state.install(model, ctx.name + ".")
         for rel, linear in ctx.linears().items():
             spec = ctx.weight_spec(rel)
             if spec is not None and not ctx.is_quantized(rel):
                 rtn_linear(ctx, rel, linear, spec, settings.weight_observer)
+        check_masks(ctx, "rtn")
         calibrate_act_quantizers(ctx)
         inputs = ctx.forward()
         fp_inputs = ctx.fp_outputs

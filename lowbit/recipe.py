@@ -12,6 +12,7 @@ from lowbit.export.backends import check_settings
 from lowbit.formats import QuantSpec
 from lowbit.loading import EMBEDDED
 from lowbit.pipeline import Settings
+from lowbit.sparsity import validate_order
 from lowbit.steps import Step, get_step
 
 
@@ -127,6 +128,7 @@ class Recipe(_Strict):
                 steps.append(cls(cls.Args(**sc.args)))
             except ValidationError as exc:
                 raise LowbitError(_format_validation(exc, f"steps[{i}].{sc.name}")) from None
+        validate_order(steps)
         return steps
 
 

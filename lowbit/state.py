@@ -2,7 +2,7 @@
 
 Weights are stored dequantized in the model itself, so the model saves as a plain transformers checkpoint;
 `QuantState` keeps each quantized linear's format and parameters (needed for export and packing), the
-activation quantizers, and online input transforms (e.g. a Hadamard transform before a down projection),
+activation quantizers, sparsity masks, and online input transforms (e.g. a Hadamard transform before a down projection),
 attached through one forward pre-hook per module.
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ class QuantState:
     inputs: dict[str, ActQuantizer] = field(default_factory=dict)
     outputs: dict[str, ActQuantizer] = field(default_factory=dict)
     transforms: dict[str, dict] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weights (True = exactly zero), by linear
     _handles: list = field(default_factory=list)
 
     def install(self, model: nn.Module, prefix: str = "") -> None:
@@ -79,7 +80,8 @@ class QuantState:
 
     def save(self, directory: Path) -> None:
         """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
-        tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": self.transforms}
+        tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": self.transforms,
+                             "masks": sorted(self.masks)}
         for name, rec in self.weights.items():
             meta["weights"][name] = _spec_dict(rec.spec)
             tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
@@ -91,6 +93,8 @@ class QuantState:
                 if q.scale is not None:
                     tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
                     tensors[f"{name}.{kind}_zero"] = q.zero.contiguous()
+        for name, mask in self.masks.items():
+            tensors[f"{name}.weight_mask"] = mask.to(torch.uint8).contiguous()
         (directory / "quant_state.json").write_text(json.dumps(meta, indent=1))
         save_file(tensors, str(directory / "quant_state.safetensors"))
 
@@ -109,6 +113,8 @@ class QuantState:
                     q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                     q.zero = tensors[f"{name}.{kind}_zero"]
                 getattr(state, kind)[name] = q
+        for name in meta.get("masks", []):
+            state.masks[name] = tensors[f"{name}.weight_mask"].bool()
         return state
 
 
