@@ -25,6 +25,7 @@ from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, check_finite, compress
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
+from lowbit.sparsity import check_model_masks, sparsity_report
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -159,6 +160,11 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
     metrics["size_mb"] = model_size(model, state) / 1e6
+    sparsity = sparsity_report(model, adapter, state)
+    if sparsity is not None:
+        metrics["sparsity"] = sparsity
+        log.info("sparsity %.4f%% of %d block weights; per layer %s", 100 * sparsity["overall"], sparsity["weights"],
+                 sparsity["layers"])
     log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
 
     if recipe.evaluation:
@@ -185,5 +191,6 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
                           f"'lowbit run' or 'lowbit quantize'")
     model, tokenizer = load_model(str(run_dir / "model"), dtype)
     state = QuantState.load(run_dir)
+    check_model_masks(model, state, f"loading {run_dir}")
     state.install(model)
     return model, tokenizer, state

@@ -1,5 +1,5 @@
-"""Sparsity shared by the pruning and allocation steps: patterns, mask selection, the pruning-step base, ratio
-hand-over from an allocation step, the no-revival check, order validation and the achieved-sparsity report.
+"""Sparsity shared by the pruning and allocation steps: patterns, mask selection, the no-revival check, order
+validation, ratio rounding and projection, the dense model-level pass and the achieved-sparsity report.
 
 A mask (True = pruned, the weight is exactly zero) is run state: `QuantState.masks[name]`. Once a layer has a
 mask, every later step must leave those weights at zero; the pipeline checks it after each step.
@@ -9,19 +9,18 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.steps.base import Step, StepArgs
 
 if TYPE_CHECKING:
     from lowbit.models.base import Adapter
     from lowbit.pipeline import BlockContext, ModelContext
     from lowbit.state import QuantState
+    from lowbit.steps.base import Step
 
 log = logging.getLogger("lowbit")
 
@@ -58,18 +57,6 @@ def parse_pattern(text: str) -> Pattern:
     return Pattern(n, m)
 
 
-class PruneArgs(StepArgs):
-    ratio: float = Field(0.5, ge=0, lt=1)  # fraction of weights set to zero (unstructured; per layer if uniform)
-    pattern: str = "unstructured"  # or N:M (N kept in every M consecutive inputs of a row), e.g. 2:4, 4:8
-    group: Literal["row", "layer"] = "row"  # weights compete for survival within a row or the whole layer
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, value: str) -> str:
-        parse_pattern(value)
-        return value
-
-
 def prune_mask(score: torch.Tensor, ratio: float, pattern: Pattern, group: str = "row") -> torch.Tensor:
     """Boolean mask (True = prune) of the lowest-scoring weights of `score` [out, in].
 
@@ -87,42 +74,6 @@ def prune_mask(score: torch.Tensor, ratio: float, pattern: Pattern, group: str =
     flat = score.reshape(-1)
     idx = flat.topk(round(ratio * flat.numel()), largest=False).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, idx, True).reshape(rows, cols)
-
-
-class PruneStep(Step):
-    """Base of the pruning steps: per-layer ratio (uniform, or handed over by an allocation step), width checks,
-    and recording the mask. Subclasses implement `prune_block`."""
-
-    prunes: ClassVar[bool] = True
-    Args = PruneArgs
-
-    def __init__(self, args: PruneArgs | None = None):
-        super().__init__(args)
-        self.pattern = parse_pattern(self.args.pattern)
-        self.layer_ratios: dict[str, float] | None = None  # set by an allocation step earlier in the recipe
-
-    def set_layer_ratios(self, ratios: dict[str, float], by: str) -> None:
-        """Called by an allocation step: prune each layer (full name) at its own ratio."""
-        if self.pattern.structured:
-            raise LowbitError(f"allocation step {by!r} sets per-layer ratios, but {self.name} uses the fixed pattern "
-                              f"{self.pattern}: use pattern: unstructured or drop {by!r}")
-        self.layer_ratios = ratios
-
-    def ratio_for(self, name: str) -> float:
-        if self.pattern.structured:
-            return self.pattern.ratio
-        return self.args.ratio if self.layer_ratios is None else self.layer_ratios[name]
-
-    def before_blocks(self, ctx: "ModelContext") -> None:
-        check_widths(ctx, self.pattern, self.name)
-
-    def on_block(self, ctx: "BlockContext") -> None:
-        rels = [r for r in ctx.linears() if ctx.full_name(r) not in ctx.state.masks]
-        if rels:
-            self.prune_block(ctx, rels)
-
-    def prune_block(self, ctx: "BlockContext", rels: list[str]) -> None:
-        raise NotImplementedError
 
 
 def check_widths(ctx: "ModelContext", pattern: Pattern, step: str) -> None:
@@ -167,7 +118,7 @@ def check_model_masks(model: nn.Module, state: "QuantState", where: str) -> None
                               f"inconsistent, rerun it")
 
 
-def validate_order(steps: Sequence[Step]) -> None:
+def validate_order(steps: Sequence["Step"]) -> None:
     """Refuse a step that mixes input channels (rotation, channel disassembly) after a pruning step."""
     pruner = None
     for step in steps:
@@ -176,16 +127,6 @@ def validate_order(steps: Sequence[Step]) -> None:
                               f"channels): put {step.name!r} before {pruner!r}")
         if getattr(step, "prunes", False):
             pruner = step.name
-
-
-def pruning_steps(ctx: "ModelContext", after: Step) -> list[PruneStep]:
-    """The pruning steps that follow `after` in the recipe (an allocation step hands its ratios to them)."""
-    steps = list(ctx.steps)
-    later = [s for s in steps[steps.index(after) + 1:] if isinstance(s, PruneStep)]
-    if not later:
-        raise LowbitError(f"step {after.name!r} allocates per-layer sparsity but no pruning step follows it: add e.g. "
-                          f"wanda or sparsegpt after it")
-    return later
 
 
 def block_linears(model: nn.Module, adapter: "Adapter") -> dict[str, nn.Linear]:
@@ -248,6 +189,15 @@ def input_sq_norms(bctx: "BlockContext") -> dict[str, torch.Tensor]:
 
     bctx.collect(list(bctx.linears()), add, stop_early=True)
     return sums
+
+
+def detect_pattern(masks: dict[str, torch.Tensor]) -> str:
+    """'2:4' / '4:8' when every mask prunes exactly half of each group of 4 / 8 inputs, else 'unstructured'."""
+    for n, m in ((2, 4), (4, 8)):
+        if masks and all(k.shape[-1] % m == 0 and bool((k.reshape(-1, m).sum(-1) == m - n).all())
+                         for k in masks.values()):
+            return f"{n}:{m}"
+    return "unstructured"
 
 
 def sparsity_report(model: nn.Module, adapter: "Adapter", state: "QuantState") -> dict | None:

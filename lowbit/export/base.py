@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
+from lowbit.export.backends import Scheme, check_sparsity, check_transforms, get_target, select_scheme
 from lowbit.formats import dequantize, quantize
 from lowbit.state import QuantState, WeightRecord
 
@@ -68,6 +68,7 @@ def register_exporter(name: str, suffix: str = ""):
 def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
     """Check every quantized layer against the target (before loading the model) and pick its scheme."""
     check_transforms(target, state.transforms)
+    check_sparsity(target, state.masks)
     if state.outputs:
         name = next(iter(state.outputs))
         raise LowbitError(f"cannot export to {target}: output quantization (on {name}) is not supported by any "
@@ -97,7 +98,12 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
     if not (run_dir / "quant_state.json").exists():
         raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
                           f"'lowbit run' or 'lowbit quantize'")
-    schemes = plan_schemes(target, QuantState.load(run_dir))
+    planned = QuantState.load(run_dir)
+    schemes = plan_schemes(target, planned)
+    if planned.masks and not any(schemes.values()):
+        raise LowbitError(f"cannot export to {target}: the run is sparse with unquantized weights, and compressed-"
+                          f"tensors {ct_version()} writes sparsity only alongside quantized weights (its sparse "
+                          f"compressors are gone); {run_dir}/model is already the checkpoint, zeros included")
     if not any(schemes.values()):
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")
@@ -119,6 +125,13 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
             tmp.unlink(missing_ok=True)
         raise
     return ExportResult(out, target, notes)
+
+
+def ct_version() -> str:
+    """Installed compressed-tensors version (named in messages about what it can write)."""
+    from importlib.metadata import version
+
+    return version("compressed-tensors")
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ from pydantic import Field
 from typing import Literal
 
 from lowbit.pipeline import BlockContext
-from lowbit.sparsity import PruneArgs, PruneStep, prune_mask, record_mask
+from lowbit.sparsity import prune_mask, record_mask
+from lowbit.steps.pruning import PruneArgs, PruneStep
 from lowbit.steps.base import register_step
 
 

@@ -14,7 +14,8 @@ import torch
 from pydantic import Field
 
 from lowbit.pipeline import BlockContext
-from lowbit.sparsity import Pattern, PruneArgs, PruneStep, prune_mask
+from lowbit.sparsity import Pattern, prune_mask
+from lowbit.steps.pruning import PruneArgs, PruneStep
 from lowbit.steps.base import Step, register_step
 from lowbit.steps.gptq import accumulate_hessians, gptq_quantize
 
