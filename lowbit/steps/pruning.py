@@ -17,9 +17,12 @@ class PruneArgs(StepArgs):
     pattern: str = "unstructured"  # or N:M (N kept in every M consecutive inputs of a row), e.g. 2:4, 4:8
     group: Literal["row", "layer"] = "row"  # weights compete for survival within a row or the whole layer
 
-    @field_validator("pattern")
+    @field_validator("pattern", mode="before")
     @classmethod
-    def _pattern(cls, value: str) -> str:
+    def _pattern(cls, value: object) -> object:
+        if not isinstance(value, str):
+            raise ValueError(f"pattern must be a string: quote N:M in YAML, e.g. pattern: '2:4' (unquoted, YAML reads "
+                             f"it as the number {value!r})")
         parse_pattern(value)
         return value
 
