@@ -306,3 +306,14 @@ def test_sparsegpt_below_wanda_below_magnitude_on_a_real_layer(embedded):
         assert mask.float().mean().item() == pytest.approx(0.5, abs=1e-4) and (sparsegpt[mask] == 0).all()
         e_sgpt, e_wanda, e_mag = err(sparsegpt), err(wanda), err(magnitude)
         assert e_sgpt < e_wanda < e_mag, (rel, e_sgpt, e_wanda, e_mag)
+
+
+def test_sparse_bench_rows_store_fewer_bytes_as_sparsity_grows():
+    from lowbit.kernels.sparse import bench_sparse, sparse_table
+
+    rows = bench_sparse(64, 32, rows=(1,), ratios=(0.5, 0.9), repeats=1)
+    assert [r["layer"] for r in rows[:3]] == ["dense float32 (CPU)", "CSR float32 50% unstructured (CPU)",
+                                              "CSR float32 90% unstructured (CPU)"]
+    # values (4 B) + column indices (8 B) per nonzero, plus 65 row pointers (8 B)
+    assert rows[1]["bytes"] == 1024 * 12 + 65 * 8 and rows[2]["bytes"] == round(0.1 * 32) * 64 * 12 + 65 * 8
+    assert "| CSR float32 90% unstructured (CPU) |" in sparse_table(rows)
