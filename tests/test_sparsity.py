@@ -16,7 +16,8 @@ from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, compress
 from lowbit.formats import QuantSpec
 from lowbit.recipe import parse_recipe
-from lowbit.run import load_run, run_recipe
+from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 from lowbit.sparsity import Pattern, parse_pattern, prune_mask, sparsity_report
 from lowbit.steps import Step, get_step
 from lowbit.steps.gptq import accumulate_hessians, gptq_quantize
