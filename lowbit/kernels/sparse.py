@@ -1,6 +1,8 @@
 """What sparsity buys at run time, measured: a pruned linear as a CSR matrix (CPU) against the dense matmul, and
 2:4 semi-structured (`torch.sparse.to_sparse_semi_structured`, NVIDIA GPUs with sparse tensor cores) where a GPU
-exists. Times are the fastest of `repeats` calls after a warm-up call, as in `bench_layers`."""
+exists. Each sparse layer is timed in rounds alternating with the dense one (so load drifts hit both alike);
+times are the fastest of `repeats` calls after a warm-up call, as in `bench_layers`, and each ratio is to the
+dense layer's time from the same rounds."""
 from __future__ import annotations
 
 import time
@@ -11,16 +13,19 @@ import torch
 from lowbit.sparsity import Pattern, prune_mask
 
 
-def _best_ms(fn, repeats: int, sync=lambda: None) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _paired_ms(dense, sparse, repeats: int, sync=lambda: None) -> tuple[float, float]:
+    """Fastest call of each of two functions, timed alternately."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for fn in (dense, sparse):
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    sync()
+    for _ in range(repeats):
+        for fn, out in zip((dense, sparse), times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - start)
+    return min(times[0]) * 1e3, min(times[1]) * 1e3
 
 
 @torch.inference_mode()
@@ -32,17 +37,18 @@ def bench_sparse(out_features: int = 1536, in_features: int = 576, rows: tuple[i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     w = torch.randn(out_features, in_features)
-    results = [{"layer": "dense float32 (CPU)", "bytes": w.numel() * 4,
-                **{f"ms_{m}": _best_ms(lambda x=torch.randn(m, in_features): x @ w.T, repeats) for m in rows}}]
+    results = []
     for ratio in ratios:
         with warnings.catch_warnings():  # "CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             sparse = w.masked_fill(prune_mask(w.abs(), ratio, Pattern(), "row"), 0).to_sparse_csr()
         nbytes = sum(t.numel() * t.element_size() for t in (sparse.values(), sparse.col_indices(),
                                                            sparse.crow_indices()))
-        results.append({"layer": f"CSR float32 {ratio:.0%} unstructured (CPU)", "bytes": nbytes,
-                        **{f"ms_{m}": _best_ms(lambda x=torch.randn(m, in_features): (sparse @ x.T).T, repeats)
-                           for m in rows}})
+        row = {"layer": f"CSR float32 {ratio:.0%} unstructured (CPU)", "bytes": nbytes, "dense_bytes": w.numel() * 4}
+        for m in rows:
+            x = torch.randn(m, in_features)
+            row[f"dense_ms_{m}"], row[f"ms_{m}"] = _paired_ms(lambda: x @ w.T, lambda: (sparse @ x.T).T, repeats)
+        results.append(row)
     if torch.cuda.is_available():
         results += _bench_semi_structured(w, rows, repeats)
     return results
@@ -55,26 +61,22 @@ def _bench_semi_structured(w: torch.Tensor, rows: tuple[int, ...], repeats: int)
     dense = w.masked_fill(prune_mask(w.abs(), 0.5, Pattern(2, 4)), 0).half().cuda()
     packed = to_sparse_semi_structured(dense)
     sync = torch.cuda.synchronize
-    out = []
-    for name, weight, nbytes in (("dense float16 (GPU)", dense, dense.numel() * 2),
-                                 ("2:4 semi-structured float16 (GPU)", packed, dense.numel() * 2 // 2 + dense.numel() // 8)):
-        row = {"layer": name, "bytes": nbytes}
-        for m in rows:
-            x = torch.randn(max(m, 32), w.shape[1], dtype=torch.float16, device="cuda")
-            row[f"ms_{m}"] = _best_ms(lambda x=x, weight=weight: torch.mm(weight, x.T), repeats, sync)
-        out.append(row)
-    return out
+    row = {"layer": "2:4 semi-structured float16 (GPU)", "bytes": dense.numel() + dense.numel() // 8,
+           "dense_bytes": dense.numel() * 2}
+    for m in rows:
+        x = torch.randn(w.shape[1], max(m, 32), dtype=torch.float16, device="cuda")
+        row[f"dense_ms_{m}"], row[f"ms_{m}"] = _paired_ms(lambda: torch.mm(dense, x), lambda: torch.mm(packed, x),
+                                                          repeats, sync)
+    return [row]
 
 
 def sparse_table(rows: list[dict]) -> str:
-    """Markdown table of `bench_sparse`: ms per call and ratio to the dense row of the same device, weight bytes."""
+    """Markdown table of `bench_sparse`: ms per call (and as a multiple of the paired dense call), weight bytes."""
     counts = [k.removeprefix("ms_") for k in rows[0] if k.startswith("ms_")]
-    lines = ["| layer | weight KB | " + " | ".join(f"ms, {m} rows (x dense)" for m in counts) + " |",
+    lines = ["| layer | weight KB (dense) | " + " | ".join(f"ms, {m} rows (x dense)" for m in counts) + " |",
              "|---|---|" + "---|" * len(counts)]
-    base = rows[0]
     for r in rows:
-        if r["layer"].startswith("dense"):
-            base = r
-        cells = [f"{r['ms_' + m]:.3f} ({r['ms_' + m] / base['ms_' + m]:.2f})" for m in counts]
-        lines.append(f"| {r['layer']} | {r['bytes'] / 1024:.0f} | " + " | ".join(cells) + " |")
+        cells = [f"{r['ms_' + m]:.3f} ({r['ms_' + m] / r['dense_ms_' + m]:.2f})" for m in counts]
+        lines.append(f"| {r['layer']} | {r['bytes'] / 1024:.0f} ({r['dense_bytes'] / 1024:.0f}) | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
