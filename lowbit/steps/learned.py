@@ -33,12 +33,12 @@ log = logging.getLogger("lowbit")
 
 class LearnedArgs(StepArgs):
     target: float = Field(0.7, ge=0, lt=1)  # global sparsity over all block linears
-    iters: int = Field(100, ge=0)  # Adam steps
-    lr: float = Field(0.01, gt=0)  # on the rates
+    iters: int = Field(50, ge=0)  # Adam steps (each a forward and backward of the whole model on one batch)
+    lr: float = Field(0.02, gt=0)  # on the rates
     tau: float = Field(0.02, gt=0)  # soft-mask temperature, in rank units
     max_shift: float = Field(0.25, gt=0, le=1)  # each layer's rate stays within target ± max_shift
     n_samples: int = Field(16, gt=0)  # calibration windows used (the first ones)
-    seq_len: int = Field(256, gt=1)  # tokens per window used
+    seq_len: int = Field(128, gt=1)  # tokens per window used (the first ones)
     batch_size: int = Field(2, gt=0)  # windows per step
     seed: int = 0
 
