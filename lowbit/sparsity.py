@@ -18,7 +18,7 @@ from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
     from lowbit.models.base import Adapter
-    from lowbit.pipeline import BlockContext, ModelContext
+    from lowbit.context import BlockContext, ModelContext
     from lowbit.state import QuantState
     from lowbit.steps.base import Step
 
@@ -119,14 +119,20 @@ def check_model_masks(model: nn.Module, state: "QuantState", where: str) -> None
 
 
 def validate_order(steps: Sequence["Step"]) -> None:
-    """Refuse a step that mixes input channels (rotation, channel disassembly) after a pruning step."""
+    """Refuse a step that mixes input channels (rotation, channel disassembly) after a pruning step, and hand each
+    allocation step the pruning steps that follow it (it sets their per-layer ratios)."""
     pruner = None
-    for step in steps:
+    for i, step in enumerate(steps):
         if pruner is not None and not step.keeps_zeros:
             raise LowbitError(f"step {step.name!r} after {pruner!r} would make pruned weights nonzero (it mixes input "
                               f"channels): put {step.name!r} before {pruner!r}")
         if getattr(step, "prunes", False):
             pruner = step.name
+        if getattr(step, "allocates", False):
+            step.targets = [s for s in steps[i + 1:] if hasattr(s, "set_layer_ratios")]
+            if not step.targets:
+                raise LowbitError(f"step {step.name!r} allocates per-layer sparsity but no pruning step follows it: "
+                                  f"add e.g. wanda or sparsegpt after it")
 
 
 def block_linears(model: nn.Module, adapter: "Adapter") -> dict[str, nn.Linear]:
@@ -170,7 +176,8 @@ def project_to_target(rates: torch.Tensor, sizes: torch.Tensor, target: float, l
 def dense_pass(ctx: "ModelContext", visit: Callable[["BlockContext"], None]) -> None:
     """Walk the uncompressed model block by block on the calibration windows, calling `visit` on each block
     (a model-level pass for allocation steps; nothing is changed)."""
-    from lowbit.pipeline import BlockContext, capture_block_inputs
+    from lowbit.context import BlockContext
+    from lowbit.pipeline import capture_block_inputs
 
     inputs, args, kwargs = capture_block_inputs(ctx.model, ctx.adapter, ctx.calib_ids)
     for i, block in enumerate(ctx.adapter.blocks(ctx.model)):

@@ -13,7 +13,8 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export import export_run
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.context import FormatPlan
+from lowbit.pipeline import compress
 from lowbit.formats import QuantSpec
 from lowbit.recipe import parse_recipe
 from lowbit.run import run_recipe
@@ -34,8 +35,8 @@ def step(name: str, **args) -> Step:
     return cls(cls.Args(**args))
 
 
-def pruned(model, steps, ids, settings=Settings()):
-    return compress(model, get_adapter(model), settings, steps, ids, progress=False)
+def pruned(model, steps, ids, plan=FormatPlan()):
+    return compress(model, get_adapter(model), plan, steps, ids, progress=False)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
@@ -102,14 +103,14 @@ def test_allocation_lands_on_the_global_target(alloc, method, tiny_llama):
 
 def test_learned_allocation_moves_rates_by_the_output_loss(tiny_llama):
     """No steps leave every layer at the target; trained, the rates spread while the weighted mean stays on it."""
-    from lowbit.pipeline import ModelContext
+    from lowbit.context import ModelContext
     from lowbit.sparsity import dense_pass, input_sq_norms
     from lowbit.state import QuantState
     from lowbit.steps.learned import LearnedArgs, learn_rates
 
     model = small_vocab_llama(tiny_llama)
     calib_ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
-    ctx = ModelContext(model, get_adapter(model), Settings(), QuantState(), calib_ids)
+    ctx = ModelContext(model, get_adapter(model), FormatPlan(), QuantState(), calib_ids)
     scores = {}
 
     def visit(bctx):
@@ -150,7 +151,7 @@ def test_shortgpt_removes_the_least_influential_blocks_exactly(calib_ids):
 ])
 def test_later_solvers_never_revive_pruned_weights(steps, calib_ids):
     model = make_tiny("llama")
-    state = pruned(model, [step(n, **a) for n, a in steps], calib_ids, Settings(weights=W4G32))
+    state = pruned(model, [step(n, **a) for n, a in steps], calib_ids, FormatPlan(weights=W4G32))
     assert len(state.masks) == 14 and len(state.weights) == 14
     for name, mask in state.masks.items():
         weight = model.get_submodule(name).weight.data
@@ -285,12 +286,13 @@ def test_parse_pattern():
 def test_sparsegpt_below_wanda_below_magnitude_on_a_real_layer(embedded):
     """50% unstructured on block 5's gate/up input and down projection of the embedded model: output error
     ||(W - W_pruned) X|| on the calibration tokens, each method with its paper's comparison group."""
-    from lowbit.pipeline import BlockContext, ModelContext, capture_block_inputs
+    from lowbit.context import BlockContext, ModelContext
+    from lowbit.pipeline import capture_block_inputs
     from lowbit.state import QuantState
 
     model, ids = embedded
     adapter = get_adapter(model)
-    mctx = ModelContext(model, adapter, Settings(), QuantState(), ids)
+    mctx = ModelContext(model, adapter, FormatPlan(), QuantState(), ids)
     inputs, args, kwargs = capture_block_inputs(model, adapter, ids)
     blocks = adapter.blocks(model)
     for i in range(5):

@@ -22,11 +22,10 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.context import BlockContext, ModelContext
 from lowbit.sparsity import (block_linears, dense_pass, global_rate, input_sq_norms, project_to_target,
                              round_ratios)
 from lowbit.steps.base import Step, StepArgs, register_step
-from lowbit.steps.pruning import pruning_steps
 
 log = logging.getLogger("lowbit")
 
@@ -112,9 +111,10 @@ class Learned(Step):
 
     name = "learned"
     Args = LearnedArgs
+    allocates = True  # the pruning steps after it (`targets`) are linked at validation
 
     def before_blocks(self, ctx: ModelContext) -> None:
-        targets = pruning_steps(ctx, self)
+        targets = self.targets
         pruner = targets[0]
         scores: dict[str, torch.Tensor] = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pydantic import Field
 from typing import Literal
 
-from lowbit.pipeline import BlockContext
+from lowbit.context import BlockContext
 from lowbit.sparsity import prune_mask, record_mask
 from lowbit.steps.pruning import PruneArgs, PruneStep
 from lowbit.steps.base import register_step

@@ -13,10 +13,9 @@ import torch
 from pydantic import Field
 
 from lowbit.errors import LowbitError
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.context import BlockContext, ModelContext
 from lowbit.sparsity import block_linears, dense_pass, global_rate, input_sq_norms, round_ratios
 from lowbit.steps.base import Step, StepArgs, register_step
-from lowbit.steps.pruning import pruning_steps
 
 log = logging.getLogger("lowbit")
 
@@ -50,9 +49,10 @@ class OWL(Step):
 
     name = "owl"
     Args = OWLArgs
+    allocates = True  # the pruning steps after it (`targets`) are linked at validation
 
     def before_blocks(self, ctx: ModelContext) -> None:
-        targets = pruning_steps(ctx, self)
+        targets = self.targets
         outliers: list[float] = []
 
         def visit(bctx: BlockContext) -> None:

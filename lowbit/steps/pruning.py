@@ -1,5 +1,5 @@
 """The base of the pruning steps (magnitude, wanda, sparsegpt): arguments, per-layer ratios handed over by an
-allocation step, pattern checks; and how an allocation step finds the pruning steps it serves."""
+allocation step (`lowbit.sparsity.validate_order` links them), pattern checks."""
 from __future__ import annotations
 
 from typing import ClassVar, Literal
@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from lowbit.errors import LowbitError
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.context import BlockContext, ModelContext
 from lowbit.sparsity import check_widths, parse_pattern
 from lowbit.steps.base import Step, StepArgs
 
@@ -32,6 +32,7 @@ class PruneStep(Step):
     and recording the mask. Subclasses implement `prune_block`."""
 
     prunes: ClassVar[bool] = True
+    transforms_block = True  # sets weights to zero (not a rounding)
     Args = PruneArgs
 
     def __init__(self, args: PruneArgs | None = None):
@@ -61,13 +62,3 @@ class PruneStep(Step):
 
     def prune_block(self, ctx: BlockContext, rels: list[str]) -> None:
         raise NotImplementedError
-
-
-def pruning_steps(ctx: ModelContext, after: Step) -> list[PruneStep]:
-    """The pruning steps that follow `after` in the recipe (an allocation step hands its ratios to them)."""
-    steps = list(ctx.steps)
-    later = [s for s in steps[steps.index(after) + 1:] if isinstance(s, PruneStep)]
-    if not later:
-        raise LowbitError(f"step {after.name!r} allocates per-layer sparsity but no pruning step follows it: add e.g. "
-                          f"wanda or sparsegpt after it")
-    return later

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from lowbit.errors import LowbitError
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.context import BlockContext, ModelContext
 from lowbit.steps.base import Step, StepArgs, register_step
 from lowbit.sparsity import dense_pass
 

@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lowbit.pipeline import BlockContext
+from lowbit.context import BlockContext
 from lowbit.sparsity import Pattern, prune_mask
 from lowbit.steps.pruning import PruneArgs, PruneStep
-from lowbit.steps.base import Step, register_step
+from lowbit.steps.base import register_step
 from lowbit.steps.gptq import accumulate_hessians, gptq_quantize
 
 
@@ -47,23 +47,21 @@ class SparseGPT(PruneStep):
     name = "sparsegpt"
     Args = SparseGPTArgs
 
-    def quantizes(self, steps: tuple[Step, ...]) -> bool:
-        """Quantize here when `quantize` says so, else only when no later step solves the weights."""
-        if self.args.quantize is not None:
-            return self.args.quantize
-        later = steps[steps.index(self) + 1:] if self in steps else ()
-        return not any(s.solves_weights for s in later)
+    solves_weights = True
+    defers_rounding = True  # by default quantizes only when no later step solves the weights
 
-    @property
-    def solves_weights(self) -> bool:  # type: ignore[override]
-        return self.args.quantize is not False
+    def __init__(self, args: SparseGPTArgs | None = None):
+        super().__init__(args)
+        if self.args.quantize is not None:
+            self.solves_weights = self.args.quantize
+            self.defers_rounding = False
 
     def prune_block(self, ctx: BlockContext, rels: list[str]) -> None:
         a = self.args
         groups = [tuple(r for r in g if r in rels) for g in ctx.adapter.input_groups()]
         groups = [g for g in groups if g]
         hessians = accumulate_hessians(ctx, groups)
-        quantize = self.quantizes(ctx.model_ctx.steps)
+        quantize = ctx.rounds and self.solves_weights
         for group in groups:
             for rel in group:
                 name = ctx.full_name(rel)
@@ -73,7 +71,7 @@ class SparseGPT(PruneStep):
                 select = ObsSelector(every, self.ratio_for(name), self.pattern, a.group)
                 mask = torch.zeros_like(linear.weight.data, dtype=torch.bool)
                 q, scale, zero = gptq_quantize(linear.weight.data, hessians[group[0]], spec,
-                                               ctx.settings.weight_observer, a.damp, a.block_size, mask=mask,
+                                               ctx.plan.weight_observer, a.damp, a.block_size, mask=mask,
                                                select=select)
                 ctx.state.masks[name] = mask
                 if spec is None:

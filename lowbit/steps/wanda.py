@@ -2,7 +2,7 @@
 calibration tokens, compared within each output row (or the whole layer); no weight update."""
 from __future__ import annotations
 
-from lowbit.pipeline import BlockContext
+from lowbit.context import BlockContext
 from lowbit.sparsity import input_sq_norms, prune_mask, record_mask
 from lowbit.steps.pruning import PruneStep
 from lowbit.steps.base import register_step
