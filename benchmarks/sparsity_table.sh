@@ -12,7 +12,8 @@ R=recipes/sparse-wanda-50.yaml
 run() {
   local name=$1; shift
   [ -d "$OUT/$name" ] && return 0
-  "${LB[@]}" run "$R" --quiet --out "$OUT/$name" --set name=$name --set evaluation.max_tokens=$TOKENS "$@"
+  "${LB[@]}" run "$R" --quiet --out "$OUT/$name" --set name=$name --set evaluation.max_tokens=$TOKENS "$@" \
+    || echo "run $name failed" >&2
 }
 W4=(--set "weights={bits: 4, symmetric: false, group_size: 64}")
 for g in $GROUPS_; do case $g in
