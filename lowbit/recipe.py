@@ -14,6 +14,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings
 from lowbit.formats import NAMED_FORMATS, QuantSpec
 from lowbit.loading import EMBEDDED
+from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
 
 
@@ -162,7 +163,9 @@ class Recipe(_Strict):
         )
 
     def build_steps(self) -> list[Step]:
-        return [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
+        steps = [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
+        validate_order(steps)
+        return steps
 
 
 def _format_validation(exc: ValidationError) -> str:

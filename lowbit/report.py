@@ -28,14 +28,17 @@ def _ppl(m: dict, key: str) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """Markdown table of runs: method, formats, perplexity (FP and compressed), size, time, peak memory."""
+    """Markdown table of runs: method, formats, perplexity (FP and compressed), size, time, peak memory, and the
+    achieved sparsity of block linears when any run prunes."""
+    sparse = any("sparsity" in m for m in rows)
     head = ("| method | weights | activations | ppl FP | ppl | Δppl | size MB (FP16) | quant time s | "
-            "peak RSS GB | eval tokens |")
+            "peak RSS GB | eval tokens |" + (" sparsity |" if sparse else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in rows:
         delta = f"{m['ppl']['ppl'] - m['ppl_fp']['ppl']:+.3f}" if "ppl" in m and "ppl_fp" in m else "-"
         tokens = m.get("ppl", m.get("ppl_fp", {})).get("tokens", "-")
         lines.append(f"| {'+'.join(m['steps'])} | {m['weights']} | {m['activations']} | {_ppl(m, 'ppl_fp')} | "
                      f"{_ppl(m, 'ppl')} | {delta} | {m['size_mb']:.1f} ({m['size_fp16_mb']:.1f}) | "
-                     f"{m['quant_time_s']:.1f} | {m['peak_rss_gb']:.2f} | {tokens} |")
+                     f"{m['quant_time_s']:.1f} | {m['peak_rss_gb']:.2f} | {tokens} |"
+                     + (f" {m['sparsity']['overall']:.2%} |" if "sparsity" in m else " - |" if sparse else ""))
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 A run folder holds recipe.yaml (the validated recipe), metrics.json, run.log, model/ (a transformers
 checkpoint with fake-quantized weights), quant_state.json (formats, transforms), quant_state.safetensors
-(scales, zero points, static activation ranges) and manifest.json (the run id, and the size and sha256 of
+(scales, zero points, static activation ranges, sparsity masks) and manifest.json (the run id, and the size and sha256 of
 every file, checked before a run is read back). Runs written before manifests existed load unchecked.
 """
 from __future__ import annotations
@@ -23,12 +23,14 @@ from lowbit.errors import LowbitError
 from lowbit.files import check_manifest, read_manifest, write_atomic, write_manifest
 from lowbit.formats import QuantSpec
 from lowbit.loading import load_model
+from lowbit.sparsity import check_model_masks
 from lowbit.state import QuantState, WeightRecord
 
 
 def save_state(state: QuantState, directory: Path) -> None:
     """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
-    tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms}
+    tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms,
+                         "masks": sorted(state.masks)}
     for name, rec in state.weights.items():
         meta["weights"][name] = rec.spec.to_dict()
         tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
@@ -42,6 +44,8 @@ def save_state(state: QuantState, directory: Path) -> None:
             if q.scale is not None:
                 tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
                 tensors[f"{name}.{kind}_zero"] = q.zero.contiguous()
+    for name, mask in state.masks.items():
+        tensors[f"{name}.weight_mask"] = mask.to(torch.uint8).contiguous()
     write_atomic(directory / "quant_state.json", json.dumps(meta, indent=1))
     write_atomic(directory / "quant_state.safetensors", save(tensors))
 
@@ -70,6 +74,8 @@ def _read_state(directory: Path) -> QuantState:
                 q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                 q.zero = tensors[f"{name}.{kind}_zero"]
             table[name] = q
+    for name in meta.get("masks", []):
+        state.masks[name] = tensors[f"{name}.weight_mask"].bool()
     return state
 
 
@@ -135,5 +141,6 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
     check_run_folder(run_dir)
     model, tokenizer = load_model(str(run_dir / "model"), dtype)
     state = load_state(run_dir)
+    check_model_masks(model, state, f"loading {run_dir}")
     state.install(model)
     return model, tokenizer, state

@@ -2,7 +2,7 @@
 
 Weights are stored dequantized in the model itself, so the model saves as a plain transformers checkpoint;
 `QuantState` keeps each quantized linear's format and parameters (needed for export and packing), the
-activation quantizers, and online input transforms (e.g. a Hadamard transform before a down projection),
+activation quantizers, sparsity masks, and online input transforms (e.g. a Hadamard transform before a down projection),
 attached through one forward pre-hook per module. `lowbit.runfolder` saves and loads it.
 """
 from __future__ import annotations
@@ -54,6 +54,7 @@ class QuantState:
     input_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     output_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     transforms: dict[str, dict] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weights (True = exactly zero), by linear
     _handles: list = field(default_factory=list)
 
     def install(self, model: nn.Module, prefix: str = "") -> None:

@@ -139,6 +139,16 @@ def check_transforms(target: str, transforms: dict[str, dict]) -> None:
                           f"supported by any export target; use a recipe whose transforms fold into the weights")
 
 
+SPARSE_TARGETS = {"compressed-tensors": "sparsity_config (format dense: zeros stored in place, structure recorded)"}
+
+
+def check_sparsity(target: str, masks: dict) -> None:
+    """A sparse run exports only where the format records its sparsity; GGUF has no notion of it."""
+    if masks and target not in SPARSE_TARGETS:
+        raise LowbitError(f"cannot export to {target}: sparsity ({len(masks)} pruned linears) is not representable "
+                          f"in {target}; targets that support it: {', '.join(SPARSE_TARGETS)}")
+
+
 def check_settings(target: str, settings) -> None:
     """Validate a recipe's formats (`context.FormatPlan`) against `target` before any work starts."""
     for spec in [settings.weights] + [spec for _, spec in settings.overrides]:

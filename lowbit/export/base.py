@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
+from lowbit.export.backends import Scheme, check_sparsity, check_transforms, get_target, select_scheme
 from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
 from lowbit.runfolder import check_run_folder, load_run, load_state, provenance
 from lowbit.state import QuantState
@@ -71,6 +71,7 @@ def register_exporter(name: str, suffix: str = ""):
 def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
     """Check every quantized layer against the target (before loading the model) and pick its scheme."""
     check_transforms(target, state.transforms)
+    check_sparsity(target, state.masks)
     if state.output_quantizers:
         name = next(iter(state.output_quantizers))
         raise LowbitError(f"cannot export to {target}: output quantization (on {name}) is not supported by any "
@@ -96,7 +97,12 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
     if dtype not in DTYPES:
         raise LowbitError(f"unknown export dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     check_run_folder(run_dir)
-    schemes = plan_schemes(target, load_state(run_dir))
+    planned = load_state(run_dir)
+    schemes = plan_schemes(target, planned)
+    if planned.masks and not any(schemes.values()):
+        raise LowbitError(f"cannot export to {target}: the run is sparse with unquantized weights, and compressed-"
+                          f"tensors {ct_version()} writes sparsity only alongside quantized weights (its sparse "
+                          f"compressors are gone); {run_dir}/model is already the checkpoint, zeros included")
     if not any(schemes.values()):
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")
@@ -126,6 +132,13 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def ct_version() -> str:
+    """Installed compressed-tensors version (named in messages about what it can write)."""
+    from importlib.metadata import version
+
+    return version("compressed-tensors")
 
 
 PROVENANCE = "lowbit_provenance.json"  # in export folders; GGUF files hold the same keys as lowbit.* metadata

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import DTYPES, LoadedRun, register_exporter, stored_scale
+from lowbit.export.base import DTYPES, LoadedRun, ct_version, register_exporter, stored_scale
 from lowbit.formats import QuantSpec, dequantize
 
 
@@ -84,6 +84,10 @@ def _load_codes(run: LoadedRun, name: str, module: torch.nn.Module) -> torch.Ten
     module.weight_scale.data = scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
     if hasattr(module, "weight_zero_point"):
         module.weight_zero_point.data = zero.reshape(module.weight_zero_point.shape).to(module.weight_zero_point.dtype)
+    mask = run.state.masks.get(name)
+    if mask is not None and module.weight.data[mask].any():
+        raise LowbitError(f"{name}: pruned weights would not be exactly zero in the export (zero point off the grid); "
+                          f"this is a lowbit bug, please report it")
     act = run.state.input_quantizers.get(name)
     if act is not None and act.scale is not None:  # static activations (symmetric: the backend check ensures it)
         module.input_scale.data = stored_scale(act.scale.detach(), DTYPES[run.dtype], name).reshape(
@@ -148,7 +152,8 @@ def write_compressed_tensors(run: LoadedRun, path: Path) -> list[str]:
     compressor.update_config(str(path))
     block_scaled = any(run.state.weights[n].spec.scale_format for n in expected)
     scales = "block scales stored exactly (E8M0 / FP8)" if block_scaled else f"scales stored in {run.dtype}"
-    return [f"format {config.format}: {len(expected)} quantized linears in {len(config.config_groups)} group(s), "
+    notes = _write_sparsity_config(run, path) if run.state.masks else []
+    return notes + [f"format {config.format}: {len(expected)} quantized linears in {len(config.config_groups)} group(s), "
             f"{len(config.ignore)} kept in {run.dtype}; codes identical to the run's, {scales}"]
 
 
@@ -157,6 +162,30 @@ def _cast_dense(model: nn.Module, dtype: torch.dtype) -> None:
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and not name.endswith("global_scale"):
             t.data = t.data.to(dtype)
+
+
+def _write_sparsity_config(run: LoadedRun, path: Path) -> list[str]:
+    """Record the run's sparsity in config.json as compressed-tensors' dense sparsity config (zeros in place)."""
+    from compressed_tensors.config import DenseSparsityConfig
+
+    from lowbit.sparsity import detect_pattern
+
+    masks = run.state.masks
+    total = sum(m.numel() for m in masks.values())
+    sparsity = sum(int(m.sum()) for m in masks.values()) / total
+    unquantized = sorted(n for n in masks if run.schemes.get(n) is None)
+    if unquantized:
+        raise LowbitError(f"cannot export to compressed-tensors: {unquantized[0]} is pruned but not quantized; the "
+                          f"export would store it densely without its sparsity; quantize every pruned layer")
+    config = DenseSparsityConfig(global_sparsity=sparsity, sparsity_structure=detect_pattern(masks),
+                                 targets=sorted(masks))
+    file = path / "config.json"
+    data = json.loads(file.read_text())
+    data["quantization_config"]["sparsity_config"] = config.model_dump()
+    file.write_text(json.dumps(data, indent=2))
+    return [f"sparsity {config.sparsity_structure} {sparsity:.2%} over {len(masks)} linears, recorded as "
+            f"sparsity_config (format dense: compressed-tensors {ct_version()} has no sparse compressor, the zeros "
+            f"are stored in the quantized codes; checked exact)"]
 
 
 def load_compressed(path: Path) -> nn.Module:
