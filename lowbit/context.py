@@ -25,7 +25,7 @@ from lowbit.state import QuantState, WeightRecord
 
 @dataclass(frozen=True)
 class FormatPlan:
-    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (or None: keep FP)."""
+    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (None: keep FP)."""
 
     weights: QuantSpec | None = None
     weight_observer: str = "minmax"
@@ -54,7 +54,8 @@ class ModelContext:
     calib_ids: torch.Tensor
 
 
-def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A weight rounded to nearest on the observer's range: (dequantized weight, scale, zero)."""
     w = w.detach().float()
     scale, zero = observe(w, spec, observer)

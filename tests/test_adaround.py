@@ -232,7 +232,7 @@ def test_init_solver_takes_arguments():
     compress(model_a, get_adapter(model_a), FormatPlan(weights=spec),
              [step(step.Args(iters=0, init={"rtn": {"observer": "mse"}}))], ids, progress=False)
     model_b, _ = _tiny()
-    compress(model_b, get_adapter(model_b), FormatPlan(weights=spec), [get_step("rtn")(get_step("rtn").Args(observer="mse"))],
+    compress(model_b, get_adapter(model_b), FormatPlan(weights=spec), [build_step("rtn", {"observer": "mse"}, "rtn")],
              ids, progress=False)
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(a, b), name
