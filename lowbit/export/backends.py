@@ -127,7 +127,7 @@ def check_transforms(target: str, transforms: dict[str, dict]) -> None:
 
 
 def check_settings(target: str, settings) -> None:
-    """Validate a recipe's formats (`pipeline.Settings`) against `target` before any work starts."""
+    """Validate a recipe's formats (`context.FormatPlan`) against `target` before any work starts."""
     for spec in [settings.weights] + [spec for _, spec in settings.overrides]:
         select_scheme(target, spec, settings.activations, "recipe")
 
