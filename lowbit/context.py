@@ -25,7 +25,7 @@ from lowbit.state import QuantState, WeightRecord
 
 @dataclass(frozen=True)
 class FormatPlan:
-    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (or None: keep FP)."""
+    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (None: keep FP)."""
 
     weights: QuantSpec | None = None
     weight_observer: str = "minmax"
