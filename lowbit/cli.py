@@ -115,8 +115,15 @@ def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
+    from lowbit.diagnostics import blocks_table, read_blocks
     from lowbit.report import results_table
 
+    if args.blocks:
+        for run in args.runs:
+            if len(args.runs) > 1:
+                print(f"\n{run}")
+            print(blocks_table(read_blocks(run)))
+        return
     rows = []
     for run_dir in args.runs:
         path = Path(run_dir) / "metrics.json"
@@ -124,6 +131,17 @@ def _cmd_report(args: argparse.Namespace) -> None:
             raise LowbitError(f"{run_dir} has no metrics.json: give folders written by 'lowbit run' or 'lowbit quantize'")
         rows.append(json.loads(path.read_text()))
     print(results_table(rows))
+    if args.plot or args.html:
+        from lowbit.plots import comparison_figure, write_html
+
+        runs = [Path(r) for r in args.runs]
+        fig = comparison_figure(runs, rows)
+        if args.plot:
+            fig.savefig(args.plot, dpi=120)
+            print(f"plot written to {args.plot}")
+        if args.html:
+            write_html(Path(args.html), results_table(rows), fig, runs)
+            print(f"page written to {args.html}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -269,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
     rp.add_argument("runs", nargs="+")
+    rp.add_argument("--blocks", action="store_true", help="per-block diagnostics (blocks.jsonl) instead")
+    rp.add_argument("--plot", metavar="OUT.png", help="figure: quality vs size per method, block errors, time, memory")
+    rp.add_argument("--html", metavar="OUT.html", help="a page with the table and the figure")
     rp.set_defaults(fn=_cmd_report)
 
     x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.actquant import ActQuantizer
+from lowbit.diagnostics import DIAG_WINDOWS, BlockReport, block_report
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, check_shape, fake_quant
 from lowbit.models.base import Adapter
@@ -76,6 +78,7 @@ class BlockContext:
     fp_inputs: torch.Tensor | None = None
     fp_outputs: torch.Tensor | None = None
     quantized: set[str] = field(default_factory=set)
+    fp_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # each linear's weight before quantization
 
     @property
     def adapter(self) -> Adapter:
@@ -112,6 +115,7 @@ class BlockContext:
         if not torch.isfinite(weight).all():
             raise LowbitError(f"quantizing {self.full_name(rel)} produced non-finite weights: raise the solver's "
                               f"damping or use a different observer")
+        self.fp_weights.setdefault(rel, linear.weight.detach().float().clone())
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
                                                                zero.detach().float().cpu())
@@ -287,19 +291,27 @@ def calibrate_act_quantizers(ctx: BlockContext) -> None:
 
 
 def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequence["Step"],
-             calib_ids: torch.Tensor, progress: bool = True) -> QuantState:
-    """Run `steps` over the model block by block; returns what was added beyond the weights."""
+             calib_ids: torch.Tensor, progress: bool = True,
+             on_block_done: Callable[[BlockReport], None] | None = None) -> QuantState:
+    """Run `steps` over the model block by block; returns what was added beyond the weights.
+
+    `on_block_done` receives each finished block's diagnostics. Their output error reuses the FP path when a
+    step keeps it, else runs the FP blocks on the first DIAG_WINDOWS calibration windows only."""
     validate(model, adapter, settings)
     mctx = ModelContext(model, adapter, settings, QuantState(), calib_ids, tuple(steps))
     for step in steps:
         step.before_blocks(mctx)
     inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
+    diag_fp = inputs[:DIAG_WINDOWS] if on_block_done is not None and fp_inputs is None else None
     blocks = adapter.blocks(model)
     for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
+        start = time.perf_counter()
         ctx = BlockContext(mctx, i, blocks[i], inputs, args, kwargs, fp_inputs=fp_inputs)
         if fp_inputs is not None:
             ctx.fp_outputs = ctx.forward(fp_inputs)
+        elif diag_fp is not None:
+            diag_fp = ctx.forward(diag_fp)
         install_act_quantizers(ctx)
         mctx.state.install(model, ctx.name + ".")
         for step in steps:
@@ -312,6 +324,10 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
         calibrate_act_quantizers(ctx)
         inputs = ctx.forward()
         fp_inputs = ctx.fp_outputs
+        if on_block_done is not None:
+            weights = {rel: lin.weight.data for rel, lin in ctx.linears().items()}
+            on_block_done(block_report(i, ctx.name, inputs, diag_fp if fp_inputs is None else fp_inputs, weights,
+                                       ctx.fp_weights, time.perf_counter() - start))
     for step in steps:
         step.after_blocks(mctx)
     mctx.state.install(model)

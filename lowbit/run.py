@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -18,6 +17,7 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
+from lowbit.diagnostics import BlockLog, peak_rss_gb
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.loading import cache_dir, load_model, resolve_model_path
@@ -37,11 +37,6 @@ class RunResult:
     out_dir: Path | None
     model: nn.Module
     state: QuantState
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True) -> dict:
@@ -90,6 +85,12 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def blocks_log_path(out_dir: Path) -> Path:
+    """Where a run appends its block diagnostics while it runs: OUT.blocks.jsonl next to the output folder
+    (the folder itself appears only when the run succeeds; then the file moves into it as blocks.jsonl)."""
+    return out_dir.with_name(out_dir.name + ".blocks.jsonl")
+
+
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically."""
     settings: Settings = recipe.settings()
@@ -100,14 +101,18 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
             raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        block_log = BlockLog(blocks_log_path(out_dir))
     else:
-        tmp_dir = None
+        tmp_dir, block_log = None, None
     handler = _log_to(tmp_dir)
     try:
-        result = _run(recipe, settings, steps, tmp_dir, progress)
+        result = _run(recipe, settings, steps, tmp_dir, progress, block_log)
         if tmp_dir is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+            block_log.close()
+            if block_log.path.exists():
+                os.replace(block_log.path, tmp_dir / "blocks.jsonl")
             os.replace(tmp_dir, out_dir)
             result.out_dir = out_dir
         return result
@@ -119,6 +124,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         if handler is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+        if block_log is not None:
+            block_log.close()
 
 
 def _log_to(directory: Path | None) -> logging.Handler | None:
@@ -132,7 +139,8 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, progress: bool,
+         block_log: BlockLog | None = None) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -154,7 +162,7 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
     start = time.perf_counter()
-    state = compress(model, adapter, settings, steps, calib_ids, progress=progress)
+    state = compress(model, adapter, settings, steps, calib_ids, progress=progress, on_block_done=block_log)
     metrics["quant_time_s"] = time.perf_counter() - start
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
