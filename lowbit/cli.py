@@ -54,12 +54,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from lowbit.eval import perplexity
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.loading import load_model
-    from lowbit.run import load_run
+    from lowbit.runfolder import is_run_folder, load_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model)
-    is_run = (path / "quant_state.json").exists()
+    is_run = is_run_folder(path)
     if args.real_kernels and not is_run:
         raise LowbitError(f"--real-kernels needs a run folder written by 'lowbit run' or 'lowbit quantize', "
                           f"not {args.model}")
@@ -104,7 +104,7 @@ def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
         row["kernels"] = kernels
     print(tasks_table(scores))
     if run_dir is not None:
-        from lowbit.run import write_atomic
+        from lowbit.runfolder import write_atomic
 
         metrics_path = run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -117,6 +117,7 @@ def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     from lowbit.diagnostics import blocks_table, read_blocks
     from lowbit.report import results_table
+    from lowbit.runfolder import read_metrics
 
     if args.blocks:
         for run in args.runs:
@@ -124,12 +125,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
                 print(f"\n{run}")
             print(blocks_table(read_blocks(run)))
         return
-    rows = []
-    for run_dir in args.runs:
-        path = Path(run_dir) / "metrics.json"
-        if not path.is_file():
-            raise LowbitError(f"{run_dir} has no metrics.json: give folders written by 'lowbit run' or 'lowbit quantize'")
-        rows.append(json.loads(path.read_text()))
+    rows = [read_metrics(Path(run_dir)) for run_dir in args.runs]
     print(results_table(rows))
     if args.plot or args.html:
         from lowbit.plots import comparison_figure, write_html

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from lowbit.cli import main
 from lowbit.eval.tasks import evaluate_tasks, resolve_tasks, tasks_dir
 from lowbit.loading import load_model
-from lowbit.run import load_run
+from lowbit.runfolder import load_run
 
 lm_eval = pytest.importorskip("lm_eval")
 W4 = {"bits": 4, "granularity": "group", "group_size": 32}
