@@ -13,7 +13,9 @@ MARKERS = "osD^vP*Xh<>p"
 
 
 def method_of(m: dict) -> str:
-    """A run's method label: its steps (or 'rtn' when none) and formats."""
+    """A run's method label: its steps (or 'rtn' when none) and activation format; 'fp' when nothing is quantized."""
+    if m.get("weights", "fp") == "fp" and m.get("activations", "fp") == "fp":
+        return "fp (not quantized)"
     steps = "+".join(m.get("steps") or []) or "rtn"
     acts = "" if m.get("activations", "fp") == "fp" else " · A" + m["activations"]
     return f"{steps}{acts}"
