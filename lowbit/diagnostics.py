@@ -98,5 +98,10 @@ def blocks_table(rows: list[dict]) -> str:
         worst_err = f"{w[worst]:.4f}" if w else "-"
         mean = f"{sum(w.values()) / len(w):.4f}" if w else "-"
         lines.append(f"| {r['index']} | {r['output_rel_error']:.4f} | {worst} | {worst_err} | {mean} | "
-                     f"{r['time_s']:.2f} | {r['peak_rss_gb']:.2f} |")
+                     f"{_num(r['time_s'])} | {_num(r['peak_rss_gb'])} |")
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    """Two decimals, or '-' where a value is unknown (imported peer runs have no per-block time or memory)."""
+    return "-" if value is None else f"{value:.2f}"
