@@ -33,10 +33,14 @@ def main() -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(a.threads)
+    if not torch.cuda.is_available():  # AWQ pins cached activations, which needs an accelerator; on CPU it is moot
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     ids = load_windows(a.calib)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     scheme = {"group_0": {"targets": ["Linear"], "weights": {
@@ -51,9 +55,11 @@ def main() -> None:
     params = {k: v for k, v in model.state_dict().items() if "layers." in k and k.endswith(("weight", "bias"))}
     with torch.no_grad():
         for name, m in block_linears(model).items():
-            args = m.quantization_scheme.weights
-            params[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, getattr(m, "weight_zero_point", None),
-                                                     args, g_idx=getattr(m, "weight_g_idx", None))
+            g_idx = getattr(m, "weight_g_idx", None)
+            if g_idx is not None and (g_idx != torch.arange(g_idx.numel()) // a.group_size).any():
+                raise SystemExit(f"{name}: permuted groups (actorder='group') are not supported here")
+            params[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
+                                                     m.quantization_scheme.weights)
     save_dequantized(a.model, params, a.out, {
         "tool": f"llmcompressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
         "group_size": a.group_size, "symmetric": a.sym, "quant_time_s": seconds, "threads": a.threads,
