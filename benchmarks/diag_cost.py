@@ -34,7 +34,7 @@ def main(n_samples: int = 16) -> None:
             with tempfile.TemporaryDirectory() as d:
                 log = BlockLog(Path(d) / "blocks.jsonl") if mode == "on" else None
                 start = time.perf_counter()
-                compress(model, get_adapter(model), recipe.settings(), recipe.build_steps(), ids, progress=False,
+                compress(model, get_adapter(model), recipe.plan(), recipe.build_steps(), ids, progress=False,
                          on_block_done=log)
                 times[mode].append(time.perf_counter() - start)
                 if log:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.actquant import ActQuantizer
+from lowbit.context import BlockContext, frozen
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, group_view
 from lowbit.observers import observe
-from lowbit.pipeline import BlockContext, calibrate_act_quantizers
+
+if TYPE_CHECKING:
+    from lowbit.steps.base import Step
 
 Loss = Literal["token_relative", "mse"]
 log = logging.getLogger("lowbit")
@@ -33,15 +36,14 @@ _ZETA, _GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid: h = clip(sigmoid(
 class ReconArgs(BaseModel):
     """Settings shared by the reconstruction steps (a StepArgs, spelled out because lowbit.steps imports us).
 
-    Defaults fit a 2-core CPU: BRECQ on the embedded model with 16 x 128-token calibration windows took 17 minutes
-    on one thread of a shared machine (few steps, so a large learning rate; docs/results.md). With a GPU use the
-    papers' settings: iters=20000, batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2,
+    Defaults fit a 2-core CPU: few steps, so a large learning rate (run times in docs/results.md). With a GPU use
+    the papers' settings: iters=20000, batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2,
     act_lr=4e-5, 1024 samples."""
 
     model_config = ConfigDict(extra="forbid")
 
-    iters: int = Field(200, ge=0)  # optimizer steps per reconstructed unit (a linear or a block); at 50, a third of
-    # the rounding variables were still soft when hardened (docs/reconstruction.md)
+    iters: int = Field(200, ge=0)  # optimizer steps per reconstructed unit (a linear or a block); too few leave
+    # rounding variables soft at hardening (logged per block; docs/reconstruction.md)
     batch_size: int = Field(1, gt=0)  # calibration windows per step
     lr: float = Field(0.05, gt=0)  # Adam learning rate of the rounding variables V
     lam: float = Field(0.01, ge=0)  # weight of the rounding regularizer
@@ -86,13 +88,13 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 
 class SoftRounding(nn.Module):
-    """Parametrization of a linear weight: floor codes plus a learned rounding offset h(V) in [0, 1].
+    """Parametrization of a linear weight: floor(W / scale) plus a learned rounding offset h(V) in [0, 1].
 
     `initial_h` defaults to the fractional part of W / scale, so the soft weight starts at W (up to clipping).
     """
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor,
-                 initial_h: torch.Tensor | None = None):
+                 initial_h: torch.Tensor | None = None, pruned: torch.Tensor | None = None):
         super().__init__()
         if spec.format != "int":
             raise LowbitError(f"learned rounding needs an integer weight format, got {spec.describe()}")
@@ -104,13 +106,16 @@ class SoftRounding(nn.Module):
         self.register_buffer("floor", torch.floor(scaled))
         h0 = scaled - self.floor if initial_h is None else group_view(initial_h.float(), spec)
         self.v = nn.Parameter(inverse_rectified_sigmoid(h0))
+        # pruned weights (sparsity mask) stay exactly zero whatever their rounding variable does
+        self.register_buffer("keep", None if pruned is None else ~pruned)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def _weight(self, offset: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(self.floor + offset + self.zero, self.spec.qmin, self.spec.qmax)
-        return ((q - self.zero) * self.scale).reshape(self.shape)
+        w = ((q - self.zero) * self.scale).reshape(self.shape)
+        return w if self.keep is None else w * self.keep
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         return self._weight(self.h()).to(original.dtype)
@@ -135,39 +140,23 @@ class SoftRounding(nn.Module):
         return self.scale.reshape(shape), self.zero.reshape(shape)
 
 
-def solver_codes(ctx: BlockContext, solver: str | dict[str, dict],
-                 rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Run a weight-solving step (e.g. GPTQ) on the block and return, per linear, its offsets over
+@torch.no_grad()
+def solver_rounding(ctx: BlockContext, solver: Step, rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Run a weight-solving step (e.g. GPTQ) on the block as a trial and return, per linear, its offsets over
     floor(W / scale) as an initial h (0.1 / 0.9, clamped to floor or ceil) with the solver's scale and zero.
-    The block's FP weights are restored afterwards so reconstruction starts from them."""
-    from lowbit.steps import STEPS
-
-    if isinstance(solver, dict) and len(solver) != 1:
-        raise LowbitError(f"init: give one step, e.g. {{gptq: {{act_order: true}}}}, got {solver!r}")
-    name, kwargs = (solver, {}) if isinstance(solver, str) else next(iter(solver.items()))
-    if name not in STEPS or not STEPS[name].solves_weights:
-        raise LowbitError(f"init: {name!r} is not a weight-solving step: use 'fractional' or one of "
-                          f"{sorted(n for n, s in STEPS.items() if s.solves_weights)}")
-    try:
-        step = STEPS[name](STEPS[name].Args(**(kwargs or {})))
-    except ValidationError as e:
-        raise LowbitError(f"init: bad arguments for {name!r}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}") from None
+    The block and its quant state are rolled back afterwards, so reconstruction starts from the FP block."""
     linears = ctx.linears()
-    saved = {rel: linears[rel].weight.data.clone() for rel in rels}
-    step.on_block(ctx)
+    fp = {rel: linears[rel].weight.data.float().clone() for rel in rels}
     out = {}
-    for rel in rels:
-        rec = ctx.state.weights[ctx.full_name(rel)]
-        spec = rec.spec
-        w_fp = group_view(saved[rel].float(), spec)
-        s, z = rec.scale.reshape(w_fp.shape[0], -1), rec.zero.reshape(w_fp.shape[0], -1)
-        codes = torch.round(group_view(linears[rel].weight.data.float(), spec) / s)
-        up = (codes - torch.floor(w_fp / s)) >= 1
-        h0 = torch.where(up, 0.9, 0.1).reshape(saved[rel].shape)
-        out[rel] = (h0, rec.scale, rec.zero)
-        linears[rel].weight.data.copy_(saved[rel])
-        ctx.quantized.discard(rel)
-        del ctx.state.weights[ctx.full_name(rel)]
+    with ctx.trial():
+        solver.on_block(ctx)
+        for rel in rels:
+            rec = ctx.state.weights[ctx.full_name(rel)]
+            w_fp = group_view(fp[rel], rec.spec)
+            s, z = rec.scale.reshape(w_fp.shape[0], -1), rec.zero.reshape(w_fp.shape[0], -1)
+            steps = torch.round(group_view(linears[rel].weight.data.float(), rec.spec) / s)  # codes - zero
+            up = (steps - torch.floor(w_fp / s)) >= 1
+            out[rel] = (torch.where(up, 0.9, 0.1).reshape(fp[rel].shape), rec.scale, rec.zero)
     return out
 
 
@@ -178,26 +167,22 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
     if given, else from the observer's range and the fractional part); on exit, store the hardened weights
     through `set_quantized_weight`. Every other block parameter is frozen meanwhile."""
     linears = ctx.linears()
-    frozen = [p for p in ctx.block.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     mods: dict[str, SoftRounding] = {}
-    try:
-        for rel in rels:
-            w = linears[rel].weight.data
-            spec = ctx.weight_spec(rel)
-            if rel in initial:
-                h0, scale, zero = initial[rel]
-            else:
-                (scale, zero), h0 = observe(w.float(), spec, args.observer or ctx.settings.weight_observer), None
-            mods[rel] = SoftRounding(w, spec, scale, zero, h0)
-            parametrize.register_parametrization(linears[rel], "weight", mods[rel], unsafe=True)
-        yield mods
-    finally:
-        for rel, mod in mods.items():
-            parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
-        for p in frozen:
-            p.requires_grad_(True)
+    with frozen(ctx.block):
+        try:
+            for rel in rels:
+                w = linears[rel].weight.data
+                spec = ctx.weight_spec(rel)
+                if rel in initial:
+                    h0, scale, zero = initial[rel]
+                else:
+                    (scale, zero), h0 = observe(w.float(), spec, args.observer or ctx.plan.weight_observer), None
+                mods[rel] = SoftRounding(w, spec, scale, zero, h0, ctx.state.masks.get(ctx.full_name(rel)))
+                parametrize.register_parametrization(linears[rel], "weight", mods[rel], unsafe=True)
+            yield mods
+        finally:
+            for rel in mods:
+                parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
     for rel, mod in mods.items():
         scale, zero = mod.scale_zero(linears[rel].weight)
         ctx.set_quantized_weight(rel, mod.hard_weight(), mod.spec, scale, zero)
@@ -215,10 +200,9 @@ def report_undecided(where: str, mods: list[SoftRounding], iters: int) -> float:
     return frac
 
 
-def initial_rounding(ctx: BlockContext, rels: list[str],
-                     init: str | dict[str, dict]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Starting point of the rounding: empty for "fractional", else the named solver's solution."""
-    return {} if init == "fractional" or not rels else solver_codes(ctx, init, rels)
+def initial_rounding(ctx: BlockContext, rels: list[str], init: "Step | None") -> dict[str, tuple[torch.Tensor, ...]]:
+    """Starting point of the rounding: empty for "fractional" (no init step), else the init step's solution."""
+    return {} if init is None or not rels else solver_rounding(ctx, init, rels)
 
 
 def optimize(mods: list[SoftRounding], batch_loss: Callable[[torch.Generator], torch.Tensor], args: ReconArgs,
@@ -250,9 +234,9 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     """Squared error summed over features (optionally weighted element-wise), averaged over tokens; with
     `token_relative`, each token's error is divided by its target's squared norm first.
 
-    Why relative: from block 12 of SmolLM2-135M on, the first token of every window (an attention sink) has a hidden
-    state ~100x larger than the others and carries 99% of the block output's squared norm, so a plain MSE fits the
-    rounding to that one token and wrecks the rest (docs/results.md, issue 5). Default of BRECQ and QDrop."""
+    Why relative: in trained LLMs the first token of a window (an attention sink) can carry almost all of a block
+    output's squared norm, so a plain MSE fits the rounding to that one token and wrecks the rest (docs/results.md
+    measures it on the embedded model). Default of BRECQ and QDrop."""
     err = (pred.float() - target.float()).pow(2)
     if weight is not None:
         err = err * weight
@@ -262,23 +246,18 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     return err.mean()
 
 
-def pending(ctx: BlockContext) -> list[str]:
-    """The block's linears that get quantized and that no earlier step has solved yet."""
-    return [r for r in ctx.linears() if ctx.weight_spec(r) is not None and not ctx.is_quantized(r)]
-
-
 def pick(x: torch.Tensor, gen: torch.Generator, batch_size: int) -> torch.Tensor:
     """Indices of a random batch of rows of `x`."""
     return torch.randperm(x.shape[0], generator=gen)[:batch_size]
 
 
-def reconstruct_layers(ctx: BlockContext, args: ReconArgs) -> dict[str, list[float]]:
+def reconstruct_layers(ctx: BlockContext, args: ReconArgs, init: "Step | None" = None) -> dict[str, list[float]]:
     """AdaRound: each linear on its own output, in execution order, with inputs from the quantized path
     (so later layers see earlier layers' hardened weights); target = FP weight times the same input."""
     histories = {}
     x_all = ctx.q_inputs[: args.n_samples]
-    rels = pending(ctx)
-    initial = initial_rounding(ctx, rels, args.init)
+    rels = ctx.pending()
+    initial = initial_rounding(ctx, rels, init)
     trained: list[SoftRounding] = []
     for rel in rels:
         linear = ctx.linears()[rel]
@@ -314,7 +293,7 @@ def drop_activations(quantizers: list[ActQuantizer], p: float, gen: torch.Genera
             h.remove()
 
 
-def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, *, quantize_acts: bool,
+def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, init: "Step | None" = None, *, quantize_acts: bool,
                       drop: float | None = None, use_fp_inputs: bool = False,
                       fisher: torch.Tensor | None = None) -> list[float]:
     """BRECQ / QDrop: all of the block's rounding variables (and static activation step sizes, by LSQ)
@@ -324,13 +303,13 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, *, quantize_acts:
     every activation quantizer's output are mixed element-wise with their FP values (QDrop)."""
     if ctx.fp_outputs is None:
         raise LowbitError("block reconstruction needs FP targets: the step must set needs_fp_targets")
-    rels = pending(ctx)
+    rels = ctx.pending()
     n = args.n_samples
     q_in, fp_in, target = ctx.q_inputs[:n], ctx.fp_inputs[:n], ctx.fp_outputs[:n]
-    initial = initial_rounding(ctx, rels, args.init)
+    initial = initial_rounding(ctx, rels, init)
     quantizers = ctx.state.quantizers(ctx.name + ".") if quantize_acts else []
     if quantizers:
-        calibrate_act_quantizers(ctx)
+        ctx.calibrate_activations()
     steps_sizes = [q.scale for q in quantizers if q.scale is not None]
     drop_gen = torch.Generator().manual_seed(args.seed + 1)
     weights = fisher[:n] if fisher is not None else None

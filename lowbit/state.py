@@ -2,7 +2,7 @@
 
 Weights are stored dequantized in the model itself, so the model saves as a plain transformers checkpoint;
 `QuantState` keeps each quantized linear's format and parameters (needed for export and packing), the
-activation quantizers, and online input transforms (e.g. a Hadamard transform before a down projection),
+activation quantizers, sparsity masks, and online input transforms (e.g. a Hadamard transform before a down projection),
 attached through one forward pre-hook per module. `lowbit.runfolder` saves and loads it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
-from lowbit.formats import QuantSpec
+from lowbit.formats import QuantSpec, recover_codes
 
 # name -> factory(config, module) -> function applied to the module's input; steps register theirs
 INPUT_TRANSFORMS: dict[str, Callable[[dict, nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {}
@@ -30,33 +30,45 @@ def register_input_transform(kind: str):
 
 @dataclass
 class WeightRecord:
-    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero."""
+    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero.
+
+    `scale` is the effective float32 scale; NVFP4 also records its per-tensor `global_scale` (stored block
+    scales are scale * global_scale, exactly e4m3 values).
+    """
 
     spec: QuantSpec
     scale: torch.Tensor
     zero: torch.Tensor
+    global_scale: torch.Tensor | None = None
+
+    def codes(self, weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+        """The codes of this record's dequantized `weight` (see `formats.recover_codes`)."""
+        return recover_codes(weight, self.scale, self.zero, self.spec, name)
 
 
 @dataclass
 class QuantState:
+    """Per module name: weight records, input and output activation quantizers, online input transforms."""
+
     weights: dict[str, WeightRecord] = field(default_factory=dict)
-    inputs: dict[str, ActQuantizer] = field(default_factory=dict)
-    outputs: dict[str, ActQuantizer] = field(default_factory=dict)
+    input_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
+    output_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     transforms: dict[str, dict] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weights (True = exactly zero), by linear
     _handles: list = field(default_factory=list)
 
     def install(self, model: nn.Module, prefix: str = "") -> None:
         """(Re)attach hooks for every module under `prefix` that has a transform or quantizer."""
         self.uninstall(prefix)
-        names = {n for n in (*self.inputs, *self.outputs, *self.transforms) if n.startswith(prefix)}
+        names = {n for n in (*self.input_quantizers, *self.output_quantizers, *self.transforms) if n.startswith(prefix)}
         for name in sorted(names):
             module = model.get_submodule(name)
             transform = self._transform_fn(name, module)
-            quant = self.inputs.get(name)
+            quant = self.input_quantizers.get(name)
             if transform or quant:
                 self._handles.append((name, module.register_forward_pre_hook(_input_hook(transform, quant))))
-            if name in self.outputs:
-                self._handles.append((name, module.register_forward_hook(_output_hook(self.outputs[name]))))
+            if name in self.output_quantizers:
+                self._handles.append((name, module.register_forward_hook(_output_hook(self.output_quantizers[name]))))
 
     def uninstall(self, prefix: str = "") -> None:
         keep = []
@@ -72,7 +84,7 @@ class QuantState:
         return INPUT_TRANSFORMS[cfg["kind"]](cfg, module) if cfg else None
 
     def quantizers(self, prefix: str = "") -> list[ActQuantizer]:
-        return [q for n, q in (*self.inputs.items(), *self.outputs.items()) if n.startswith(prefix)]
+        return [q for n, q in (*self.input_quantizers.items(), *self.output_quantizers.items()) if n.startswith(prefix)]
 
 
 def _input_hook(transform, quant):

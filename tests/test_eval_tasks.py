@@ -106,7 +106,7 @@ def test_w4a8_run_scores_differently_from_fp(make_run, tiny_llama, task_dir):
     run = make_run(W4, A8)
     include = [task_dir]
     quantized, tokenizer, state = load_run(run)
-    assert state.inputs
+    assert state.input_quantizers
     weights_only, _ = load_model(str(run / "model"))
     fp, _ = load_model(str(tiny_llama))
     ppl = {name: evaluate_tasks(m, tokenizer, ["tiny_ll"], include=include)["tiny_ll"]["perplexity"]

@@ -56,7 +56,7 @@ def _block_outputs(model, adapter, ids: torch.Tensor) -> list[torch.Tensor]:
 def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
     recipe = load_recipe(recipe_path, [])
     peer = json.loads((Path(peer_dir) / "peer_metrics.json").read_text())
-    spec = recipe.settings().weights
+    spec = recipe.plan().weights
     if (peer["bits"], peer["group_size"], peer["symmetric"]) != (spec.bits, spec.group_size, spec.symmetric):
         raise LowbitError(f"peer format {peer['bits']} bits g{peer['group_size']} sym={peer['symmetric']} differs from "
                           f"the recipe's {spec.describe()}")

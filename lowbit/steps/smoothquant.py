@@ -8,14 +8,18 @@ with that group's weights and activations quantized. The FP model is unchanged u
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from pydantic import Field
 
-from lowbit.blockloss import channel_ranges, quantized_error, restore, scope_output, snapshot
+from lowbit.context import BlockContext, ModelContext
 from lowbit.errors import LowbitError
 from lowbit.fold import pair_reduce, scale_norm_group, scale_pair
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.search import channel_ranges, quantized_error, scope_output
 from lowbit.steps.base import Step, StepArgs, register_step
+
+log = logging.getLogger("lowbit")
 
 
 class SmoothQuantArgs(StepArgs):
@@ -42,7 +46,7 @@ class SmoothQuant(Step):
         if grid is not None:
             if not grid or any(not 0 <= a <= 1 for a in grid):
                 raise LowbitError(f"smoothquant.alpha_grid must be a non-empty list of values in [0, 1], got {grid}")
-            if ctx.settings.activations is None:
+            if ctx.plan.activations is None:
                 raise LowbitError("smoothquant.alpha_grid searches with quantized activations: set `activations` "
                                   "in the recipe or drop alpha_grid")
 
@@ -51,32 +55,34 @@ class SmoothQuant(Step):
         sites = [(g.linears, g.linears[0], lambda s, g=g: scale_norm_group(block, g, s), None)
                  for g in adapter.norm_groups]
         if self.args.pairs:
-            sites += [((p.prev, *p.nexts), p.nexts[0], lambda s, p=p: scale_pair(block, adapter, p, s), p)
+            sites += [((p.prev, *p.nexts), p.nexts[0], lambda s, p=p: scale_pair(block, p, s, ctx.head_dim), p)
                       for p in adapter.linear_pairs]
         x = ctx.q_inputs[: self.args.search_samples]
         target = scope_output(ctx, x, None) if self.args.alpha_grid else None
         ranges = channel_ranges(ctx, [site[1] for site in sites])  # the transforms are exact: measure once
+        chosen = {}
         for rels, reader, apply, pair in sites:
             lo, hi = ranges[reader]
             act_max = torch.maximum(lo.abs(), hi.abs())
             readers = pair.nexts if pair else rels
             w_max = torch.stack([block.get_submodule(r).weight.detach().float().abs().amax(0) for r in readers]).amax(0)
             if pair is not None:
-                act_max = pair_reduce(block, adapter, pair, act_max)
-                w_max = pair_reduce(block, adapter, pair, w_max)
+                act_max = pair_reduce(block, pair, act_max, ctx.head_dim)
+                w_max = pair_reduce(block, pair, w_max, ctx.head_dim)
             alpha = self.args.alpha
             if self.args.alpha_grid:
                 alpha = self._search(ctx, x, target, rels, apply, act_max, w_max)
+            chosen[reader] = alpha
             apply(smoothing_scale(act_max, w_max, alpha))
+        log.info("smoothquant %s: alpha %s", ctx.name, chosen)
 
     def _search(self, ctx: BlockContext, x, target, rels, apply, act_max, w_max) -> float:
         """Alpha from the grid with the lowest block output error when this site is quantized."""
-        snap = snapshot(ctx)
         best, best_err = self.args.alpha, float("inf")
         for alpha in self.args.alpha_grid:
-            apply(smoothing_scale(act_max, w_max, alpha))
-            err = quantized_error(ctx, x, target, rels, None)
-            restore(ctx, snap)
+            with ctx.trial():
+                apply(smoothing_scale(act_max, w_max, alpha))
+                err = quantized_error(ctx, x, target, rels, None)
             if err < best_err:
                 best, best_err = alpha, err
         return best
