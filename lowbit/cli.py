@@ -137,6 +137,13 @@ def _cmd_bench_layers(args: argparse.Namespace) -> None:
                                     threads=args.threads)))
 
 
+def _cmd_bench_sparse(args: argparse.Namespace) -> None:
+    from lowbit.kernels.sparse import bench_sparse, sparse_table
+
+    print(sparse_table(bench_sparse(args.out_features, args.in_features, repeats=args.repeats,
+                                    threads=args.threads)))
+
+
 def _cmd_steps(_args: argparse.Namespace) -> None:
     from lowbit.steps import STEPS
 
@@ -357,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--threads", type=_threads, default=1)
     bl.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bl.set_defaults(fn=_cmd_bench_layers)
+    bp = bsub.add_parser("sparse", help="ms per call of a pruned layer: CSR at 50-90%% unstructured vs dense (and 2:4 "
+                                        "semi-structured vs dense on a CUDA GPU)")
+    bp.add_argument("--out-features", type=int, default=1536)
+    bp.add_argument("--in-features", type=int, default=576)
+    bp.add_argument("--repeats", type=int, default=20)
+    bp.add_argument("--threads", type=int, default=1)
+    bp.set_defaults(fn=_cmd_bench_sparse)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
     s.add_argument("--quiet", action="store_true", help="no progress or informational output")

@@ -94,7 +94,7 @@ class SoftRounding(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor,
-                 initial_h: torch.Tensor | None = None):
+                 initial_h: torch.Tensor | None = None, pruned: torch.Tensor | None = None):
         super().__init__()
         if spec.format != "int":
             raise LowbitError(f"learned rounding needs an integer weight format, got {spec.describe()}")
@@ -106,13 +106,16 @@ class SoftRounding(nn.Module):
         self.register_buffer("floor", torch.floor(scaled))
         h0 = scaled - self.floor if initial_h is None else group_view(initial_h.float(), spec)
         self.v = nn.Parameter(inverse_rectified_sigmoid(h0))
+        # pruned weights (sparsity mask) stay exactly zero whatever their rounding variable does
+        self.register_buffer("keep", None if pruned is None else ~pruned)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def _weight(self, offset: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(self.floor + offset + self.zero, self.spec.qmin, self.spec.qmax)
-        return ((q - self.zero) * self.scale).reshape(self.shape)
+        w = ((q - self.zero) * self.scale).reshape(self.shape)
+        return w if self.keep is None else w * self.keep
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         return self._weight(self.h()).to(original.dtype)
@@ -174,7 +177,7 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
                     h0, scale, zero = initial[rel]
                 else:
                     (scale, zero), h0 = observe(w.float(), spec, args.observer or ctx.plan.weight_observer), None
-                mods[rel] = SoftRounding(w, spec, scale, zero, h0)
+                mods[rel] = SoftRounding(w, spec, scale, zero, h0, ctx.state.masks.get(ctx.full_name(rel)))
                 parametrize.register_parametrization(linears[rel], "weight", mods[rel], unsafe=True)
             yield mods
         finally:

@@ -146,7 +146,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int, ma
     gw = group_view(w, spec).reshape(w.shape[0], -1, group_view(w, spec).shape[-1])  # [out, ng, g]
     xg = x.reshape(x.shape[0], gw.shape[1], gw.shape[2]).transpose(0, 1)  # [ng, t, g]
     lo0, hi0 = gw.amin(-1), gw.amax(-1)
-    row_spec = spec.with_(granularity="channel", group_size=None)
+    row_spec = spec.row_spec()
     best = torch.full_like(lo0, float("inf"))
     best_r = torch.ones_like(lo0)
     for i in range(int(max_shrink * grid) + 1):

@@ -251,6 +251,7 @@ class QLLM(Step):
     name = "qllm"
     Args = QLLMArgs
     needs_fp_targets = True
+    keeps_zeros = False
 
     def on_block(self, ctx: BlockContext) -> None:
         chosen = reassemble_block(ctx, self.args)

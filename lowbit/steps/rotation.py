@@ -173,6 +173,7 @@ class Rotation(Step):
 
     name = "rotate"
     Args = RotationArgs
+    keeps_zeros = False
 
     def before_blocks(self, ctx: ModelContext) -> None:
         rotate_model(ctx, self.args)
