@@ -16,13 +16,14 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
+from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
 from lowbit.loading import cache_dir, empty_model, load_model, resolve_model_path
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, check_finite, compress, validate
+from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
 from lowbit.runfolder import new_run_id, save_run, seal_run
@@ -90,10 +91,10 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_before_loading(recipe: Recipe, settings: Settings) -> int:
+def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
     empty = empty_model(recipe.model, DTYPES[recipe.dtype])
-    validate(empty, get_adapter(empty), settings)
+    validate(empty, get_adapter(empty), plan)
     params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
 
@@ -124,9 +125,9 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
 
     Without an explicit `out_dir` the folder is runs/NAME-TIMESTAMP, suffixed -2, -3, ... if a concurrent run
     took that name first. An interrupted run leaves at most a hidden staging folder that names its process."""
-    settings: Settings = recipe.settings()
+    plan = recipe.plan()
     steps = recipe.build_steps()
-    need_bytes = check_before_loading(recipe, settings)
+    need_bytes = check_before_loading(recipe, plan)
     staging = None
     if recipe.save:
         explicit = out_dir is not None
@@ -134,7 +135,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         staging = _staging_folder(out_dir, explicit, need_bytes)
     handler = _log_to(staging)
     try:
-        result = _run(recipe, settings, steps, staging, progress)
+        result = _run(recipe, plan, steps, staging, progress)
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
@@ -162,7 +163,7 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -172,9 +173,10 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype])
     adapter = get_adapter(model)
     log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
-    metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
-                     "weights": settings.weights.describe() if settings.weights else "fp",
-                     "activations": settings.activations.describe() if settings.activations else "fp",
+    metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model,
+                     "steps": [s.name for s in recipe.steps],
+                     "weights": plan.weights.describe() if plan.weights else "fp",
+                     "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
     if recipe.evaluation and recipe.evaluation.baseline:
         metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress)
@@ -184,7 +186,7 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
     start = time.perf_counter()
-    state = compress(model, adapter, settings, steps, calib_ids, progress=progress)
+    state = compress(model, adapter, plan, steps, calib_ids, progress=progress)
     metrics["quant_time_s"] = time.perf_counter() - start
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
