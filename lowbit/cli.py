@@ -186,6 +186,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_at_least(low: int):
+    """An argparse type: a whole number >= `low` (hostile values fail at parsing, before any work)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -198,6 +199,7 @@ def _int_at_least(low: int):
 
 
 def _threads(text: str) -> int:
+    """A thread count from 1 to 4 x the CPUs (more only thrashes; 100000 would hang thread creation)."""
     from lowbit.recipe import MAX_THREADS
 
     value = _int_at_least(1)(text)
@@ -207,6 +209,7 @@ def _threads(text: str) -> int:
 
 
 def _bits(text: str) -> int:
+    """A bit width the formats support (2 to 8), or 16 for "keep FP"."""
     value = _int_at_least(0)(text)
     if not (2 <= value <= 8 or value == 16):
         raise argparse.ArgumentTypeError(f"must be 2 to 8, or 16 to keep FP, got {value}")
@@ -214,6 +217,7 @@ def _bits(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
+    """A number in [0, 1] (NaN refused)."""
     try:
         value = float(text)
     except ValueError:
@@ -224,6 +228,7 @@ def _fraction(text: str) -> float:
 
 
 def _tolerance(text: str) -> float:
+    """A finite number >= 0 (NaN and infinity refused)."""
     try:
         value = float(text)
     except ValueError:

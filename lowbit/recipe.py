@@ -38,7 +38,8 @@ class FormatConfig(_Strict):
     clip_ratio: float = Field(1.0, gt=0, le=1)  # dynamic activations only: shrink each token's range (QuaRot: 0.9)
 
     @model_validator(mode="after")
-    def _group_size_implies_group(self) -> "FormatConfig":
+    def _refuse_contradictions(self) -> "FormatConfig":
+        """Keys that cannot hold together are refused, naming both, rather than one silently winning."""
         given = self.model_fields_set
         if self.fp_variant is not None and self.format != "fp":
             raise ValueError(f"fp_variant: {self.fp_variant} contradicts format: {self.format} (a variant names an FP "
@@ -48,6 +49,10 @@ class FormatConfig(_Strict):
         if self.group_size is not None and "granularity" in given and self.granularity not in ("group", "channel"):
             raise ValueError(f"group_size: {self.group_size} contradicts granularity: {self.granularity}: "
                              f"use granularity: group or remove group_size")
+        return self
+
+    @model_validator(mode="after")
+    def _group_size_implies_group(self) -> "FormatConfig":
         if self.group_size is not None and self.granularity == "channel":
             self.granularity = "group"
         return self
