@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 log = logging.getLogger("lowbit")
 MANIFEST = "manifest.json"
 _STAGING = re.compile(r"^\.(?P<final>.+)\.lowbit-partial\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]+$")
+_OLD_STAGING = re.compile(r"^\..+\.tmp-\w+$")  # lowbit before owner-named staging: no owner to check
 
 
 def _process_start(pid: int) -> int | None:
@@ -70,6 +71,9 @@ def sweep_leftovers(folder: Path) -> list[Path]:
     except OSError:
         return removed
     for path in entries:
+        if _OLD_STAGING.match(path.name):
+            log.warning("%s looks like an unfinished result of an older lowbit; remove it if no lowbit is running",
+                        path)
         m = _STAGING.match(path.name)
         if m is None or _owner_alive(int(m["pid"]), int(m["start"])):
             continue
