@@ -137,6 +137,13 @@ def _cmd_bench_layers(args: argparse.Namespace) -> None:
                                     threads=args.threads)))
 
 
+def _cmd_bench_sparse(args: argparse.Namespace) -> None:
+    from lowbit.kernels.sparse import bench_sparse, sparse_table
+
+    print(sparse_table(bench_sparse(args.out_features, args.in_features, repeats=args.repeats,
+                                    threads=args.threads)))
+
+
 def _cmd_steps(_args: argparse.Namespace) -> None:
     from lowbit.steps import STEPS
 
@@ -241,6 +248,16 @@ def _tolerance(text: str) -> float:
 POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _text_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The evaluation text options shared by eval and verify."""
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seq-len", type=POSITIVE, default=2048)
+    p.add_argument("--max-tokens", type=NONNEGATIVE, default=max_tokens, help="0 = whole split")
+    p.add_argument("--threads", type=_threads)
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,12 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
     e.add_argument("model")
-    e.add_argument("--data", default="wikitext2")
-    e.add_argument("--split", default="test")
-    e.add_argument("--seq-len", type=POSITIVE, default=2048)
-    e.add_argument("--max-tokens", type=NONNEGATIVE, default=32768, help="0 = whole split")
-    e.add_argument("--threads", type=_threads)
-    e.add_argument("--quiet", action="store_true")
+    _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
@@ -306,16 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
     v.add_argument("run")
     v.add_argument("export")
-    v.add_argument("--data", default="wikitext2")
-    v.add_argument("--split", default="test")
-    v.add_argument("--seq-len", type=POSITIVE, default=2048)
-    v.add_argument("--max-tokens", type=NONNEGATIVE, default=16384, help="0 = whole split")
-    v.add_argument("--threads", type=_threads)
+    _text_arguments(v, max_tokens=16384)
     v.add_argument("--min-top1", type=_fraction, default=0.85,
                    help="fail (exit 1) if top-1 agreement is lower (default 0.85)")
     v.add_argument("--max-ppl-diff", type=_tolerance, default=0.02,
                    help="fail (exit 1) if |ppl_export - ppl_run| / ppl_run is larger (default 0.02)")
-    v.add_argument("--quiet", action="store_true")
     v.set_defaults(fn=_cmd_verify)
     g = sub.add_parser("generate", help="greedy text generation from a run, on real low-bit kernels or simulated")
     g.add_argument("run", help="a run folder written by 'lowbit run' or 'lowbit quantize'")
@@ -362,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--threads", type=_threads, default=1)
     bl.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bl.set_defaults(fn=_cmd_bench_layers)
+    bp = bsub.add_parser("sparse", help="ms per call of a pruned layer: CSR at 50-90%% unstructured vs dense (and 2:4 "
+                                        "semi-structured vs dense on a CUDA GPU)")
+    bp.add_argument("--out-features", type=int, default=1536)
+    bp.add_argument("--in-features", type=int, default=576)
+    bp.add_argument("--repeats", type=int, default=20)
+    bp.add_argument("--threads", type=int, default=1)
+    bp.set_defaults(fn=_cmd_bench_sparse)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
     s.add_argument("--quiet", action="store_true", help="no progress or informational output")

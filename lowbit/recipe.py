@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings
-from lowbit.formats import QuantSpec
+from lowbit.formats import NAMED_FORMATS, QuantSpec
 from lowbit.loading import EMBEDDED
+from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
 
 
@@ -24,23 +25,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_NAMED_NOTES = {"mxfp4": "fp4 e2m1 in groups of 32 with E8M0 scales", "nvfp4": "fp4 e2m1 in groups of 16 with "
+                "FP8 e4m3 scales and an FP32 per-tensor scale", "mxfp8": "fp8 e4m3 in groups of 32 with E8M0 scales"}
+_FORMAT_FIELDS = ("bits", "symmetric", "granularity", "group_size", "fp_variant", "block")
+
+
 class FormatConfig(_Strict):
-    """A number format (see `lowbit.formats.QuantSpec`) plus the observer that picks its range."""
+    """A number format (see `lowbit.formats.QuantSpec`) plus the observer that picks its range.
+
+    `format` is int, fp, or a named microscaling format (mxfp4, nvfp4, mxfp8) that fixes every other format field.
+    """
 
     bits: int = 4
-    format: Literal["int", "fp"] = "int"
+    format: Literal["int", "fp", "mxfp4", "nvfp4", "mxfp8"] = "int"
     symmetric: bool = True
-    granularity: Literal["tensor", "channel", "group", "token"] = "channel"
+    granularity: Literal["tensor", "channel", "group", "token", "block"] = "channel"
     group_size: int | None = None
+    block: tuple[int, int] | None = None  # 2-D weight tiles [rows, columns] sharing one scale, e.g. [128, 128]
     dynamic: bool = False
     fp_variant: Literal["e4m3", "e5m2", "e2m1"] | None = None
     observer: Literal["minmax", "mse", "percentile"] = "minmax"
     clip_ratio: float = Field(1.0, gt=0, le=1)  # dynamic activations only: shrink each token's range (QuaRot: 0.9)
 
     @model_validator(mode="after")
-    def _refuse_contradictions(self) -> "FormatConfig":
-        """Keys that cannot hold together are refused, naming both, rather than one silently winning."""
+    def _consistent(self) -> "FormatConfig":
         given = self.model_fields_set
+        if self.format in NAMED_FORMATS:
+            extra = [k for k in _FORMAT_FIELDS if k in given]
+            if extra:
+                raise ValueError(f"{extra[0]} does not apply to format {self.format} ({_NAMED_NOTES[self.format]}); "
+                                 f"remove it")
+            return self
         if self.fp_variant is not None and self.format != "fp":
             raise ValueError(f"fp_variant: {self.fp_variant} contradicts format: {self.format} (a variant names an FP "
                              f"format): set format: fp or remove fp_variant")
@@ -51,15 +66,11 @@ class FormatConfig(_Strict):
                              f"use granularity: group or remove group_size")
         return self
 
-    @model_validator(mode="after")
-    def _group_size_implies_group(self) -> "FormatConfig":
-        if self.group_size is not None and self.granularity == "channel":
-            self.granularity = "group"
-        return self
-
     def spec(self) -> QuantSpec:
+        if self.format in NAMED_FORMATS:
+            return QuantSpec.named(self.format, dynamic=self.dynamic)
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
-                         group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant)
+                         group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant, block=self.block)
 
 
 class CalibrationConfig(_Strict):
@@ -127,6 +138,11 @@ class Recipe(_Strict):
     def plan(self) -> FormatPlan:
         """The run's formats plan; refuses format combinations no step can honour."""
         acts = self.activations.spec() if self.activations else None
+        if acts is not None and acts.granularity == "block":
+            raise LowbitError("activations cannot use 2-D blocks: use per-token groups (group_size: 128, dynamic: true)")
+        if acts is not None and acts.scale_format == "e4m3":
+            raise LowbitError("activations: nvfp4 needs a calibrated per-tensor scale, which lowbit does not implement; "
+                              "use mxfp4 or mxfp8 (dynamic: true) or fp8")
         if acts is not None and not acts.dynamic and acts.granularity != "tensor":
             raise LowbitError("static activation quantization is per-tensor: set activations.granularity: tensor, "
                               "or dynamic: true for per-token")
@@ -147,7 +163,9 @@ class Recipe(_Strict):
         )
 
     def build_steps(self) -> list[Step]:
-        return [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
+        steps = [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
+        validate_order(steps)
+        return steps
 
 
 def _format_validation(exc: ValidationError) -> str:
@@ -201,10 +219,20 @@ def parse_recipe(data: dict) -> Recipe:
     except TypeError as exc:
         raise LowbitError(f"recipe error: {exc}") from None
     plan = recipe.plan()
-    recipe.build_steps()
+    _check_solvers(plan, recipe.build_steps())
     if recipe.target is not None:
         check_settings(recipe.target, plan)
     return recipe
+
+
+def _check_solvers(plan: FormatPlan, steps: list[Step]) -> None:
+    """NVFP4's per-tensor scale is shared by fused linears; only rtn and gptq solve with it (else: error, up front)."""
+    specs = [plan.weights, *(spec for _, spec in plan.overrides)]
+    if any(spec is not None and spec.scale_format == "e4m3" for spec in specs):
+        other = next((s.name for s in steps if s.solves_weights and s.name not in ("rtn", "gptq")), None)
+        if other is not None:
+            raise LowbitError(f"step {other} cannot solve nvfp4 weights (their per-tensor scale is shared by fused "
+                              f"linears): use rtn or gptq, or another weight format")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -27,6 +27,7 @@ from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
 from lowbit.runfolder import new_run_id, save_run, seal_run
+from lowbit.sparsity import sparsity_report
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -191,6 +192,11 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, pr
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
     metrics["size_mb"] = model_size(model, state) / 1e6
+    sparsity = sparsity_report(model, adapter, state)
+    if sparsity is not None:
+        metrics["sparsity"] = sparsity
+        log.info("sparsity %.4f%% of %d block weights; per layer %s", 100 * sparsity["overall"], sparsity["weights"],
+                 sparsity["layers"])
     log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
 
     if recipe.evaluation:

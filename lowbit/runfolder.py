@@ -2,7 +2,7 @@
 
 A run folder holds recipe.yaml (the validated recipe), metrics.json, run.log, model/ (a transformers
 checkpoint with fake-quantized weights), quant_state.json (formats, transforms), quant_state.safetensors
-(scales, zero points, static activation ranges) and manifest.json (the run id, and the size and sha256 of
+(scales, zero points, static activation ranges, sparsity masks) and manifest.json (the run id, and the size and sha256 of
 every file, checked before a run is read back). Runs written before manifests existed load unchecked.
 """
 from __future__ import annotations
@@ -23,23 +23,29 @@ from lowbit.errors import LowbitError
 from lowbit.files import check_manifest, read_manifest, write_atomic, write_manifest
 from lowbit.formats import QuantSpec
 from lowbit.loading import load_model
+from lowbit.sparsity import check_model_masks
 from lowbit.state import QuantState, WeightRecord
 
 
 def save_state(state: QuantState, directory: Path) -> None:
     """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
-    tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms}
+    tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms,
+                         "masks": sorted(state.masks)}
     for name, rec in state.weights.items():
-        meta["weights"][name] = _spec_dict(rec.spec)
+        meta["weights"][name] = rec.spec.to_dict()
         tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
+        if rec.global_scale is not None:
+            tensors[f"{name}.weight_global_scale"] = rec.global_scale.reshape(1).contiguous()
         tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
     for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
         for name, q in table.items():
-            meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
+            meta[kind][name] = {"spec": q.spec.to_dict(), "observer": q.observer, "static": q.scale is not None,
                                 "clip_ratio": q.clip_ratio}
             if q.scale is not None:
                 tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
                 tensors[f"{name}.{kind}_zero"] = q.zero.contiguous()
+    for name, mask in state.masks.items():
+        tensors[f"{name}.weight_mask"] = mask.to(torch.uint8).contiguous()
     write_atomic(directory / "quant_state.json", json.dumps(meta, indent=1))
     write_atomic(directory / "quant_state.safetensors", save(tensors))
 
@@ -59,21 +65,18 @@ def _read_state(directory: Path) -> QuantState:
     tensors = load_file(str(directory / "quant_state.safetensors"))
     state = QuantState(transforms=dict(meta["transforms"]))
     for name, spec in meta["weights"].items():
-        state.weights[name] = WeightRecord(QuantSpec(**spec), tensors[f"{name}.weight_scale"],
-                                           tensors[f"{name}.weight_zero"])
+        state.weights[name] = WeightRecord(QuantSpec.from_dict(spec), tensors[f"{name}.weight_scale"],
+                                           tensors[f"{name}.weight_zero"], tensors.get(f"{name}.weight_global_scale"))
     for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
         for name, info in meta[kind].items():
-            q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
+            q = ActQuantizer(QuantSpec.from_dict(info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
             if info["static"]:
                 q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                 q.zero = tensors[f"{name}.{kind}_zero"]
             table[name] = q
+    for name in meta.get("masks", []):
+        state.masks[name] = tensors[f"{name}.weight_mask"].bool()
     return state
-
-
-def _spec_dict(spec: QuantSpec) -> dict:
-    return {k: getattr(spec, k) for k in ("bits", "format", "symmetric", "granularity", "group_size", "dynamic",
-                                           "fp_variant")}
 
 
 def new_run_id() -> str:
@@ -138,5 +141,6 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
     check_run_folder(run_dir)
     model, tokenizer = load_model(str(run_dir / "model"), dtype)
     state = load_state(run_dir)
+    check_model_masks(model, state, f"loading {run_dir}")
     state.install(model)
     return model, tokenizer, state

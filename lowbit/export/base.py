@@ -16,11 +16,10 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
-from lowbit.formats import dequantize, quantize
+from lowbit.export.backends import Scheme, check_sparsity, check_transforms, get_target, select_scheme
 from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
 from lowbit.runfolder import check_run_folder, load_run, load_state, provenance
-from lowbit.state import QuantState, WeightRecord
+from lowbit.state import QuantState
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -72,6 +71,7 @@ def register_exporter(name: str, suffix: str = ""):
 def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
     """Check every quantized layer against the target (before loading the model) and pick its scheme."""
     check_transforms(target, state.transforms)
+    check_sparsity(target, state.masks)
     if state.output_quantizers:
         name = next(iter(state.output_quantizers))
         raise LowbitError(f"cannot export to {target}: output quantization (on {name}) is not supported by any "
@@ -97,7 +97,12 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
     if dtype not in DTYPES:
         raise LowbitError(f"unknown export dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     check_run_folder(run_dir)
-    schemes = plan_schemes(target, load_state(run_dir))
+    planned = load_state(run_dir)
+    schemes = plan_schemes(target, planned)
+    if planned.masks and not any(schemes.values()):
+        raise LowbitError(f"cannot export to {target}: the run is sparse with unquantized weights, and compressed-"
+                          f"tensors {ct_version()} writes sparsity only alongside quantized weights (its sparse "
+                          f"compressors are gone); {run_dir}/model is already the checkpoint, zeros included")
     if not any(schemes.values()):
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")
@@ -129,6 +134,13 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
             tmp.unlink(missing_ok=True)
 
 
+def ct_version() -> str:
+    """Installed compressed-tensors version (named in messages about what it can write)."""
+    from importlib.metadata import version
+
+    return version("compressed-tensors")
+
+
 PROVENANCE = "lowbit_provenance.json"  # in export folders; GGUF files hold the same keys as lowbit.* metadata
 
 
@@ -151,25 +163,6 @@ def export_provenance(path: Path) -> dict | None:
     found = {key: fields[f"lowbit.{key}"].contents() for key in ("run_id", "quant_state_sha256")
              if f"lowbit.{key}" in fields}
     return found or None
-
-
-@torch.no_grad()
-def run_codes(name: str, weight: torch.Tensor, rec: WeightRecord) -> torch.Tensor:
-    """The run's codes of a saved (dequantized) weight: integers, or FP grid values in units of the scale.
-
-    Refuses a weight that is not on its recorded grid (e.g. changed after quantization), since its codes
-    would not reproduce the simulated model.
-    """
-    w = weight.detach().float()
-    q = quantize(w, rec.scale, rec.zero, rec.spec)
-    err = (dequantize(q, rec.scale, rec.zero, rec.spec) - w).abs()
-    unit = dequantize(torch.ones_like(w), rec.scale, torch.zeros_like(rec.zero), rec.spec)
-    if rec.spec.format == "fp":
-        unit = unit * 2.0 ** (rec.spec.fp.min_normal_exp - rec.spec.fp.mbits)
-    if (err > 0.05 * unit + 2.0 ** -8 * w.abs()).any():
-        raise LowbitError(f"weight {name} is not on the grid recorded in quant_state (max error "
-                          f"{(err / unit).max().item():.3f} steps): the run folder is inconsistent; rerun it")
-    return q
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import LoadedRun, register_exporter, run_codes, stored_scale
+from lowbit.export.base import LoadedRun, register_exporter, stored_scale
 from lowbit.formats import QuantSpec
 
 BLOCK = 32
@@ -84,7 +84,7 @@ def quantized_tensor(name: str, linear: nn.Linear, run: LoadedRun, qtype, bits: 
     if not exact_grid(rec.spec, bits):
         w = w if row_order is None else w[row_order]
         return gguf.quants.quantize(w.numpy(), qtype), False
-    codes = run_codes(name, w, rec)
+    codes = rec.codes(w, name)
     d = _block_scales(rec, rows, cols)
     if row_order is not None:
         codes, d = codes[row_order], d[row_order]
