@@ -299,7 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
     rp.add_argument("runs", nargs="+")
-    rp.add_argument("--quiet", action="store_true", help="no progress or informational output")
     rp.set_defaults(fn=_cmd_report)
 
     x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
@@ -312,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("backends", help="which formats and granularities each export target executes")
-    b.add_argument("--quiet", action="store_true", help="no progress or informational output")
     b.set_defaults(fn=_cmd_backends)
 
     v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
@@ -346,7 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-tokens", type=NONNEGATIVE, default=4096)
     k.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     k.add_argument("--threads", type=_threads)
-    k.add_argument("--quiet", action="store_true", help="no progress or informational output")
     k.set_defaults(fn=_cmd_kernels)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -360,27 +357,37 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--warmup", type=NONNEGATIVE, default=1)
     bs.add_argument("--threads", type=_threads, default=1)
     bs.add_argument("--json", help="also write the rows as JSON to this file")
-    bs.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bs.set_defaults(fn=_cmd_bench_speed)
     bl = bsub.add_parser("layers", help="ms per call of each packed layer type on one layer shape, 1 and 128 rows")
     bl.add_argument("--out-features", type=POSITIVE, default=1536)
     bl.add_argument("--in-features", type=POSITIVE, default=576)
     bl.add_argument("--repeats", type=POSITIVE, default=20)
     bl.add_argument("--threads", type=_threads, default=1)
-    bl.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bl.set_defaults(fn=_cmd_bench_layers)
     bp = bsub.add_parser("sparse", help="ms per call of a pruned layer: CSR at 50-90%% unstructured vs dense (and 2:4 "
                                         "semi-structured vs dense on a CUDA GPU)")
-    bp.add_argument("--out-features", type=int, default=1536)
-    bp.add_argument("--in-features", type=int, default=576)
-    bp.add_argument("--repeats", type=int, default=20)
-    bp.add_argument("--threads", type=int, default=1)
+    bp.add_argument("--out-features", type=POSITIVE, default=1536)
+    bp.add_argument("--in-features", type=POSITIVE, default=576)
+    bp.add_argument("--repeats", type=POSITIVE, default=20)
+    bp.add_argument("--threads", type=_threads, default=1)
     bp.set_defaults(fn=_cmd_bench_sparse)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
-    s.add_argument("--quiet", action="store_true", help="no progress or informational output")
     s.set_defaults(fn=_cmd_steps)
+    for command in commands(p).values():
+        if "--quiet" not in command.format_usage():
+            command.add_argument("--quiet", action="store_true", help="no progress or informational output")
     return p
+
+
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf subcommand ("run", "bench speed", ...) by its full name, so options apply to all of them."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(commands(sub, f"{prefix}{name} ") or {f"{prefix}{name}": sub})
+    return found
 
 
 def _on_signal(signum, _frame):

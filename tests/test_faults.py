@@ -577,3 +577,14 @@ def test_sweep_spares_live_owners_and_reports_old_leftovers(tmp_path, caplog):
         assert sweep_leftovers(tmp_path) == [dead]
     assert mine.exists() and old.exists() and not dead.exists()
     assert any(str(old) in r.message and "older lowbit" in r.message for r in caplog.records)
+
+
+def test_every_command_has_quiet_and_checked_numbers():
+    from lowbit.cli import build_parser, commands
+
+    found = commands(build_parser())
+    assert {"run", "quantize", "eval", "export", "verify", "bench speed", "steps"} <= set(found)
+    for name, parser in found.items():
+        assert "--quiet" in parser.format_usage(), name
+        plain = [a.dest for a in parser._actions if a.type in (int, float)]
+        assert plain == [], f"{name}: {plain} accept any number; use a checked type (POSITIVE, NONNEGATIVE, ...)"
