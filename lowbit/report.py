@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from lowbit.formats import bits_per_weight
+from lowbit.formats import storage_bits
 from lowbit.state import QuantState
 
 
 def model_size(model: nn.Module, state: QuantState | None) -> float:
-    """Bytes to store the weights: quantized linears at their bit width (scales, zero points included),
-    every other parameter at 16 bits; tied parameters counted once."""
+    """Bytes to store the weights: quantized linears with their codes and every scale and zero point (16-bit
+    scales, 8-bit e8m0 / e4m3 block scales, NVFP4's 32-bit tensor scale), every other parameter at 16 bits;
+    tied parameters counted once."""
     records = state.weights if state else {}
     seen, total_bits = set(), 0.0
     for name, module in model.named_modules():
@@ -18,7 +19,7 @@ def model_size(model: nn.Module, state: QuantState | None) -> float:
                 continue
             seen.add(id(p))
             rec = records.get(name) if pname == "weight" else None
-            total_bits += p.numel() * (bits_per_weight(rec.spec, p.shape[-1]) if rec else 16)
+            total_bits += storage_bits(rec.spec, tuple(p.shape)) if rec else p.numel() * 16
     return total_bits / 8
 
 

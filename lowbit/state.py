@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
-from lowbit.formats import QuantSpec
+from lowbit.formats import QuantSpec, recover_codes
 
 # name -> factory(config, module) -> function applied to the module's input; steps register theirs
 INPUT_TRANSFORMS: dict[str, Callable[[dict, nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {}
@@ -30,11 +30,20 @@ def register_input_transform(kind: str):
 
 @dataclass
 class WeightRecord:
-    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero."""
+    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero.
+
+    `scale` is the effective float32 scale; NVFP4 also records its per-tensor `global_scale` (stored block
+    scales are scale * global_scale, exactly e4m3 values).
+    """
 
     spec: QuantSpec
     scale: torch.Tensor
     zero: torch.Tensor
+    global_scale: torch.Tensor | None = None
+
+    def codes(self, weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+        """The codes of this record's dequantized `weight` (see `formats.recover_codes`)."""
+        return recover_codes(weight, self.scale, self.zero, self.spec, name)
 
 
 @dataclass
