@@ -128,6 +128,10 @@ class BlockContext:
     def name(self) -> str:
         return self.adapter.block_name(self.index)
 
+    @property
+    def head_dim(self) -> int:
+        return self.adapter.head_dim(self.model_ctx.model)
+
     def full_name(self, rel: str) -> str:
         return f"{self.name}.{rel}"
 

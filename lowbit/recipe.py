@@ -1,6 +1,8 @@
 """Recipes as data: YAML -> validated `Recipe`. Unknown keys and wrong types are errors naming the key."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,9 @@ from lowbit.export.backends import check_settings
 from lowbit.formats import NAMED_FORMATS, QuantSpec
 from lowbit.loading import EMBEDDED
 from lowbit.steps import Step, build_step
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 class _Strict(BaseModel):
@@ -42,12 +47,21 @@ class FormatConfig(_Strict):
     clip_ratio: float = Field(1.0, gt=0, le=1)  # dynamic activations only: shrink each token's range (QuaRot: 0.9)
 
     @model_validator(mode="after")
-    def _named_format_is_complete(self) -> "FormatConfig":
+    def _consistent(self) -> "FormatConfig":
+        given = self.model_fields_set
         if self.format in NAMED_FORMATS:
-            extra = [k for k in _FORMAT_FIELDS if k in self.model_fields_set]
+            extra = [k for k in _FORMAT_FIELDS if k in given]
             if extra:
                 raise ValueError(f"{extra[0]} does not apply to format {self.format} ({_NAMED_NOTES[self.format]}); "
                                  f"remove it")
+        if self.fp_variant is not None and self.format != "fp":
+            raise ValueError(f"fp_variant: {self.fp_variant} contradicts format: {self.format} (a variant names an FP "
+                             f"format): set format: fp or remove fp_variant")
+        if self.format == "fp" and "symmetric" in given and not self.symmetric:
+            raise ValueError("symmetric: false contradicts format: fp (FP formats are symmetric): remove one of them")
+        if self.group_size is not None and "granularity" in given and self.granularity not in ("group", "channel"):
+            raise ValueError(f"group_size: {self.group_size} contradicts granularity: {self.granularity}: "
+                             f"use granularity: group or remove group_size")
         return self
 
     def spec(self) -> QuantSpec:
@@ -84,7 +98,7 @@ class Recipe(_Strict):
     name: str = "run"
     model: str = EMBEDDED
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(None, gt=0)
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     seed: int = 0
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
     activations: FormatConfig | None = None
@@ -94,6 +108,13 @@ class Recipe(_Strict):
     evaluation: EvaluationConfig | None = EvaluationConfig()
     save: bool = True
     target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        """Run names become folder names: keep letters, digits, '.', '_', '+', '-'; no path separators, no '..'."""
+        safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", value).strip(".-")[:100]
+        return safe or "run"
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -147,7 +168,7 @@ def _format_validation(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"recipe error at {where or 'top level'}: {err['msg']}{more}"
+    return f"recipe error at {where or 'top level'}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -156,7 +177,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise LowbitError(f"--set expects key=value (e.g. weights.bits=3), got {item!r}")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise LowbitError(f"--set {key}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}): "
+                              f"quote it or fix it") from None
         parts = key.split(".")
         node: Any = data
         for part in parts[:-1]:
@@ -212,7 +237,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist: give the path to a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise LowbitError(f"recipe {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

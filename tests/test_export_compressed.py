@@ -84,6 +84,7 @@ def test_online_transform_is_refused(make_run, tmp_path):
         if f.is_file():
             (copy / f.name).write_bytes(f.read_bytes())
     (copy / "model").symlink_to(run / "model")
+    (copy / "manifest.json").unlink()  # a hand-edited folder: no manifest to contradict
     meta = json.loads((copy / "quant_state.json").read_text())
     meta["transforms"] = {"model.layers.0.mlp.down_proj": {"kind": "hadamard"}}
     (copy / "quant_state.json").write_text(json.dumps(meta))

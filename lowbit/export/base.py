@@ -5,18 +5,20 @@ the deployed model is the simulated one; only the scales are rounded to the dtyp
 """
 from __future__ import annotations
 
-import os
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
-from lowbit.runfolder import check_run_folder, load_run, load_state
+from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
+from lowbit.runfolder import check_run_folder, load_run, load_state, provenance
 from lowbit.state import QuantState, WeightRecord
 
 
@@ -33,6 +35,7 @@ class LoadedRun:
     state: QuantState
     schemes: dict[str, Scheme | None]  # every block linear -> the target scheme that runs it (None: unquantized)
     dtype: str = "bfloat16"  # dtype of stored scales and unquantized tensors, where the format leaves a choice
+    provenance: dict = field(default_factory=dict)  # run id and quant-state hash, recorded in every export
 
     def linear(self, name: str) -> nn.Linear:
         return self.model.get_submodule(name)
@@ -98,23 +101,55 @@ def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")
     out = Path(out) if out else run_dir / f"{target}{exporter.suffix}"
+    check_utf8_path(out, "export path")
     if out.exists():
         raise LowbitError(f"export path {out} already exists: choose another --out or remove it")
     model, tokenizer, state = load_run(run_dir)
     state.uninstall()
-    run = LoadedRun(run_dir, model, tokenizer, state, schemes, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    run = LoadedRun(run_dir, model, tokenizer, state, schemes, dtype, provenance(run_dir))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(out.parent)
+        tmp = staging_path(out)
+    except OSError as exc:
+        raise LowbitError(f"cannot write the export {out}: {exc.strerror or exc}: choose a writable --out") from None
     try:
         notes = exporter.write(run, tmp)
-        os.replace(tmp, out)
-    except BaseException:
+        if tmp.is_dir():
+            write_atomic(tmp / PROVENANCE, json.dumps(run.provenance, indent=1))
+        return ExportResult(publish(tmp, out, unique=False), target, notes)
+    except (OSError, SafetensorError) as exc:
+        raise LowbitError(f"writing the export {out} failed: {write_error(exc)}: free some space or choose "
+                          f"another --out; nothing was written") from None
+    finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-        raise
-    return ExportResult(out, target, notes)
+
+
+PROVENANCE = "lowbit_provenance.json"  # in export folders; GGUF files hold the same keys as lowbit.* metadata
+
+
+def export_provenance(path: Path) -> dict | None:
+    """The run id and quant-state hash an export was written from, None if it records none."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return json.loads((path / PROVENANCE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise LowbitError(f"{path / PROVENANCE} is damaged ({exc}): export the run again") from None
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+    except (OSError, ValueError, KeyError) as exc:
+        raise LowbitError(f"{path} is not a readable GGUF file ({exc}): export the run again") from None
+    found = {key: fields[f"lowbit.{key}"].contents() for key in ("run_id", "quant_state_sha256")
+             if f"lowbit.{key}" in fields}
+    return found or None
 
 
 def stored_scale(scale: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

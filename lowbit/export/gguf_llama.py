@@ -176,6 +176,9 @@ def write_gguf(run: LoadedRun, path: Path, qtype_name: str, bits: int) -> list[s
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype_name}"])
     add_tokenizer(writer, run.tokenizer, config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in run.provenance.items():
+        if value is not None:
+            writer.add_string(f"lowbit.{key}", value)
     heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
     exact, refit, kept = 0, [], []
     for pname, param in model.named_parameters():

@@ -140,7 +140,7 @@ class GPTQ(Step):
 
     By default all Hessians come from one pass over the block before any of it is quantized (as llm-compressor
     does); `true_sequential` quantizes q/k/v first, then collects o_proj's inputs through the quantized q/k/v,
-    and so on: one more partial block forward per group, for no measured gain on the embedded model.
+    and so on: one more partial block forward per group (docs/results.md compares both).
     """
 
     name = "gptq"
