@@ -119,7 +119,7 @@ def test_report_table(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("weights, activations, steps, words", [
-    ({"format": "mxfp4", "group_size": 16}, None, ["rtn"], "weights: group_size does not apply to format mxfp4"),
+    ({"format": "mxfp4", "group_size": 16}, None, ["rtn"], "at weights: group_size does not apply to format mxfp4"),
     ({"format": "fp", "bits": 8, "block": [128]}, None, ["rtn"], "weights.block.1"),
     ({"format": "fp", "bits": 8, "block": [128, 128]}, {"format": "fp", "bits": 8, "block": [1, 128]}, ["rtn"],
      "activations cannot use 2-D blocks"),
