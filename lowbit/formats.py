@@ -53,8 +53,12 @@ class QuantSpec:
     group_size: int | None = None
     dynamic: bool = False
     fp_variant: str | None = None
+    gguf: str | None = None  # a llama.cpp block type or mix ("q4_k", "q4_k_m"): see lowbit.gguf_types
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            from lowbit.gguf_types import apply_type
+            apply_type(self)
         if self.format not in ("int", "fp"):
             raise LowbitError(f"unknown number format {self.format!r}: use 'int' or 'fp'")
         if self.format == "int" and not 2 <= self.bits <= 8:
@@ -92,6 +96,8 @@ class QuantSpec:
         return replace(self, **changes)
 
     def describe(self) -> str:
+        if self.gguf is not None:
+            return f"gguf {self.gguf.upper()}"
         kind = f"fp{self.bits}-{self.fp_variant}" if self.format == "fp" else f"int{self.bits}"
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         sym = "" if self.format == "fp" else ("sym" if self.symmetric else "asym")
@@ -168,7 +174,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Qua
     if spec.format == "fp":
         q = round_minifloat(g / s, spec.fp)
     else:
-        q = torch.clamp(round_ste(g / s) + z, spec.qmin, spec.qmax)
+        q = torch.clamp(round_ste(g / s + z) if spec.gguf else round_ste(g / s) + z, spec.qmin, spec.qmax)
     return q.reshape(x.shape)
 
 

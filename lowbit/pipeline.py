@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, check_shape, fake_quant
+from lowbit.gguf_types import resolve, type_spec
 from lowbit.models.base import Adapter
 from lowbit.observers import observe
 from lowbit.state import QuantState, WeightRecord
@@ -100,7 +101,8 @@ class BlockContext:
         return self.adapter.linears(self.block)
 
     def weight_spec(self, rel: str) -> QuantSpec | None:
-        return self.settings.weight_spec_for(self.full_name(rel))
+        return linear_spec(self.settings, self.adapter, self.model_ctx.model, self.index, rel,
+                           self.block.get_submodule(rel))
 
     def is_quantized(self, rel: str) -> bool:
         return rel in self.quantized
@@ -199,12 +201,22 @@ def rtn_linear(ctx: BlockContext, rel: str, linear: nn.Linear, spec: QuantSpec, 
     ctx.set_quantized_weight(rel, fake_quant(w, scale, zero, spec), spec, scale, zero)
 
 
+def linear_spec(settings: Settings, adapter: Adapter, model: nn.Module, layer: int, rel: str,
+                linear: nn.Linear) -> QuantSpec | None:
+    """The weight format of one block linear: the recipe's, with a GGUF type or mix resolved for this tensor."""
+    spec = settings.weight_spec_for(f"{adapter.block_name(layer)}.{rel}")
+    if spec is None or spec.gguf is None:
+        return spec
+    gguf_name = adapter.gguf_block_name(rel) or rel
+    return type_spec(resolve(spec.gguf, gguf_name, layer, len(adapter.blocks(model)), linear.in_features))
+
+
 def validate(model: nn.Module, adapter: Adapter, settings: Settings) -> None:
     """Check every block linear against its format before any work starts (e.g. group size vs width)."""
     for i, block in enumerate(adapter.blocks(model)):
         for rel, linear in adapter.linears(block).items():
             name = f"{adapter.block_name(i)}.{rel}"
-            spec = settings.weight_spec_for(name)
+            spec = linear_spec(settings, adapter, model, i, rel, linear)
             if spec is not None:
                 check_shape(linear.weight.shape, spec, name)
             if settings.activations is not None and settings.activations.granularity == "group":

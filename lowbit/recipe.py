@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings
 from lowbit.formats import QuantSpec
+from lowbit.gguf_types import type_spec
 from lowbit.loading import EMBEDDED
 from lowbit.pipeline import Settings
 from lowbit.steps import Step, get_step
@@ -23,7 +24,8 @@ class FormatConfig(_Strict):
     """A number format (see `lowbit.formats.QuantSpec`) plus the observer that picks its range."""
 
     bits: int = 4
-    format: Literal["int", "fp"] = "int"
+    format: Literal["int", "fp", "gguf"] = "int"
+    type: str | None = None  # format gguf: a llama.cpp type or mix (q4_0, q4_k, q6_k, q4_k_m, ...; see lowbit.gguf_types)
     symmetric: bool = True
     granularity: Literal["tensor", "channel", "group", "token"] = "channel"
     group_size: int | None = None
@@ -39,6 +41,11 @@ class FormatConfig(_Strict):
         return self
 
     def spec(self) -> QuantSpec:
+        if self.format == "gguf" or self.type is not None:
+            if self.format != "gguf" or self.type is None:
+                raise LowbitError("a GGUF format is written {format: gguf, type: q4_k} (both keys): e.g. type q4_0, "
+                                  "q8_0, q4_k, q6_k or the mix q4_k_m")
+            return type_spec(self.type)
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
                          group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant)
 
@@ -100,6 +107,9 @@ class Recipe(_Strict):
 
     def settings(self) -> Settings:
         acts = self.activations.spec() if self.activations else None
+        if acts is not None and acts.gguf is not None:
+            raise LowbitError("GGUF types are weight formats (llama.cpp quantizes activations itself): remove "
+                              "activations.format: gguf")
         if acts is not None and not acts.dynamic and acts.granularity != "tensor":
             raise LowbitError("static activation quantization is per-tensor: set activations.granularity: tensor, "
                               "or dynamic: true for per-token")

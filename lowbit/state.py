@@ -114,7 +114,7 @@ class QuantState:
 
 def _spec_dict(spec: QuantSpec) -> dict:
     return {k: getattr(spec, k) for k in ("bits", "format", "symmetric", "granularity", "group_size", "dynamic",
-                                           "fp_variant")}
+                                           "fp_variant", "gguf")}
 
 
 def _input_hook(transform, quant):

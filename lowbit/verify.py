@@ -69,7 +69,7 @@ def load_exported(path: str | Path) -> nn.Module:
     """An exported model on the CPU in float32: a .gguf file (transformers' GGUF loader) or a
     compressed-tensors folder (transformers + compressed-tensors)."""
     from lowbit.export.compressed import load_compressed
-    from lowbit.export.gguf_llama import load_gguf
+    from lowbit.export.gguf_file import load_gguf
 
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":

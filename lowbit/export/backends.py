@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
+from lowbit import gguf_types
 from lowbit.formats import QuantSpec
 
 ANY = None  # a scheme field set to ANY accepts every value
@@ -50,12 +51,17 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         Scheme("int-quantized", ("int8",), ("symmetric",), ("per-channel", "per-tensor"), _INT8_ACTS, "W8A8"),
         Scheme("float-quantized", ("fp8-e4m3",), ANY, ("per-channel", "per-tensor"), ("none", *_FP8_ACTS), "FP8"),
     )),
-    Target("gguf-q8_0", "llama.cpp", (Scheme("Q8_0", ("int8",), ANY, ANY, ("none",), _GGUF_NOTE),)),
-    Target("gguf-q4_0", "llama.cpp", (Scheme("Q4_0", ("int4",), ANY, ANY, ("none",), _GGUF_NOTE),)),
+    Target("gguf-q8_0", "llama.cpp", (Scheme("Q8_0", ("int8", "gguf-q8_0"), ANY, ANY, ("none",), _GGUF_NOTE),)),
+    Target("gguf-q4_0", "llama.cpp", (Scheme("Q4_0", ("int4", "gguf-q4_0"), ANY, ANY, ("none",), _GGUF_NOTE),)),
+    Target("gguf", "llama.cpp", (Scheme("GGUF types", tuple(f"gguf-{n}" for n in gguf_types.names()), ANY, ANY,
+                                        ("none",), "exact: each tensor in the GGUF type the run solved it on "
+                                                   "(K-quant rows not a multiple of 256 use llama.cpp's fallback)"),)),
 )}
 
 
 def weight_key(spec: QuantSpec) -> str:
+    if spec.gguf is not None:
+        return f"gguf-{spec.gguf}"
     return f"fp{spec.bits}-{spec.fp_variant}" if spec.format == "fp" else f"int{spec.bits}"
 
 

@@ -64,7 +64,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: s
     w[:, dead] = 0
     col_spec = spec.with_(granularity="channel", group_size=None)
     grouped = spec.granularity == "group"
-    static = not grouped or static_groups or act_order
+    static = not grouped or static_groups or act_order or spec.gguf is not None  # K-quant scales span 256 columns
     if static:
         scale, zero = observe(w, spec, observer)
         if spec.granularity == "tensor":
@@ -108,7 +108,8 @@ def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sp
     """Fake-quantize one weight column with per-row parameters (inlined for integers: this is the hot loop)."""
     if spec.format == "fp":
         return fake_quant(col[:, None], scale[:, None], zero[:, None], spec)[:, 0]
-    return (torch.clamp(torch.round(col / scale) + zero, spec.qmin, spec.qmax) - zero) * scale
+    codes = torch.round(col / scale + zero) if spec.gguf else torch.round(col / scale) + zero  # GGUF: real zeros
+    return (torch.clamp(codes, spec.qmin, spec.qmax) - zero) * scale
 
 
 def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor]:
