@@ -158,6 +158,9 @@ def _cmd_backends(_args: argparse.Namespace) -> None:
     print(backends_table())
 
 
+ENGINE_PPL_TOLERANCE = {"llama.cpp": 0.02}  # llama.cpp rounds activations to 8 bits inside quantized dot products
+
+
 def _cmd_verify(args: argparse.Namespace) -> None:
     import torch
 
@@ -165,8 +168,13 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     result = verify(args.run, args.export, args.data, args.split, args.seq_len, args.max_tokens or None,
-                    progress=not args.quiet)
-    print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
+                    progress=not args.quiet, engine=args.engine, threads=args.threads or 2)
+    tolerance = args.ppl_tolerance if args.ppl_tolerance is not None else ENGINE_PPL_TOLERANCE.get(args.engine)
+    print(json.dumps({"run": args.run, "export": args.export, "engine": args.engine, **result.to_dict(),
+                      "ppl_tolerance": tolerance}, indent=2))
+    if tolerance is not None and result.ppl_rel_diff > tolerance:
+        raise LowbitError(f"the export's perplexity in {args.engine} differs from the simulated one by "
+                          f"{result.ppl_rel_diff:.2%}, over the tolerance {tolerance:.2%} (--ppl-tolerance)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
     x.add_argument("run")
-    x.add_argument("--format", required=True, help="compressed-tensors, gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
+    x.add_argument("--format", required=True, help="compressed-tensors, gguf (the run's GGUF types), gguf-q8_0 or "
+                   "gguf-q4_0 (see lowbit backends)")
     x.add_argument("--out", help="output folder or .gguf file (default: inside the run folder)")
     x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of stored scales and unquantized tensors where the format leaves a choice")
@@ -236,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seq-len", type=int, default=2048)
     v.add_argument("--max-tokens", type=int, default=16384, help="0 = whole split")
     v.add_argument("--threads", type=int)
+    v.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="what runs the export: transformers (loaded back in PyTorch) or llama.cpp (a .gguf)")
+    v.add_argument("--ppl-tolerance", type=float,
+                   help="largest accepted relative perplexity difference, exit 2 above it (default: 0.02 with "
+                        "llama.cpp, whose dot products round activations to 8 bits; none with transformers)")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(fn=_cmd_verify)
     g = sub.add_parser("generate", help="greedy text generation from a run, on real low-bit kernels or simulated")

@@ -81,13 +81,26 @@ def load_exported(path: str | Path) -> nn.Module:
                       f"'lowbit export'")
 
 
+ENGINES = ("transformers", "llama.cpp")
+
+
 def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2", split: str = "test",
-           seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False) -> Comparison:
-    """Compare a run's simulated model with its export on the same token windows."""
+           seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False,
+           engine: str = "transformers", threads: int = 2) -> Comparison:
+    """Compare a run's simulated model with its export on the same token windows, the export run by `engine`:
+    transformers (the export loaded back in PyTorch) or llama.cpp (a .gguf in llama.cpp's own kernels)."""
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.run import load_run
 
+    if engine not in ENGINES:
+        raise LowbitError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine == "llama.cpp" and Path(export_path).suffix != ".gguf":
+        raise LowbitError(f"llama.cpp runs .gguf files, not {export_path}: export with --format gguf")
     simulated, tokenizer, _ = load_run(run_dir)
-    exported = load_exported(export_path)
+    if engine == "llama.cpp":
+        from lowbit.llamacpp import LlamaCppLM
+        exported = LlamaCppLM(export_path, n_ctx=seq_len, threads=threads)
+    else:
+        exported = load_exported(export_path)
     windows = eval_windows(tokenize(tokenizer, load_text(data, split)), seq_len, max_tokens)
     return compare(simulated, exported, windows, progress)

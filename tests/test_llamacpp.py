@@ -1,0 +1,31 @@
+"""llama.cpp (the xllamacpp wheel) runs lowbit's GGUF exports: its perplexity and greedy choices match the simulated run."""
+import numpy as np
+import pytest
+import torch
+
+from lowbit.export import export_run
+from lowbit.run import load_run
+from lowbit.verify import compare, verify
+
+pytest.importorskip("xllamacpp")
+from lowbit.llamacpp import LlamaCpp, LlamaCppLM  # noqa: E402
+
+
+def test_llamacpp_scores_a_q4_0_export_like_the_simulated_run(make_run, tmp_path, text_windows):
+    run = make_run({"format": "gguf", "type": "q4_0"})
+    path = export_run(run, "gguf", tmp_path / "m.gguf").path
+    result = verify(run, path, engine="llama.cpp", seq_len=128, max_tokens=384)
+    print(f"llama.cpp Q4_0: {result}")
+    assert result.tokens == 381
+    assert result.ppl_rel_diff < 0.02 and result.top1_agreement > 0.95
+    simulated, _, _ = load_run(run)
+    prompt = text_windows[0, :16].tolist()
+    with LlamaCpp(path, n_ctx=64) as engine:
+        got = engine.greedy(prompt, 12)
+        lp = engine.token_logprobs(text_windows[0, :64].tolist())
+    ref = simulated.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 16:].tolist()
+    assert got[:8] == ref[:8]
+    with torch.no_grad():
+        logits = simulated(text_windows[:1, :64]).logits[0, :-1].log_softmax(-1)
+    expect = logits.gather(1, text_windows[0, 1:64, None])[:, 0].double().numpy()
+    assert np.abs(lp - expect).max() < 0.1 and abs(lp.mean() - expect.mean()) < 0.01
