@@ -98,7 +98,9 @@ def resolve(name: str, gguf_name: str, layer: int, n_layers: int, width: int) ->
     gtype = TYPES[key]
     if width % gtype.super_block:
         if gtype.fallback is None or width % TYPES[gtype.fallback].super_block:
-            raise LowbitError(f"GGUF {gtype.name} needs rows that are a multiple of {gtype.super_block}, got {width}")
+            also = f" (or of 32 for its fallback {gtype.fallback.upper()})" if gtype.fallback else ""
+            raise LowbitError(f"GGUF {gtype.name} needs rows that are a multiple of {gtype.super_block}{also}, "
+                              f"got a row of {width}: choose a type whose blocks divide it")
         return gtype.fallback
     return key
 

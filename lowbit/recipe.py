@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings
 from lowbit.formats import QuantSpec
-from lowbit.gguf_types import type_spec
 from lowbit.loading import EMBEDDED
 from lowbit.pipeline import Settings
 from lowbit.steps import Step, get_step
@@ -45,7 +44,10 @@ class FormatConfig(_Strict):
             if self.format != "gguf" or self.type is None:
                 raise LowbitError("a GGUF format is written {format: gguf, type: q4_k} (both keys): e.g. type q4_0, "
                                   "q8_0, q4_k, q6_k or the mix q4_k_m")
-            return type_spec(self.type)
+            fixed = sorted(self.model_fields_set & {"bits", "symmetric", "fp_variant"})
+            if fixed:
+                raise LowbitError(f"a GGUF format takes {', '.join(fixed)} from its type {self.type!r}: remove them")
+            return QuantSpec(gguf=self.type, granularity="group", group_size=self.group_size)
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
                          group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant)
 
