@@ -29,3 +29,25 @@ def test_llamacpp_scores_a_q4_0_export_like_the_simulated_run(make_run, tmp_path
         logits = simulated(text_windows[:1, :64]).logits[0, :-1].log_softmax(-1)
     expect = logits.gather(1, text_windows[0, 1:64, None])[:, 0].double().numpy()
     assert np.abs(lp - expect).max() < 0.1 and abs(lp.mean() - expect.mean()) < 0.01
+
+
+@pytest.mark.slow
+def test_llamacpp_continues_the_embedded_q4_0_export_like_lowbit_generate(tmp_path):
+    """The embedded model on Q4_0 by RTN: llama.cpp's greedy continuation is `lowbit generate`'s, word for word
+    through the first 22 of 24 tokens (llama.cpp rounds activations to 8 bits inside Q4_0 dot products)."""
+    from lowbit.kernels.runtime import generate, load_for_inference
+    from lowbit.recipe import parse_recipe
+    from lowbit.run import run_recipe
+
+    recipe = parse_recipe({"weights": {"format": "gguf", "type": "q4_0"}, "threads": 2, "evaluation": None,
+                           "calibration": {"n_samples": 2, "seq_len": 128}, "target": "gguf"})
+    run = tmp_path / "run"
+    run_recipe(recipe, run, progress=False)
+    path = export_run(run, "gguf", tmp_path / "m.gguf").path
+    model, tokenizer, _ = load_for_inference(run)  # what `lowbit generate RUN` runs: real kernels
+    prompt = "The capital of France is"
+    expected = generate(model, tokenizer, prompt, 24)
+    with LlamaCpp(path, n_ctx=64) as engine:
+        got = engine.greedy(tokenizer(prompt)["input_ids"], 24)
+    print(f"lowbit: {expected!r}\nllama.cpp: {tokenizer.decode(got)!r}")
+    assert tokenizer(expected)["input_ids"][:22] == got[:22]
