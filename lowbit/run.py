@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.loading import cache_dir, load_model, resolve_model_path
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, check_finite, compress
+from lowbit.pipeline import check_finite, compress
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
+from lowbit.runfolder import save_run, write_atomic
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -79,20 +81,13 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
     return {**result, "cached": False}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically."""
-    settings: Settings = recipe.settings()
+    plan = recipe.plan()
     steps = recipe.build_steps()
     if recipe.save:
         out_dir = Path(out_dir or default_out_dir(recipe))
@@ -104,7 +99,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         tmp_dir = None
     handler = _log_to(tmp_dir)
     try:
-        result = _run(recipe, settings, steps, tmp_dir, progress)
+        result = _run(recipe, plan, steps, tmp_dir, progress)
         if tmp_dir is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
@@ -132,7 +127,7 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -143,8 +138,8 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     adapter = get_adapter(model)
     log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
     metrics: dict = {"name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
-                     "weights": settings.weights.describe() if settings.weights else "fp",
-                     "activations": settings.activations.describe() if settings.activations else "fp",
+                     "weights": plan.weights.describe() if plan.weights else "fp",
+                     "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
     if recipe.evaluation and recipe.evaluation.baseline:
         metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress)
@@ -154,7 +149,7 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
     start = time.perf_counter()
-    state = compress(model, adapter, settings, steps, calib_ids, progress=progress)
+    state = compress(model, adapter, plan, steps, calib_ids, progress=progress)
     metrics["quant_time_s"] = time.perf_counter() - start
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
@@ -165,25 +160,5 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
         metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress)
         log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
     if tmp_dir is not None:
-        _save(tmp_dir, recipe, metrics, model, tokenizer, state)
+        save_run(tmp_dir, recipe_to_yaml(recipe), metrics, model, tokenizer, state)
     return RunResult(metrics, None, model, state)
-
-
-def _save(directory: Path, recipe: Recipe, metrics: dict, model: nn.Module, tokenizer, state: QuantState) -> None:
-    (directory / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    state.save(directory)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, QuantState]:
-    """A saved run's model with its activation quantizers and online transforms attached again."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "quant_state.json").exists():
-        raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
-                          f"'lowbit run' or 'lowbit quantize'")
-    model, tokenizer = load_model(str(run_dir / "model"), dtype)
-    state = QuantState.load(run_dir)
-    state.install(model)
-    return model, tokenizer, state

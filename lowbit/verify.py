@@ -90,7 +90,7 @@ def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2"
     """Compare a run's simulated model with its export on the same token windows, the export run by `engine`:
     transformers (the export loaded back in PyTorch) or llama.cpp (a .gguf in llama.cpp's own kernels)."""
     from lowbit.data import eval_windows, load_text, tokenize
-    from lowbit.run import load_run
+    from lowbit.runfolder import load_run
 
     if engine not in ENGINES:
         raise LowbitError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")

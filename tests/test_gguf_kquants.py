@@ -14,7 +14,8 @@ from lowbit.formats import dequantize, quantize
 from lowbit.gguf_types import TYPES, block_params, resolve, type_spec, uses_more_bits
 from lowbit.observers import observe
 from lowbit.recipe import parse_recipe
-from lowbit.run import load_run, run_recipe
+from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 
 
 def test_q4_k_scales_and_mins_hand_computed():
@@ -74,7 +75,7 @@ def test_mix_and_width_fallback_rules():
 
 def test_recipe_syntax_and_errors():
     base = {"model": "x", "evaluation": None}
-    spec = parse_recipe({**base, "weights": {"format": "gguf", "type": "Q4_K"}}).settings().weights
+    spec = parse_recipe({**base, "weights": {"format": "gguf", "type": "Q4_K"}}).plan().weights
     assert (spec.gguf, spec.bits, spec.symmetric, spec.group_size) == ("q4_k", 4, False, 32)
     with pytest.raises(LowbitError, match="unknown GGUF type 'q4_x'"):
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_x"}})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.export import export_run
-from lowbit.run import load_run
+from lowbit.runfolder import load_run
 from lowbit.verify import compare, verify
 
 pytest.importorskip("xllamacpp")
