@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# GGUF table, part 1: the embedded model quantized onto each GGUF type by RTN and by GPTQ (act-order + mse),
-# each run under the machine-wide bench lock, then exported with `lowbit export --format gguf`.
-# Usage: benchmarks/gguf_runs.sh [OUT=/work/runs/gguf]
+# GGUF table: the embedded model quantized onto GGUF types by RTN and by GPTQ (act-order + mse), exported with
+# `lowbit export --format gguf`, then scored and timed in llama.cpp (benchmarks/gguf_score.py), all in one
+# sitting under the machine-wide bench lock.   Usage: benchmarks/gguf_runs.sh [OUT=/work/runs/gguf]
 set -euo pipefail
 OUT=${1:-/work/runs/gguf}
-LOWBIT=${LOWBIT:-"python -m lowbit"}
-LOCK=${LOCK:-/work/board/bench.lock}
-for type in q4_k q4_0 q6_k q8_0 q4_k_m; do
-  for solver in rtn gptq; do
-    run="$OUT/$solver-$type"
-    [ -f "$run/metrics.json" ] || flock "$LOCK" $LOWBIT run "recipes/gguf-$solver.yaml" --set weights.type=$type --out "$run" --quiet
-    [ -f "$run/gguf.gguf" ] || $LOWBIT export "$run" --format gguf
-  done
+PY=${PY:-python}
+run_one() {  # solver type
+  local run="$OUT/$1-$2"
+  [ -f "$run/quant_state.json" ] || $PY -m lowbit run "recipes/gguf-$1.yaml" --set weights.type=$2 --set evaluation=null \
+    --out "$run" --quiet
+  [ -f "$run/gguf.gguf" ] || $PY -m lowbit export "$run" --format gguf
+}
+for pair in rtn:q4_k gptq:q4_k rtn:q4_k_m gptq:q4_k_m rtn:q4_0 gptq:q4_0 rtn:q6_k gptq:q6_k rtn:q8_0 gptq:q8_0; do
+  run_one "${pair%%:*}" "${pair##*:}"
 done
+$PY benchmarks/gguf_score.py "$OUT"

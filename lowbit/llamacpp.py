@@ -218,3 +218,35 @@ class LlamaCppLM:
 @dataclass
 class _Output:
     logits: object
+
+
+def write_llamacpp_quantized(model, tokenizer, path: str | Path, type_name: str | None,
+                             name: str = "llama.cpp") -> dict:
+    """llama.cpp's own quantization of a float model, the anchor for lowbit's solved GGUF files.
+
+    Each block linear gets the type llama.cpp's quantizer would give it for `type_name` (a type or a mix such
+    as q4_k_m, with the same fallback for rows not a multiple of 256: lowbit.gguf_types.resolve) and is
+    quantized by ggml_quantize_chunk without an importance matrix; embeddings and norms stay in F16/F32, as in
+    lowbit's exports; `type_name` None writes the float (F16) GGUF. Returns the linears written per type.
+    """
+    from lowbit.export.gguf_file import write_model
+    from lowbit.gguf_types import resolve
+    from lowbit.models.registry import get_adapter
+
+    adapter = get_adapter(model)
+    n_layers = len(adapter.blocks(model))
+    prefix = adapter.blocks_path + "."
+
+    def encode(module_name, linear, order):
+        if not module_name.startswith(prefix):
+            return None
+        layer, _, rel = module_name[len(prefix):].partition(".")
+        if rel not in adapter.linear_order or type_name is None:
+            return None
+        qtype = resolve(type_name, adapter.gguf_block_name(rel), int(layer), n_layers, linear.in_features).upper()
+        w = linear.weight.detach().float()
+        w = w if order is None else w[order]
+        return quantize_rows(w.numpy(), qtype), qtype, False
+
+    written = write_model(model, tokenizer, Path(path), name, encode, "float16")
+    return {f"{t} (rows of {w})": n for (t, w), n in sorted(written.kinds.items())}

@@ -179,3 +179,27 @@ def test_llamacpp_runs_the_kquant_export_as_simulated(tiny_256, tmp_path_factory
     result = verify(run, path, engine="llama.cpp", seq_len=128, max_tokens=384)
     print(f"llama.cpp {gtype}: {result}")
     assert result.ppl_rel_diff < 0.01 and result.top1_agreement > 0.93
+
+
+def test_llamacpp_own_quantizer_anchor(tiny_256, tmp_path, text_windows):
+    """llama.cpp's own Q4_K of the float model (the table's anchor): same types and fallback as lowbit's, and its
+    weights are close to the float ones, as a 4-bit quantizer's must be."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.llamacpp import perplexity, write_llamacpp_quantized
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_256, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_256)
+    types = write_llamacpp_quantized(model, tokenizer, tmp_path / "q4_k.gguf", "q4_k")
+    assert types == {"Q4_K (rows of 256)": 12, "Q5_0 (rows of 384)": 2}
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q4_k.gguf").tensors}
+    up = gguf.quants.dequantize(tensors["blk.0.ffn_up.weight"].data, gguf.GGMLQuantizationType.Q4_K)
+    weight = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    assert np.abs(up - weight).max() < 0.1 * np.abs(weight).max()
+    write_llamacpp_quantized(model, tokenizer, tmp_path / "f16.gguf", None)
+    fp = perplexity(tmp_path / "f16.gguf", text_windows[:, :128]).perplexity
+    q = perplexity(tmp_path / "q4_k.gguf", text_windows[:, :128]).perplexity
+    with torch.no_grad():
+        ref = torch.exp(torch.nn.functional.cross_entropy(model(text_windows[:, :128]).logits[:, :-1].flatten(0, 1),
+                                                          text_windows[:, 1:128].flatten())).item()
+    assert abs(fp - ref) / ref < 0.01 and q != fp and abs(q - fp) / fp < 0.1

@@ -12,7 +12,9 @@ follow llama.cpp's converter, so both llama.cpp and transformers' GGUF loader re
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -176,20 +178,35 @@ def _describe_types(kinds: dict[tuple[str, int], int]) -> str:
     return ", ".join(parts)
 
 
-def write_gguf(run: LoadedRun, path: Path, qtype_name: str | None, bits: int | None) -> list[str]:
-    """Write the run as GGUF: in `qtype_name` (Q8_0/Q4_0, re-fit where off-grid), or None: each linear in its solved type."""
+# (module name, linear, GGUF row order or None) -> (GGUF blocks, type name, carries the run's codes exactly),
+# or None to store the weight unquantized
+Encoder = Callable[[str, nn.Linear, "torch.Tensor | None"], "tuple[np.ndarray, str, bool] | None"]
+
+
+@dataclass
+class Written:
+    """What `write_model` stored: linears per (type, row length), how many exactly, which re-fit, which kept float."""
+
+    kinds: dict[tuple[str, int], int] = field(default_factory=dict)
+    exact: int = 0
+    refit: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def write_model(model: nn.Module, tokenizer, path: Path, name: str, encode: Encoder, float_dtype: str) -> Written:
+    """Write a model as GGUF: hyperparameters, tokenizer, each linear as `encode` packs it, the rest in float."""
     import gguf
 
-    model, config = run.model, run.model.config
+    config = model.config
     adapter = get_adapter(model)
     arch = adapter.gguf_arch(config.model_type)
     writer = gguf.GGUFWriter(str(path), arch)
-    add_hparams(writer, config, run.run_dir.name)
-    add_tokenizer(writer, run.tokenizer, config.vocab_size)
+    add_hparams(writer, config, name)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     permute = arch in adapter.gguf_interleaved_rope
-    exact, refit, kept, kinds = 0, [], [], {}
+    out = Written()
     for pname, param in model.named_parameters():
         if pname == f"{adapter.head_path}.weight" and config.tie_word_embeddings:
             continue
@@ -197,45 +214,57 @@ def write_gguf(run: LoadedRun, path: Path, qtype_name: str | None, bits: int | N
         tname = adapter.gguf_tensor_name(pname)
         short = tname.split(".")[-2]
         order = rope_row_order(param.shape[0], heads[short]) if permute and short in heads else None
-        if kind == "weight" and run.schemes.get(module_name) is not None:
-            linear = model.get_submodule(module_name)
-            if qtype_name is None:
-                blocks, qtype = solved_tensor(module_name, linear, run, order)
-                is_exact = True
-            else:
-                blocks, is_exact = quantized_tensor(module_name, linear, run, gguf.GGMLQuantizationType[qtype_name],
-                                                    bits, order)
-                qtype = qtype_name
+        encoded = encode(module_name, model.get_submodule(module_name), order) if kind == "weight" else None
+        if encoded is not None:
+            blocks, qtype, is_exact = encoded
             writer.add_tensor(tname, blocks, raw_dtype=gguf.GGMLQuantizationType[qtype])
-            kinds[(qtype, param.shape[1])] = kinds.get((qtype, param.shape[1]), 0) + 1
-            exact += is_exact
+            out.kinds[(qtype, param.shape[1])] = out.kinds.get((qtype, param.shape[1]), 0) + 1
+            out.exact += is_exact
             if not is_exact:
-                refit.append(module_name)
+                out.refit.append(module_name)
             continue
         data = param.detach().float()
         if order is not None:
             data = data[order]
         if data.dim() > 1:
-            kept.append(tname)
-        keep_f32 = data.dim() == 1 or run.dtype == "float32"
+            out.kept.append(tname)
+        keep_f32 = data.dim() == 1 or float_dtype == "float32"
         writer.add_tensor(tname, data.numpy().astype(np.float32 if keep_f32 else np.float16))
-    main = max(kinds, key=kinds.get)[0]
-    file_type = gguf.LlamaFileType.__members__.get(f"MOSTLY_{main}")
-    if file_type is not None and len({k for k, _ in kinds}) == 1:
+    types = {k for k, _ in out.kinds}  # general.file_type where one name says it (mixes have none of their own)
+    file_type = (gguf.LlamaFileType.__members__.get(f"MOSTLY_{types.pop()}") if len(types) == 1 else
+                 None if types else gguf.LlamaFileType.ALL_F32 if float_dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    if file_type is not None:
         writer.add_file_type(file_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return out
+
+
+def write_gguf(run: LoadedRun, path: Path, qtype_name: str | None, bits: int | None) -> list[str]:
+    """Write the run as GGUF: in `qtype_name` (Q8_0/Q4_0, re-fit where off-grid), or None: each linear in its solved type."""
+    import gguf
+
+    def encode(module_name: str, linear: nn.Linear, order):
+        if run.schemes.get(module_name) is None:
+            return None
+        if qtype_name is None:
+            return (*solved_tensor(module_name, linear, run, order), True)
+        blocks, is_exact = quantized_tensor(module_name, linear, run, gguf.GGMLQuantizationType[qtype_name], bits, order)
+        return blocks, qtype_name, is_exact
+
+    out = write_model(run.model, run.tokenizer, path, run.run_dir.name, encode, run.dtype)
     scales = "fp16 block scales" if qtype_name else "its block scales and mins"
-    notes = [f"{exact} linears carry the run's codes exactly ({scales}): {_describe_types(kinds)}"]
-    if refit:
-        spec = run.state.weights[refit[0]].spec.describe()
-        notes.append(f"{len(refit)} linears ({spec}) are not on the {qtype_name} grid and were RE-FIT to the run's "
+    notes = [f"{out.exact} linears carry the run's codes exactly ({scales}): {_describe_types(out.kinds)}"]
+    if out.refit:
+        spec = run.state.weights[out.refit[0]].spec.describe()
+        notes.append(f"{len(out.refit)} linears ({spec}) are not on the {qtype_name} grid and were RE-FIT to the run's "
                      f"dequantized weights with llama.cpp's reference quantizer: the export is not exactly the run")
-    if kept:
+    if out.kept:
         dtype = "F32" if run.dtype == "float32" else "F16"
-        notes.append(f"{len(kept)} matrices not quantized in the run are stored in {dtype} ({', '.join(kept[:3])})")
+        notes.append(f"{len(out.kept)} matrices not quantized in the run are stored in {dtype} "
+                     f"({', '.join(out.kept[:3])})")
     return notes
 
 
