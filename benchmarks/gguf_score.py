@@ -23,9 +23,9 @@ SEQ_LEN, MAX_TOKENS, THREADS = 2048, 8192, 2
 ANCHORS = ("q4_0", "q4_k", "q4_k_m", "q6_k", "q8_0")
 
 
-def decode_speed(path: Path, prompt: list[int]) -> float:
+def decode_speed(path: Path, prompt: list[int], threads: int = THREADS) -> float:
     """Median llama.cpp decode tokens/s over 3 repeats (after one warm-up): 32 greedy steps after a 128-token prompt."""
-    with LlamaCpp(path, n_ctx=256, threads=THREADS) as engine:
+    with LlamaCpp(path, n_ctx=256, threads=threads) as engine:
         speeds = [engine.decode_speed(prompt, 32) for _ in range(4)][1:]
     return statistics.median(speeds)
 
@@ -56,7 +56,8 @@ def main(out: Path) -> None:
         print(rows[-1], flush=True)
     for row in rows:  # one sitting: all decode speeds together, then lowbit's kernels
         row["decode_tok_s"] = decode_speed(Path(row["gguf"]), prompt)
-        print(row["source"], row["decode_tok_s"], flush=True)
+        row["decode_tok_s_1thread"] = decode_speed(Path(row["gguf"]), prompt, threads=1)
+        print(row["source"], row["decode_tok_s"], row["decode_tok_s_1thread"], flush=True)
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
     speed = bench_speed(threads=THREADS, repeats=3, warmup=1, prompt_len=128, new_tokens=32)
     (out / "bench_speed.json").write_text(json.dumps(speed, indent=1))
