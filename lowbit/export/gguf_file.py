@@ -89,8 +89,16 @@ def _pre_tokenizer(tok_json: dict) -> str:
         return "gpt-2"
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
         return "smollm"
+    if kinds == [("Split", None, None), ("ByteLevel", None, False)] and \
+            steps[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT:
+        return "qwen2"
     raise LowbitError(f"the tokenizer's pre-tokenizer {[k[0] for k in kinds]} has no known llama.cpp name; GGUF "
-                      f"export supports byte-level BPE tokenizers (gpt-2, smollm)")
+                      f"export supports byte-level BPE tokenizers (gpt-2, smollm, qwen2)")
+
+
+# the word split of Qwen2's tokenizer (llama.cpp's pre-tokenizer "qwen2")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
