@@ -81,14 +81,36 @@ def load_exported(path: str | Path) -> nn.Module:
                       f"'lowbit export'")
 
 
+def check_provenance(run_dir: str | Path, export_path: str | Path) -> None:
+    """Refuse an export that records another run (or another quantization state) than `run_dir`."""
+    from lowbit.export.base import export_provenance
+    from lowbit.runfolder import check_run_folder, provenance
+
+    check_run_folder(Path(run_dir))
+    if not Path(export_path).exists():
+        raise LowbitError(f"export {export_path} does not exist: give the path 'lowbit export' printed")
+    recorded = export_provenance(Path(export_path))
+    if recorded is None:
+        raise LowbitError(f"{export_path} records no lowbit provenance (not written by this lowbit version's "
+                          f"'lowbit export'): export the run again")
+    run = provenance(Path(run_dir))
+    for key in ("quant_state_sha256", "run_id"):
+        if recorded.get(key) != run[key]:
+            raise LowbitError(f"{export_path} was exported from run {recorded.get('run_id')} (quant state "
+                              f"{str(recorded.get('quant_state_sha256'))[:12]}), not from {run_dir} (run "
+                              f"{run['run_id']}, quant state {run['quant_state_sha256'][:12]}): verify a run "
+                              f"with its own export")
+
+
 ENGINES = ("transformers", "llama.cpp")
 
 
 def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2", split: str = "test",
            seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False,
            engine: str = "transformers", threads: int = 2) -> Comparison:
-    """Compare a run's simulated model with its export on the same token windows, the export run by `engine`:
-    transformers (the export loaded back in PyTorch) or llama.cpp (a .gguf in llama.cpp's own kernels)."""
+    """Compare a run's simulated model with its export on the same token windows (after checking that the
+    export was written from this run), the export run by `engine`: transformers (loaded back in PyTorch) or
+    llama.cpp (a .gguf in llama.cpp's own kernels)."""
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.runfolder import load_run
 
@@ -96,6 +118,7 @@ def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2"
         raise LowbitError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
     if engine == "llama.cpp" and Path(export_path).suffix != ".gguf":
         raise LowbitError(f"llama.cpp runs .gguf files, not {export_path}: export with --format gguf")
+    check_provenance(run_dir, export_path)
     simulated, tokenizer, _ = load_run(run_dir)
     if engine == "llama.cpp":
         from lowbit.llamacpp import LlamaCppLM

@@ -7,7 +7,6 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export import export_run
-from lowbit.export.base import run_codes
 from lowbit.export.gguf_blocks import pack
 from lowbit.export.gguf_file import rope_row_order
 from lowbit.formats import dequantize, quantize
@@ -140,7 +139,7 @@ def test_solved_kquant_export_is_exactly_the_run(tiny_256, tmp_path_factory, gty
         expect = weight if rows is None else weight[rows]
         assert t.tensor_type.name == (fallback if "down" in name else main)
         np.testing.assert_allclose(gguf.quants.dequantize(t.data, t.tensor_type), expect.numpy(), rtol=0, atol=2e-7)
-        assert run_codes(name, weight, state.weights[name]) is not None  # on its recorded grid
+        assert state.weights[name].codes(weight.float(), name) is not None  # on its recorded grid
 
 
 def test_q4_k_m_mix_gives_attn_v_and_ffn_down_more_bits(tiny_256, tmp_path_factory):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import LoadedRun, register_exporter, run_codes, stored_scale
+from lowbit.export.base import LoadedRun, register_exporter, stored_scale
 from lowbit.export.gguf_blocks import pack
 from lowbit.formats import QuantSpec
 from lowbit.gguf_types import TYPES
@@ -73,7 +73,7 @@ def quantized_tensor(name: str, linear: nn.Linear, run: LoadedRun, qtype, bits: 
     if not exact_grid(rec.spec, bits):
         w = w if row_order is None else w[row_order]
         return gguf.quants.quantize(w.numpy(), qtype), False
-    codes = run_codes(name, w, rec)
+    codes = rec.codes(w, name)
     d = _block_scales(rec, rows, cols)
     if row_order is not None:
         codes, d = codes[row_order], d[row_order]
@@ -167,7 +167,7 @@ def solved_tensor(name: str, linear: nn.Linear, run: LoadedRun, row_order: torch
         raise LowbitError(f"{name} was quantized as {rec.spec.describe()}, not on a GGUF type: export it with "
                           f"--format gguf-q4_0 / gguf-q8_0, or rerun with weights: {{format: gguf, type: ...}}")
     gtype = TYPES[rec.spec.gguf]
-    codes = run_codes(name, linear.weight, rec)
+    codes = rec.codes(linear.weight.detach().float(), name)
     rows = codes.shape[0]
     scale, zero = rec.scale.reshape(rows, -1), rec.zero.reshape(rows, -1)
     if row_order is not None:
@@ -201,8 +201,10 @@ class Written:
     kept: list[str] = field(default_factory=list)
 
 
-def write_model(model: nn.Module, tokenizer, path: Path, name: str, encode: Encoder, float_dtype: str) -> Written:
-    """Write a model as GGUF: hyperparameters, tokenizer, each linear as `encode` packs it, the rest in float."""
+def write_model(model: nn.Module, tokenizer, path: Path, name: str, encode: Encoder, float_dtype: str,
+                metadata: dict[str, str] | None = None) -> Written:
+    """Write a model as GGUF: hyperparameters, tokenizer, `metadata` as lowbit.* strings, each linear as `encode`
+    packs it, the rest in float."""
     import gguf
 
     config = model.config
@@ -212,6 +214,8 @@ def write_model(model: nn.Module, tokenizer, path: Path, name: str, encode: Enco
     add_hparams(writer, config, name)
     add_tokenizer(writer, tokenizer, config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (metadata or {}).items():
+        writer.add_string(f"lowbit.{key}", value)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     permute = arch in adapter.gguf_interleaved_rope
     out = Written()
@@ -262,7 +266,8 @@ def write_gguf(run: LoadedRun, path: Path, qtype_name: str | None, bits: int | N
         blocks, is_exact = quantized_tensor(module_name, linear, run, gguf.GGMLQuantizationType[qtype_name], bits, order)
         return blocks, qtype_name, is_exact
 
-    out = write_model(run.model, run.tokenizer, path, run.run_dir.name, encode, run.dtype)
+    metadata = {k: v for k, v in run.provenance.items() if v is not None}
+    out = write_model(run.model, run.tokenizer, path, run.run_dir.name, encode, run.dtype, metadata)
     scales = "fp16 block scales" if qtype_name else "its block scales and mins"
     notes = [f"{out.exact} linears carry the run's codes exactly ({scales}): {_describe_types(out.kinds)}"]
     if out.refit:
