@@ -26,7 +26,7 @@ from lowbit.state import QuantState, WeightRecord
 
 @dataclass(frozen=True)
 class FormatPlan:
-    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (or None: keep FP)."""
+    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (None: keep FP)."""
 
     weights: QuantSpec | None = None
     weight_observer: str = "minmax"
@@ -120,6 +120,7 @@ class BlockContext:
     fp_outputs: torch.Tensor | None = None
     quantized: set[str] = field(default_factory=set)
     rounds: bool = True
+    fp_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # each linear's weight before quantization
     global_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # NVFP4 per-tensor scales, by rel
 
     @property
@@ -185,6 +186,7 @@ class BlockContext:
         if not on_scale_grid(scale, spec, gs):
             raise LowbitError(f"the block scales of {self.full_name(rel)} are not {spec.scale_format} values (under its "
                               f"shared per-tensor scale, for nvfp4): quantize {spec.describe()} weights with rtn or gptq")
+        self.fp_weights.setdefault(rel, linear.weight.detach().float().clone())
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
                                                                zero.detach().float().cpu(),
