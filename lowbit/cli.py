@@ -237,8 +237,8 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     result = verify(args.run, args.export, args.data, args.split, args.seq_len, args.max_tokens or None,
-                    progress=not args.quiet)
-    print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
+                    progress=not args.quiet, engine=args.engine, threads=args.threads or 2)
+    print(json.dumps({"run": args.run, "export": args.export, "engine": args.engine, **result.to_dict()}, indent=2))
     failed = []
     if result.top1_agreement < args.min_top1:
         failed.append(f"top-1 agreement {result.top1_agreement:.4f} < --min-top1 {args.min_top1}")
@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
     x.add_argument("run")
-    x.add_argument("--format", required=True, help="compressed-tensors, gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
+    x.add_argument("--format", required=True, help="compressed-tensors, gguf (each linear in the GGUF type the run "
+                   "solved it on), gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
     x.add_argument("--out", help="output folder or .gguf file (default: inside the run folder)")
     x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of stored scales and unquantized tensors where the format leaves a choice")
@@ -392,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run")
     v.add_argument("export")
     _text_arguments(v, max_tokens=16384)
+    v.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="what runs the export: transformers (loaded back in PyTorch) or llama.cpp (a .gguf file)")
     v.add_argument("--min-top1", type=_fraction, default=0.85,
                    help="fail (exit 1) if top-1 agreement is lower (default 0.85)")
     v.add_argument("--max-ppl-diff", type=_tolerance, default=0.02,

@@ -31,7 +31,7 @@ def validate(model: nn.Module, adapter: Adapter, plan: FormatPlan) -> None:
     for i, block in enumerate(adapter.blocks(model)):
         for rel, linear in adapter.linears(block).items():
             name = f"{adapter.block_name(i)}.{rel}"
-            spec = plan.weight_spec_for(name)
+            spec = plan.linear_spec(adapter, model, i, rel, linear)
             if spec is not None:
                 check_shape(linear.weight.shape, spec, name)
             if plan.activations is not None and plan.activations.granularity == "group":
