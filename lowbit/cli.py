@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -532,6 +533,9 @@ def _dispatch(args: argparse.Namespace, stderr) -> int:
     except LowbitError as exc:
         print(f"lowbit: error: {_one_line(exc)}", file=stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (e.g. `lowbit backends | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
+        return 0
     except OSError as exc:  # the environment failed (disk, permissions) where no step expected it
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"lowbit: error: {_one_line(exc.strerror or exc)}{where}: check free space and permissions there",
