@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 SEQ_LEN, MAX_TOKENS, THREADS = 2048, 8192, 2
+SCORE_THREADS = 1  # perplexity does not depend on it; llama.cpp's spinning 2-thread pool stalls on a loaded machine
 
 
 def decode_speed(path: Path, prompt: list[int], threads: int = THREADS) -> float:
@@ -43,7 +44,8 @@ def score(out: Path, types: list[str]) -> None:
             run = out / f"{solver}-{type_name}"
             gguf = run / "gguf.gguf"
             if gguf.exists() and str(gguf) not in done:
-                result = verify(run, gguf, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, engine="llama.cpp", threads=THREADS)
+                result = verify(run, gguf, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, engine="llama.cpp",
+                                threads=SCORE_THREADS)
                 rows.append({"gguf": str(gguf), "source": run.name, "simulated_ppl": result.ppl_a,
                              "llamacpp_ppl": result.ppl_b, "top1_agreement": result.top1_agreement,
                              "tokens": result.tokens, "size_mb": gguf.stat().st_size / 1e6})
@@ -54,7 +56,7 @@ def score(out: Path, types: list[str]) -> None:
             continue
         anchor.parent.mkdir(exist_ok=True)
         types_written = write_llamacpp_quantized(model, tokenizer, anchor, None if type_name == "f16" else type_name)
-        result = perplexity(anchor, windows, threads=THREADS)
+        result = perplexity(anchor, windows, threads=SCORE_THREADS)
         rows.append({"gguf": str(anchor), "source": f"llama.cpp-{type_name}", "simulated_ppl": None,
                      "llamacpp_ppl": result.perplexity, "top1_agreement": None, "tokens": result.tokens,
                      "size_mb": anchor.stat().st_size / 1e6, "types": types_written})
