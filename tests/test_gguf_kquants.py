@@ -202,3 +202,11 @@ def test_llamacpp_own_quantizer_anchor(tiny_256, tmp_path, text_windows):
         ref = torch.exp(torch.nn.functional.cross_entropy(model(text_windows[:, :128]).logits[:, :-1].flatten(0, 1),
                                                           text_windows[:, 1:128].flatten())).item()
     assert abs(fp - ref) / ref < 0.01 and q != fp and abs(q - fp) / fp < 0.1
+
+
+def test_storage_bits_are_the_block_sizes():
+    from lowbit.formats import storage_bits
+
+    assert storage_bits(type_spec("q4_k"), (2, 512)) == 1024 * 4.5  # 144 bytes per 256 values
+    assert storage_bits(type_spec("q6_k"), (2, 512)) == 1024 * 6.5625  # 210 bytes per 256
+    assert storage_bits(type_spec("q4_0"), (2, 512)) == 1024 * 4.5  # 18 bytes per 32
