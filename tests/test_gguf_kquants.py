@@ -84,6 +84,8 @@ def test_recipe_syntax_and_errors():
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k", "group_size": 64}})
     with pytest.raises(LowbitError, match="takes bits from its type"):
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k", "bits": 3}})
+    with pytest.raises(LowbitError, match="step lwc cannot solve GGUF weights"):
+        parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k"}, "steps": ["lwc"]})
     with pytest.raises(LowbitError, match="targets that support it: gguf"):
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k"}, "target": "compressed-tensors"})
 
@@ -118,13 +120,13 @@ def _run(model, tmp_path_factory, weights, steps=("rtn",)):
     return out
 
 
-CASES = [("q4_k", "rtn", "Q4_K", "Q5_0"), ("q4_k", "gptq", "Q4_K", "Q5_0"), ("q6_k", "rtn", "Q6_K", "Q8_0"),
+CASES = [("q4_k", "rtn", "Q4_K", "Q5_0"), ("q4_k", "gptq", "Q4_K", "Q5_0"), ("q4_k", "awq", "Q4_K", "Q5_0"), ("q6_k", "rtn", "Q6_K", "Q8_0"),
          ("q5_k", "gptq", "Q5_K", "Q5_1"), ("q3_k", "rtn", "Q3_K", "Q4_0"), ("q2_k", "rtn", "Q2_K", "Q4_0")]
 
 
 @pytest.mark.parametrize("gtype, solver, main, fallback", CASES)
 def test_solved_kquant_export_is_exactly_the_run(tiny_256, tmp_path_factory, gtype, solver, main, fallback):
-    steps = [{"gptq": {"act_order": True}}] if solver == "gptq" else ["rtn"]
+    steps = {"gptq": [{"gptq": {"act_order": True}}], "awq": ["awq"]}.get(solver, ["rtn"])
     run = _run(tiny_256, tmp_path_factory, {"format": "gguf", "type": gtype, "observer": "mse"}, steps)
     result = export_run(run, "gguf", run.parent / "m.gguf")
     assert f"{main} x 12 (rows of 256)" in result.notes[0]
