@@ -95,3 +95,20 @@ def test_architectures_without_a_gguf_name_are_refused(tiny_dirs, tmp_path):
     with pytest.raises(LowbitError, match="no llama.cpp architecture for 'opt'"):
         export_run(tmp_path / "run", "gguf", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_verify_cli_with_the_llamacpp_engine(make_run, tmp_path, capsys):
+    import json
+
+    from lowbit.cli import main
+
+    run = make_run({"format": "gguf", "type": "q4_0"})
+    path = export_run(run, "gguf", tmp_path / "m.gguf").path
+    capsys.readouterr()
+    code = main(["verify", str(run), str(path), "--engine", "llama.cpp", "--seq-len", "128", "--max-tokens", "256",
+                 "--quiet"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["engine"] == "llama.cpp" and out["tokens"] == 254 and out["ppl_rel_diff"] < 0.02
+    code = main(["verify", str(run), str(tmp_path / "model.safetensors"), "--engine", "llama.cpp", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("lowbit: error: llama.cpp runs .gguf files") and len(err) == 1
