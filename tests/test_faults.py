@@ -415,6 +415,11 @@ def test_damaged_export_and_verify(saved_run, tmp_path, capsys):
     (tmp_path / "half.gguf").write_bytes(b"GGUF\x03\x00")
     code, err, _ = cli(capsys, "verify", run, tmp_path / "half.gguf", "--quiet")
     assert code == 2 and "is not a readable GGUF file" in err
+    (run / "compressed-tensors" / "lowbit_provenance.json").write_bytes(
+        (saved_run / "compressed-tensors" / "lowbit_provenance.json").read_bytes())
+    _truncate(run / "compressed-tensors" / "model.safetensors")
+    code, err, _ = cli(capsys, "verify", run, run / "compressed-tensors", "--quiet")
+    assert code == 2 and f"could not load the export {run / 'compressed-tensors'} (is a file truncated" in err
 
 
 # --- provenance and verify's verdict ---
