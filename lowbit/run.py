@@ -4,8 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from torch import nn
 from lowbit import __version__
 from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
+from lowbit.diagnostics import BlockLog, peak_rss_gb
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
@@ -40,11 +41,6 @@ class RunResult:
     out_dir: Path | None
     model: nn.Module
     state: QuantState
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True) -> dict:
@@ -121,6 +117,12 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
     return staging
 
 
+def blocks_log_path(out_dir: Path) -> Path:
+    """Where a run appends its block diagnostics while it runs: OUT.blocks.jsonl next to the output folder
+    (the folder itself appears only when the run succeeds; then the file moves into it as blocks.jsonl)."""
+    return out_dir.with_name(out_dir.name + ".blocks.jsonl")
+
+
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically.
 
@@ -129,17 +131,21 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
-    staging = None
+    staging, block_log = None, None
     if recipe.save:
         explicit = out_dir is not None
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
+        block_log = BlockLog(blocks_log_path(out_dir))
     handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, staging, progress)
+        result = _run(recipe, plan, steps, staging, progress, block_log)
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+            block_log.close()
+            if block_log.path.exists():
+                os.replace(block_log.path, staging / "blocks.jsonl")
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
@@ -151,6 +157,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         if handler is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+        if block_log is not None:
+            block_log.close()
 
 
 def _log_to(directory: Path | None) -> logging.Handler | None:
@@ -164,7 +172,8 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, progress: bool,
+         block_log: BlockLog | None = None) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -187,7 +196,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, pr
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
     start = time.perf_counter()
-    state = compress(model, adapter, plan, steps, calib_ids, progress=progress)
+    state = compress(model, adapter, plan, steps, calib_ids, progress=progress, on_block_done=block_log)
     metrics["quant_time_s"] = time.perf_counter() - start
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
