@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 import time
@@ -103,7 +102,7 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
         raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(out_dir.parent)
+        sweep_leftovers(out_dir.parent, keep=("blocks.jsonl",))
         staging = staging_path(out_dir)
         staging.mkdir()
         free = shutil.disk_usage(out_dir.parent).free
@@ -118,8 +117,8 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
 
 
 def blocks_log_path(out_dir: Path) -> Path:
-    """Where a run appends its block diagnostics while it runs: OUT.blocks.jsonl next to the output folder
-    (the folder itself appears only when the run succeeds; then the file moves into it as blocks.jsonl)."""
+    """Where an interrupted run's block diagnostics are kept: OUT.blocks.jsonl next to the output folder (while
+    it runs they are in its own staging folder, so concurrent runs of one recipe never share the file)."""
     return out_dir.with_name(out_dir.name + ".blocks.jsonl")
 
 
@@ -136,7 +135,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         explicit = out_dir is not None
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
-        block_log = BlockLog(blocks_log_path(out_dir))
+        block_log = BlockLog(staging / "blocks.jsonl")
     handler = _log_to(staging)
     try:
         result = _run(recipe, plan, steps, staging, progress, block_log)
@@ -144,13 +143,14 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
             block_log.close()
-            if block_log.path.exists():
-                os.replace(block_log.path, staging / "blocks.jsonl")
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
     except BaseException:
         if staging is not None and staging.exists():
+            block_log.close()
+            if block_log.path.exists():  # the finished blocks' diagnostics outlive the run
+                publish(block_log.path, blocks_log_path(out_dir), unique=True)
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
