@@ -118,9 +118,10 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
 
 
 def blocks_log_path(out_dir: Path) -> Path:
-    """Where a run appends its block diagnostics while it runs: OUT.blocks.jsonl next to the output folder
-    (the folder itself appears only when the run succeeds; then the file moves into it as blocks.jsonl)."""
-    return out_dir.with_name(out_dir.name + ".blocks.jsonl")
+    """Where a run appends its block diagnostics while it runs: $LOWBIT_CACHE/partial-blocks/NAME-PID.jsonl.
+    A run that succeeds moves the file into its folder as blocks.jsonl; one that fails, is interrupted or killed
+    leaves it there (outside the output folder, which gets whole results or nothing)."""
+    return cache_dir() / "partial-blocks" / f"{out_dir.name}-{os.getpid()}.jsonl"
 
 
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
@@ -145,7 +146,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
             handler.close()
             block_log.close()
             if block_log.path.exists():
-                os.replace(block_log.path, staging / "blocks.jsonl")
+                shutil.move(block_log.path, staging / "blocks.jsonl")
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
