@@ -1,7 +1,8 @@
 """The blockwise compression pipeline.
 
 Calibration windows are embedded and the inputs of the first decoder block captured; then, block by
-block, the recipe's steps run on that block alone, any weight no solver handled is rounded to nearest,
+block, the recipe's steps run on that block alone (which of them rounds the weights follows from what each
+declares: `rounding_plan`), any weight no solver handled is rounded to nearest,
 static activation quantizers are calibrated, and the now-quantized block's output becomes the next
 block's input. Only one block's activations are held at a time (two when a step needs the FP path).
 """
@@ -30,7 +31,7 @@ def validate(model: nn.Module, adapter: Adapter, plan: FormatPlan) -> None:
     for i, block in enumerate(adapter.blocks(model)):
         for rel, linear in adapter.linears(block).items():
             name = f"{adapter.block_name(i)}.{rel}"
-            spec = plan.weight_spec_for(name)
+            spec = plan.linear_spec(adapter, model, i, rel, linear)
             if spec is not None:
                 check_shape(linear.weight.shape, spec, name)
             if plan.activations is not None and plan.activations.granularity == "group":

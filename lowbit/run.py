@@ -184,7 +184,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, pr
     model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype])
     adapter = get_adapter(model)
     log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
-    metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
+    metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model,
+                     "steps": [s.name for s in recipe.steps],
                      "weights": plan.weights.describe() if plan.weights else "fp",
                      "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
