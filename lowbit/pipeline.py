@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.actquant import ActQuantizer
+from lowbit.blockio import BlockIO
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, check_shape, fake_quant
 from lowbit.models.base import Adapter
@@ -287,16 +288,22 @@ def calibrate_act_quantizers(ctx: BlockContext) -> None:
 
 
 def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequence["Step"],
-             calib_ids: torch.Tensor, progress: bool = True) -> QuantState:
-    """Run `steps` over the model block by block; returns what was added beyond the weights."""
+             calib_ids: torch.Tensor, progress: bool = True, io: BlockIO | None = None) -> QuantState:
+    """Run `steps` over the model block by block; returns what was added beyond the weights.
+
+    `io` decides where blocks live (device, streamed from disk) and checkpoints finished ones."""
+    io = io or BlockIO()
     validate(model, adapter, settings)
     mctx = ModelContext(model, adapter, settings, QuantState(), calib_ids, tuple(steps))
     for step in steps:
         step.before_blocks(mctx)
     inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
+    start, inputs, fp_inputs, args, kwargs = io.begin(mctx, inputs, fp_inputs, args, kwargs)
     blocks = adapter.blocks(model)
-    for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
+    for i in tqdm(range(start, len(blocks)), desc="compressing blocks", disable=not progress,
+                  initial=start, total=len(blocks)):
+        io.load(mctx, i)
         ctx = BlockContext(mctx, i, blocks[i], inputs, args, kwargs, fp_inputs=fp_inputs)
         if fp_inputs is not None:
             ctx.fp_outputs = ctx.forward(fp_inputs)
@@ -312,6 +319,7 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
         calibrate_act_quantizers(ctx)
         inputs = ctx.forward()
         fp_inputs = ctx.fp_outputs
+        io.done(ctx, inputs, fp_inputs)
     for step in steps:
         step.after_blocks(mctx)
     mctx.state.install(model)
@@ -319,7 +327,8 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
 
 
 def check_finite(model: nn.Module) -> None:
-    """Refuse to save a model with NaN or infinite parameters, naming the first offender."""
+    """Refuse to save a model with NaN or infinite parameters, naming the first offender (streamed-out blocks,
+    left on the meta device, were checked when written)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not p.is_meta and not torch.isfinite(p).all():
             raise LowbitError(f"parameter {name} has non-finite values after compression; not saving it")

@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.blockio import BlockIO
+from lowbit.checkpoint import Checkpoints
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
+from lowbit.devices import resolve_device, resolve_dtype
 from lowbit.eval import perplexity
-from lowbit.loading import cache_dir, load_model, resolve_model_path
+from lowbit.eval.streamed import streamed_perplexity
+from lowbit.loading import cache_dir, load_model, load_skeleton, resolve_model_path
+from lowbit import streaming
 from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, check_finite, compress
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
@@ -28,7 +33,6 @@ from lowbit.report import model_size
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -44,9 +48,23 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True) -> dict:
+@dataclass
+class Streamed:
+    """A model evaluated block by block from shards (`reader`) instead of from memory."""
+
+    reader: streaming.ShardReader
+    dtype: torch.dtype
+    device: torch.device
+    state: QuantState | None = None
+
+
+def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True,
+                 streamed: Streamed | None = None) -> dict:
     tokens = tokenize(tokenizer, load_text(cfg.data, cfg.split))
     windows = eval_windows(tokens, cfg.seq_len, cfg.max_tokens)
+    if streamed is not None:
+        return streamed_perplexity(model, get_adapter(model), streamed.reader, windows, streamed.dtype,
+                                   streamed.device, cfg.batch_size, streamed.state, progress, desc).to_dict()
     return perplexity(model, windows, cfg.batch_size, progress=progress, desc=desc).to_dict()
 
 
@@ -65,7 +83,8 @@ def _baseline_key(model_path: str, recipe: Recipe) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, progress: bool) -> dict:
+def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, progress: bool,
+                 streamed: Streamed | None = None) -> dict:
     """Perplexity of the uncompressed model, cached on disk since it is the same for every recipe."""
     cache = cache_dir() / "baselines"
     key_file = cache / f"{_baseline_key(model_path, recipe)}.json"
@@ -73,7 +92,7 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
         result = json.loads(key_file.read_text())
         result["cached"] = True
         return result
-    result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress)
+    result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress, streamed)
     cache.mkdir(parents=True, exist_ok=True)
     write_atomic(key_file, json.dumps(result))
     return {**result, "cached": False}
@@ -90,30 +109,59 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
-    """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically."""
+def partial_dir(out_dir: Path) -> Path:
+    """The folder a run works in until it is finished (then renamed to `out_dir`); resumable from checkpoints."""
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def _resume_dirs(path: Path) -> tuple[Path, Path]:
+    """(working folder, final folder) of an unfinished run given either name."""
+    work = path if path.name.endswith(".partial") else partial_dir(path)
+    out = work.with_name(work.name[: -len(".partial")])
+    if not work.is_dir():
+        raise LowbitError(f"no unfinished run at {path} (expected a folder {work}): give the .partial folder that "
+                          f"an interrupted 'lowbit run' left")
+    if out.exists():
+        raise LowbitError(f"{out} already exists, so the run at {work} cannot finish there: move one of them away")
+    return work, out
+
+
+def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True,
+               resume: Path | None = None) -> RunResult:
+    """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically.
+
+    The run works in `<out_dir>.partial`, checkpointing after every block; an interrupted run keeps that
+    folder and `resume` (either folder name) continues it from the newest checkpoint."""
+    device = resolve_device(recipe.device)
     settings: Settings = recipe.settings()
     steps = recipe.build_steps()
-    if recipe.save:
+    work = None
+    if resume is not None:
+        work, out_dir = _resume_dirs(Path(resume))
+    elif recipe.save:
         out_dir = Path(out_dir or default_out_dir(recipe))
+        work = partial_dir(out_dir)
         if out_dir.exists():
             raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    else:
-        tmp_dir = None
-    handler = _log_to(tmp_dir)
+        if work.exists():
+            raise LowbitError(f"{work} holds an unfinished run: continue it with --resume {work}, or remove it")
+        work.mkdir(parents=True)
+    handler = _log_to(work)
     try:
-        result = _run(recipe, settings, steps, tmp_dir, progress)
-        if tmp_dir is not None:
+        result = _run(recipe, settings, steps, work, progress, device, resume is not None)
+        if work is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
-            os.replace(tmp_dir, out_dir)
+            os.replace(work, out_dir)
+            shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
             result.out_dir = out_dir
         return result
     except BaseException:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if work is not None:
+            if Checkpoints(work, "").latest() is None:
+                shutil.rmtree(work, ignore_errors=True)
+            else:
+                log.warning("unfinished run kept in %s: continue it with --resume %s", work, work)
         raise
     finally:
         if handler is not None:
@@ -132,46 +180,98 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: list) -> bool:
+    """Stream blocks from disk when asked, or (auto) when the weights would take over half the CPU budget."""
+    from lowbit.plan import memory_budget
+
+    whole = [s.name for s in steps if s.needs_whole_model()]
+    if recipe.stream is True:
+        if whole:
+            raise LowbitError(f"step {whole[0]} changes every block at once and cannot run one block in memory at "
+                              f"a time: set stream: false (the whole model is then loaded)")
+        streaming.ShardReader(model_path)
+        return True
+    path = Path(model_path)
+    local = (path / streaming.INDEX).is_file() or (path / "model.safetensors").is_file()
+    if recipe.stream is False or whole or not local:
+        return False
+    size = sum(streaming.ShardReader(model_path).nbytes(dtype).values())
+    return size > memory_budget(recipe.max_memory, torch.device("cpu")) / 2
+
+
+def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the compressed weights."""
+    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory",
+                                                   "offload"})
+    return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _run(recipe: Recipe, settings: Settings, steps: list, work: Path | None, progress: bool,
+         device: torch.device, resume: bool) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     log.info("lowbit %s, torch %s, %s, %d threads", __version__, torch.__version__, platform.machine(),
              torch.get_num_threads())
     model_path = resolve_model_path(recipe.model)
-    model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype])
+    dtype = resolve_dtype(recipe.dtype, model_path)
+    stream = use_streaming(recipe, model_path, dtype, steps)
+    reader = streaming.ShardReader(model_path) if stream else None
+    if stream:
+        model, tokenizer = load_skeleton(recipe.model, dtype)
+        streaming.load_rest(model, get_adapter(model), reader, dtype)
+    else:
+        model, tokenizer = load_model(recipe.model, dtype)
     adapter = get_adapter(model)
-    log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
+    log.info("model %s (%s adapter), %d blocks, %s on %s%s", recipe.model, adapter.name, len(adapter.blocks(model)),
+             str(dtype).removeprefix("torch."), device, ", streamed from disk" if stream else "")
     metrics: dict = {"name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
                      "weights": settings.weights.describe() if settings.weights else "fp",
                      "activations": settings.activations.describe() if settings.activations else "fp",
-                     "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
+                     "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6,
+                     "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream}
     if recipe.evaluation and recipe.evaluation.baseline:
-        metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress)
+        source = Streamed(reader, dtype, device) if stream else None
+        metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress, source)
         log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
 
     cal = recipe.calibration
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
-    start = time.perf_counter()
-    state = compress(model, adapter, settings, steps, calib_ids, progress=progress)
-    metrics["quant_time_s"] = time.perf_counter() - start
-    metrics["peak_rss_gb"] = peak_rss_gb()
-    check_finite(model)
-    metrics["size_mb"] = model_size(model, state) / 1e6
-    log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
+    with tempfile.TemporaryDirectory(prefix="lowbit-stream-") as scratch:
+        out_model = (work if work is not None else Path(scratch)) / "model"
+        if stream:
+            out_model.mkdir(exist_ok=True)
+        checkpoints = Checkpoints(work, fingerprint(recipe, model_path, stream)) if work is not None else None
+        io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
+        start = time.perf_counter()
+        state = compress(model, adapter, settings, steps, calib_ids, progress=progress, io=io)
+        io.finish(model, adapter)
+        metrics["quant_time_s"] = time.perf_counter() - start
+        metrics["peak_rss_gb"] = peak_rss_gb()
+        check_finite(model)
+        metrics["size_mb"] = model_size(model, state) / 1e6
+        log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
 
-    if recipe.evaluation:
-        metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress)
-        log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
-    if tmp_dir is not None:
-        _save(tmp_dir, recipe, metrics, model, tokenizer, state)
+        if recipe.evaluation:
+            source = Streamed(streaming.ShardReader(out_model), dtype, device, state) if stream else None
+            metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress,
+                                          source)
+            log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
+    if work is not None:
+        _save(work, recipe, metrics, model, tokenizer, state, stream)
     return RunResult(metrics, None, model, state)
 
 
-def _save(directory: Path, recipe: Recipe, metrics: dict, model: nn.Module, tokenizer, state: QuantState) -> None:
+def _save(directory: Path, recipe: Recipe, metrics: dict, model: nn.Module, tokenizer, state: QuantState,
+          stream: bool) -> None:
     (directory / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    model.save_pretrained(directory / "model")
+    if stream:
+        model.config.save_pretrained(directory / "model")
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(directory / "model")
+    else:
+        model.save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "model")
     state.save(directory)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -33,6 +33,10 @@ class Step:
     def __init__(self, args: StepArgs | None = None):
         self.args = args if args is not None else self.Args()
 
+    def needs_whole_model(self) -> bool:
+        """True if the step reads or changes every block at once (it cannot run one block in memory at a time)."""
+        return False
+
     def before_blocks(self, ctx: "ModelContext") -> None:
         """Called once on the whole model before calibration inputs are captured."""
 

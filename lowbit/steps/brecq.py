@@ -65,6 +65,9 @@ class BRECQ(Step):
         super().__init__(args)
         self.fisher: list[torch.Tensor] | None = None
 
+    def needs_whole_model(self) -> bool:
+        return self.args.fisher
+
     def before_blocks(self, ctx: ModelContext) -> None:
         if self.args.fisher:
             self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ctx.calib_ids[: self.args.n_samples])

@@ -184,5 +184,8 @@ class Rotation(Step):
     name = "rotate"
     Args = RotationArgs
 
+    def needs_whole_model(self) -> bool:
+        return True
+
     def before_blocks(self, ctx: ModelContext) -> None:
         rotate_model(ctx, self.args)
