@@ -169,6 +169,16 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
 
 
+def _cmd_synth(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.synth import synth_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"wrote {synth_model(args.shape, args.out, args.seed, layers=args.layers)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -202,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-save", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=_cmd_quantize)
+
+    sy = sub.add_parser("synth", help="write a random-weight model of a real shape (bf16 shards) for memory/time tests")
+    sy.add_argument("shape", choices=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
+    sy.add_argument("out", help="folder to create")
+    sy.add_argument("--layers", type=int, help="fewer decoder blocks than the real model")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--threads", type=int)
+    sy.set_defaults(fn=_cmd_synth)
 
     e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
     e.add_argument("model")
