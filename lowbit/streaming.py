@@ -7,6 +7,8 @@ rest, and `model.safetensors.index.json`), so the output never has to exist in m
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 from collections import defaultdict
@@ -149,8 +151,23 @@ def load_block(model: nn.Module, adapter: Adapter, reader: ShardReader, index: i
 
 
 def free(module: nn.Module) -> None:
-    """Drop a module's parameter memory (back to meta placeholders of the same shapes)."""
+    """Drop a module's parameter memory (back to meta placeholders of the same shapes) and hand freed heap
+    memory back to the OS, so resident memory does not creep up block after block (glibc keeps it otherwise)."""
     module.to("meta")
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def shard_name(k: int, total: int) -> str:
