@@ -45,6 +45,8 @@ class BlockIO:
               kwargs: dict) -> tuple[int, torch.Tensor, torch.Tensor | None, tuple, dict]:
         """Block to start at and its inputs (from the newest checkpoint when resuming), placed on the device."""
         start = 0
+        if self.streamed:  # embeddings, norm and head are not needed again until evaluation or `finish`
+            streaming.free_rest(mctx.model, mctx.adapter)
         if self.resume:
             resumed = self.checkpoints.load()
             start = resumed.finished
@@ -89,13 +91,17 @@ class BlockIO:
             raise ProbeDone
 
     def finish(self, model: torch.nn.Module, adapter) -> None:
-        """Streamed: write the tensors outside the blocks as the last shard and the index."""
+        """Streamed: write the tensors outside the blocks (unchanged: streamed steps change only blocks) as the
+        last shard, the index, and load them back into the model for evaluation."""
         if not self.streamed:
             return
         n = len(adapter.blocks(model))
         names = streaming.rest_names(adapter, self.reader.names())
-        streaming.write_shard(self.out_dir, n, n + 1, streaming.module_tensors(model, names))
+        rest = {name: t.to(self.dtype) if t.is_floating_point() else t for name, t in self.reader.read(names).items()}
+        streaming.write_shard(self.out_dir, n, n + 1, rest)
+        del rest
         streaming.write_index(self.out_dir)
+        streaming.load_rest(model, adapter, self.reader, self.dtype)
 
 
 def _merge_state(mctx: "ModelContext", loaded, finished: int) -> None:

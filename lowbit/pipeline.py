@@ -297,7 +297,12 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
     mctx = ModelContext(model, adapter, settings, QuantState(), calib_ids, tuple(steps))
     for step in steps:
         step.before_blocks(mctx)
-    inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    acts = settings.activations
+    calibrate = any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
+    if calibrate:
+        inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    else:  # nothing reads activations: skip every forward pass
+        inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
     start, inputs, fp_inputs, args, kwargs = io.begin(mctx, inputs, fp_inputs, args, kwargs)
     blocks = adapter.blocks(model)
@@ -317,7 +322,7 @@ def compress(model: nn.Module, adapter: Adapter, settings: Settings, steps: Sequ
             if spec is not None and not ctx.is_quantized(rel):
                 rtn_linear(ctx, rel, linear, spec, settings.weight_observer)
         calibrate_act_quantizers(ctx)
-        inputs = ctx.forward()
+        inputs = ctx.forward() if calibrate else inputs
         fp_inputs = ctx.fp_outputs
         io.done(ctx, inputs, fp_inputs)
     for step in steps:

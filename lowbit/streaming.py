@@ -139,6 +139,16 @@ def load_rest(model: nn.Module, adapter: Adapter, reader: ShardReader, dtype: to
         raise LowbitError(f"{reader.path} lacks {missing[0]} (and {len(missing) - 1} more): the checkpoint is incomplete")
 
 
+def free_rest(model: nn.Module, adapter: Adapter) -> None:
+    """Free everything outside the decoder blocks (embeddings, final norm, head; buffers stay)."""
+    prefix = adapter.blocks_path + "."
+    for name, module in model.named_modules():
+        if module is not model and not name.startswith(prefix) and name != adapter.blocks_path:
+            for pname, p in list(module.named_parameters(recurse=False)):
+                setattr(module, pname, nn.Parameter(p.to("meta"), requires_grad=p.requires_grad))
+    release_memory()
+
+
 def load_block(model: nn.Module, adapter: Adapter, reader: ShardReader, index: int, dtype: torch.dtype,
                device: torch.device | str = "cpu") -> nn.Module:
     """Read decoder block `index` from the shards onto `device`; refuses a block the checkpoint lacks."""
@@ -151,9 +161,14 @@ def load_block(model: nn.Module, adapter: Adapter, reader: ShardReader, index: i
 
 
 def free(module: nn.Module) -> None:
-    """Drop a module's parameter memory (back to meta placeholders of the same shapes) and hand freed heap
-    memory back to the OS, so resident memory does not creep up block after block (glibc keeps it otherwise)."""
+    """Drop a module's parameter memory (back to meta placeholders of the same shapes)."""
     module.to("meta")
+    release_memory()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS, so resident memory does not creep up block after block
+    (glibc keeps freed chunks otherwise)."""
     gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

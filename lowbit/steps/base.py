@@ -29,6 +29,7 @@ class Step:
     Args: ClassVar[type[StepArgs]] = StepArgs
     needs_fp_targets: ClassVar[bool] = False  # keep the full-precision path (FP block inputs and outputs)
     solves_weights: ClassVar[bool] = False  # quantizes weights itself (else the pipeline rounds them)
+    needs_calibration: ClassVar[bool] = True  # reads calibration activations (RTN does not: no forward passes)
 
     def __init__(self, args: StepArgs | None = None):
         self.args = args if args is not None else self.Args()
