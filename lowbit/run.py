@@ -219,7 +219,7 @@ def _run(recipe: Recipe, settings: Settings, steps: list, work: Path | None, pro
     reader = streaming.ShardReader(model_path) if stream else None
     if stream:
         model, tokenizer = load_skeleton(recipe.model, dtype)
-        streaming.load_rest(model, get_adapter(model), reader, dtype)
+        streaming.load_rest(model, get_adapter(model), reader, dtype, with_head=recipe.evaluation is not None)
     else:
         model, tokenizer = load_model(recipe.model, dtype)
     adapter = get_adapter(model)

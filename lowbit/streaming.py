@@ -123,11 +123,15 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torc
         set_module_tensor_to_device(model, name, device, value=value)
 
 
-def load_rest(model: nn.Module, adapter: Adapter, reader: ShardReader, dtype: torch.dtype) -> None:
-    """Read everything outside the decoder blocks; tie the head to the embedding when the checkpoint does."""
-    names = rest_names(adapter, reader.names())
-    load_tensors(model, reader.read(names), dtype)
+def load_rest(model: nn.Module, adapter: Adapter, reader: ShardReader, dtype: torch.dtype,
+              with_head: bool = True) -> None:
+    """Read everything outside the decoder blocks (the head only `with_head`: calibration does not need it);
+    tie the head to the embedding when the checkpoint does."""
     head = adapter.head_path + ".weight"
+    names = [n for n in rest_names(adapter, reader.names()) if with_head or not n.startswith(adapter.head_path + ".")]
+    load_tensors(model, reader.read(names), dtype)
+    if not with_head:
+        return
     if head not in reader.files:
         tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
         if not tie:
