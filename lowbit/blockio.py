@@ -110,7 +110,7 @@ def _merge_state(mctx: "ModelContext", loaded, finished: int) -> None:
     state = mctx.state
     state.weights.update(loaded.weights)
     state.transforms.update(loaded.transforms)
-    for kind in ("inputs", "outputs"):
+    for kind in ("input_quantizers", "output_quantizers"):
         table = getattr(state, kind)
         for name, q in getattr(loaded, kind).items():
             if name.startswith(prefixes):

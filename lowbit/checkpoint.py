@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
+from lowbit.runfolder import load_state, save_state
 from lowbit.state import QuantState
 
 FORMAT = "lowbit-checkpoint/1"
@@ -75,7 +76,7 @@ class Checkpoints:
         if fp_inputs is not None:
             tensors["fp_inputs"] = fp_inputs.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "inputs.safetensors"))
-        state.save(tmp)
+        save_state(state, tmp)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "finished": finished, "files": files,
                     "blocks": self.block_hashes}
@@ -118,7 +119,7 @@ class Checkpoints:
             self._verify(self.run_dir / rel, digest)
         try:
             tensors = load_file(str(path / "inputs.safetensors"))
-            state = QuantState.load(path)
+            state = load_state(path)
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
             raise LowbitError(f"checkpoint {path} is unreadable ({exc}): remove {self.run_dir} and start again") from None
         torch.set_rng_state(tensors["rng"])

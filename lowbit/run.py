@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.context import FormatPlan
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
@@ -27,9 +28,10 @@ from lowbit.eval.streamed import streamed_perplexity
 from lowbit.loading import cache_dir, load_model, load_skeleton, resolve_model_path
 from lowbit import streaming
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, check_finite, compress
+from lowbit.pipeline import check_finite, compress
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
+from lowbit.runfolder import save_run, write_atomic
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -98,13 +100,6 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
     return {**result, "cached": False}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -133,7 +128,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     The run works in `<out_dir>.partial`, checkpointing after every block; an interrupted run keeps that
     folder and `resume` (either folder name) continues it from the newest checkpoint."""
     device = resolve_device(recipe.device)
-    settings: Settings = recipe.settings()
+    plan = recipe.plan()
     steps = recipe.build_steps()
     work = None
     if resume is not None:
@@ -148,7 +143,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         work.mkdir(parents=True)
     handler = _log_to(work)
     try:
-        result = _run(recipe, settings, steps, work, progress, device, resume is not None)
+        result = _run(recipe, plan, steps, work, progress, device, resume is not None)
         if work is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
@@ -206,7 +201,7 @@ def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
     return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _run(recipe: Recipe, settings: Settings, steps: list, work: Path | None, progress: bool,
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progress: bool,
          device: torch.device, resume: bool) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -226,8 +221,8 @@ def _run(recipe: Recipe, settings: Settings, steps: list, work: Path | None, pro
     log.info("model %s (%s adapter), %d blocks, %s on %s%s", recipe.model, adapter.name, len(adapter.blocks(model)),
              str(dtype).removeprefix("torch."), device, ", streamed from disk" if stream else "")
     metrics: dict = {"name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
-                     "weights": settings.weights.describe() if settings.weights else "fp",
-                     "activations": settings.activations.describe() if settings.activations else "fp",
+                     "weights": plan.weights.describe() if plan.weights else "fp",
+                     "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6,
                      "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream}
     if recipe.evaluation and recipe.evaluation.baseline:
@@ -245,7 +240,7 @@ def _run(recipe: Recipe, settings: Settings, steps: list, work: Path | None, pro
         checkpoints = Checkpoints(work, fingerprint(recipe, model_path, stream)) if work is not None else None
         io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
         start = time.perf_counter()
-        state = compress(model, adapter, settings, steps, calib_ids, progress=progress, io=io)
+        state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io)
         io.finish(model, adapter)
         metrics["quant_time_s"] = time.perf_counter() - start
         metrics["peak_rss_gb"] = peak_rss_gb()
@@ -259,31 +254,5 @@ def _run(recipe: Recipe, settings: Settings, steps: list, work: Path | None, pro
                                           source)
             log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
     if work is not None:
-        _save(work, recipe, metrics, model, tokenizer, state, stream)
+        save_run(work, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
     return RunResult(metrics, None, model, state)
-
-
-def _save(directory: Path, recipe: Recipe, metrics: dict, model: nn.Module, tokenizer, state: QuantState,
-          stream: bool) -> None:
-    (directory / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    if stream:
-        model.config.save_pretrained(directory / "model")
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(directory / "model")
-    else:
-        model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    state.save(directory)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, QuantState]:
-    """A saved run's model with its activation quantizers and online transforms attached again."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "quant_state.json").exists():
-        raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
-                          f"'lowbit run' or 'lowbit quantize'")
-    model, tokenizer = load_model(str(run_dir / "model"), dtype)
-    state = QuantState.load(run_dir)
-    state.install(model)
-    return model, tokenizer, state

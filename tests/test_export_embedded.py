@@ -1,12 +1,16 @@
 """One short check on the embedded SmolLM2-135M: its compressed-tensors export reproduces the simulated model."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from lowbit.data import eval_windows, load_text, tokenize
 from lowbit.export import export_run
 from lowbit.recipe import parse_recipe
-from lowbit.run import load_run, run_recipe
+from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 from lowbit.verify import compare
+
+pytestmark = pytest.mark.slow
 
 
 def test_embedded_w4a16_compressed_tensors_matches_simulated(tmp_path):

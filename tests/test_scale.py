@@ -97,7 +97,8 @@ _PEAK_SCRIPT = textwrap.dedent("""
     from lowbit.blockio import BlockIO
     from lowbit.loading import load_model, load_skeleton
     from lowbit.models import get_adapter
-    from lowbit.pipeline import Settings, compress
+    from lowbit.context import FormatPlan
+    from lowbit.pipeline import compress
     from lowbit.formats import QuantSpec
     from lowbit.steps import get_step
     from lowbit import streaming
@@ -108,7 +109,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
     path, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    settings = Settings(weights=QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64))
+    settings = FormatPlan(weights=QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64))
     if mode == "stream":
         reader = streaming.ShardReader(path)
         model, _ = load_skeleton(path, torch.float32)

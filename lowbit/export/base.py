@@ -17,6 +17,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
 from lowbit.formats import dequantize, quantize
+from lowbit.runfolder import check_run_folder, load_run, load_state
 from lowbit.state import QuantState, WeightRecord
 
 
@@ -68,17 +69,17 @@ def register_exporter(name: str, suffix: str = ""):
 def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
     """Check every quantized layer against the target (before loading the model) and pick its scheme."""
     check_transforms(target, state.transforms)
-    if state.outputs:
-        name = next(iter(state.outputs))
+    if state.output_quantizers:
+        name = next(iter(state.output_quantizers))
         raise LowbitError(f"cannot export to {target}: output quantization (on {name}) is not supported by any "
                           f"export target; export a run without output quantizers")
-    clipped = next((n for n, q in state.inputs.items() if q.clip_ratio != 1), None)
+    clipped = next((n for n, q in state.input_quantizers.items() if q.clip_ratio != 1), None)
     if clipped is not None:
         raise LowbitError(f"cannot export to {target}: dynamic activations clipped at clip_ratio "
-                          f"{state.inputs[clipped].clip_ratio} (on {clipped}) run as min-max in every engine; "
+                          f"{state.input_quantizers[clipped].clip_ratio} (on {clipped}) run as min-max in every engine; "
                           f"export a run with activations.clip_ratio: 1")
-    names = sorted(set(state.weights) | set(state.inputs))
-    acts = {n: q.spec for n, q in state.inputs.items()}
+    names = sorted(set(state.weights) | set(state.input_quantizers))
+    acts = {n: q.spec for n, q in state.input_quantizers.items()}
     return {n: select_scheme(target, state.weights[n].spec if n in state.weights else None, acts.get(n), n)
             for n in names}
 
@@ -86,18 +87,14 @@ def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
 def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
                dtype: str = "bfloat16") -> ExportResult:
     """Write `run_dir`'s model in `target`'s format to `out` (default: inside the run folder), atomically."""
-    from lowbit.run import load_run
-
     run_dir = Path(run_dir)
     if target not in EXPORTERS:
         raise LowbitError(f"unknown export format {target!r}: choose from {', '.join(EXPORTERS)}")
     exporter = EXPORTERS[target]
     if dtype not in DTYPES:
         raise LowbitError(f"unknown export dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    if not (run_dir / "quant_state.json").exists():
-        raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
-                          f"'lowbit run' or 'lowbit quantize'")
-    schemes = plan_schemes(target, QuantState.load(run_dir))
+    check_run_folder(run_dir)
+    schemes = plan_schemes(target, load_state(run_dir))
     if not any(schemes.values()):
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")
