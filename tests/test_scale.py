@@ -39,16 +39,34 @@ def write_sharded(path: Path, tokenizer, layers: int = 3, hidden: int = 64, inte
 
 
 @pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A short text file for calibration and evaluation (tokenizing all of WikiText-2 would dominate the tests)."""
+    from lowbit.data import load_text
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(load_text("wikitext2", "validation")[:30000])
+    return path
+
+
+@pytest.fixture(scope="module")
 def sharded(tmp_path_factory, tokenizer) -> Path:
     path = write_sharded(tmp_path_factory.mktemp("sharded") / "model", tokenizer)
     assert (path / "model.safetensors.index.json").is_file()
     return path
 
 
+TEXT: Path | None = None
+
+
+@pytest.fixture(autouse=True)
+def _short_text(text, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TEXT", text)
+
+
 def recipe(model: Path, **over) -> dict:
     data = {"model": str(model), "threads": 1, "weights": {"bits": 4, "group_size": 32}, "steps": ["gptq"],
-            "calibration": {"n_samples": 4, "seq_len": 32, "batch_size": 2},
-            "evaluation": {"seq_len": 64, "max_tokens": 256, "baseline": False}}
+            "calibration": {"data": str(TEXT), "n_samples": 4, "seq_len": 32, "batch_size": 2},
+            "evaluation": {"data": str(TEXT), "seq_len": 64, "max_tokens": 256, "baseline": False}}
     data.update(over)
     return data
 
@@ -83,7 +101,7 @@ def test_streamed_equals_in_memory(sharded, tmp_path, steps, acts):
 
 def test_streamed_fp_perplexity_equals_in_memory(sharded, tmp_path, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
-    base = recipe(sharded, weights=None, steps=[], evaluation={"seq_len": 64, "max_tokens": 256})
+    base = recipe(sharded, weights=None, steps=[], evaluation={"data": str(TEXT), "seq_len": 64, "max_tokens": 256})
     mem = run_recipe(parse_recipe({**base, "stream": False, "save": False}), progress=False)
     (tmp_path / "cache").rename(tmp_path / "cache-mem")
     streamed = run_recipe(parse_recipe({**base, "stream": True, "save": False}), progress=False)
