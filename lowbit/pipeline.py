@@ -104,6 +104,9 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     """Run `steps` over the model block by block; returns what was added beyond the weights.
 
     `io` decides where blocks live (device, streamed from disk) and checkpoints finished ones."""
+    from lowbit.sparsity import check_masks, validate_order
+
+    validate_order(steps)
     io = io or BlockIO()
     validate(model, adapter, plan)
     mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids)
@@ -129,9 +132,11 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
         mctx.state.install(model, ctx.name + ".")
         for step, r in zip(steps, rounds):
             step.on_block(replace(ctx, rounds=r))
+            check_masks(ctx, step.name)
         mctx.state.install(model, ctx.name + ".")
         for rel in ctx.pending():
             ctx.round_to_nearest(rel)
+        check_masks(ctx, "rtn")
         ctx.calibrate_activations()
         inputs = ctx.forward() if calibrate else inputs
         fp_inputs = ctx.fp_outputs

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import resource
 import shutil
@@ -14,24 +13,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
 from lowbit.context import FormatPlan
+from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
+from lowbit import streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
-from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
-from lowbit.errors import LowbitError
 from lowbit.devices import resolve_device, resolve_dtype
+from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.eval.streamed import streamed_perplexity
-from lowbit.loading import cache_dir, load_model, load_skeleton, resolve_model_path
-from lowbit import streaming
+from lowbit.files import check_utf8_path, publish, sweep_leftovers, write_atomic, write_error
+from lowbit.loading import cache_dir, empty_model, load_model, load_skeleton, resolve_model_path
 from lowbit.models import get_adapter
-from lowbit.pipeline import check_finite, compress
+from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
-from lowbit.runfolder import save_run, write_atomic
+from lowbit.runfolder import new_run_id, save_run, seal_run
+from lowbit.sparsity import sparsity_report
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -90,13 +92,19 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
     """Perplexity of the uncompressed model, cached on disk since it is the same for every recipe."""
     cache = cache_dir() / "baselines"
     key_file = cache / f"{_baseline_key(model_path, recipe)}.json"
-    if key_file.exists():
-        result = json.loads(key_file.read_text())
-        result["cached"] = True
-        return result
+    try:
+        result = json.loads(key_file.read_text(encoding="utf-8"))
+        if isinstance(result, dict) and "ppl" in result:
+            return {**result, "cached": True}
+    except (OSError, ValueError):
+        pass  # missing or damaged: evaluate again and rewrite it
     result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress, streamed)
-    cache.mkdir(parents=True, exist_ok=True)
-    write_atomic(key_file, json.dumps(result))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(cache)
+        write_atomic(key_file, json.dumps(result))
+    except OSError as exc:
+        log.warning("could not cache the FP perplexity in %s (%s)", cache, exc.strerror or exc)
     return {**result, "cached": False}
 
 
@@ -104,18 +112,49 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
+    """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
+    empty = empty_model(recipe.model, resolve_dtype(recipe.dtype, resolve_model_path(recipe.model)))
+    validate(empty, get_adapter(empty), plan)
+    params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
+    return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
+
+
 def partial_dir(out_dir: Path) -> Path:
-    """The folder a run works in until it is finished (then renamed to `out_dir`); resumable from checkpoints."""
+    """Where a run works until it is finished: run/ (published as `out_dir` at the end) and checkpoint/."""
     return out_dir.with_name(out_dir.name + ".partial")
+
+
+def _work_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
+    """Create the folder a run works in, after checking the target and its free space."""
+    check_utf8_path(out_dir, "output folder")
+    work = partial_dir(out_dir)
+    if explicit and (out_dir.exists() or out_dir.is_symlink()):
+        raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
+    if work.exists():
+        raise LowbitError(f"{work} holds an unfinished run: continue it with --resume {work}, or remove it")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(out_dir.parent)
+        (work / "run").mkdir(parents=True)
+        free = shutil.disk_usage(out_dir.parent).free
+    except OSError as exc:
+        raise LowbitError(f"cannot write the output folder {out_dir}: {exc.strerror or exc} "
+                          f"({exc.filename or out_dir.parent}): choose a writable --out") from None
+    if free < need_bytes:
+        shutil.rmtree(work, ignore_errors=True)
+        raise LowbitError(f"{out_dir.parent} has {free / 1e6:.0f} MB free but the run needs about "
+                          f"{need_bytes / 1e6:.0f} MB: free some space or choose another --out")
+    return work
 
 
 def _resume_dirs(path: Path) -> tuple[Path, Path]:
     """(working folder, final folder) of an unfinished run given either name."""
     work = path if path.name.endswith(".partial") else partial_dir(path)
     out = work.with_name(work.name[: -len(".partial")])
-    if not work.is_dir():
-        raise LowbitError(f"no unfinished run at {path} (expected a folder {work}): give the .partial folder that "
-                          f"an interrupted 'lowbit run' left")
+    if not (work / "run").is_dir():
+        raise LowbitError(f"no unfinished run at {path} (expected a folder {work} with run/ inside): give the "
+                          f".partial folder that an interrupted 'lowbit run' left")
     if out.exists():
         raise LowbitError(f"{out} already exists, so the run at {work} cannot finish there: move one of them away")
     return work, out
@@ -125,34 +164,34 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
                resume: Path | None = None) -> RunResult:
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically.
 
-    The run works in `<out_dir>.partial`, checkpointing after every block; an interrupted run keeps that
-    folder and `resume` (either folder name) continues it from the newest checkpoint."""
+    Without an explicit `out_dir` the folder is runs/NAME-TIMESTAMP, suffixed -2, -3, ... if a concurrent run
+    took that name first. The run works in `<out_dir>.partial` and checkpoints every finished block there; an
+    interrupted run keeps that folder, and `resume` (either name) continues it from the newest checkpoint."""
     device = resolve_device(recipe.device)
     plan = recipe.plan()
     steps = recipe.build_steps()
+    need_bytes = check_before_loading(recipe, plan)
     work = None
+    explicit = out_dir is not None
     if resume is not None:
         work, out_dir = _resume_dirs(Path(resume))
+        explicit = True
     elif recipe.save:
-        out_dir = Path(out_dir or default_out_dir(recipe))
-        work = partial_dir(out_dir)
-        if out_dir.exists():
-            raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
-        if work.exists():
-            raise LowbitError(f"{work} holds an unfinished run: continue it with --resume {work}, or remove it")
-        work.mkdir(parents=True)
-    handler = _log_to(work)
+        out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
+        work = _work_folder(out_dir, explicit, need_bytes)
+    staging = work / "run" if work is not None else None
+    handler = _log_to(staging)
     try:
         result = _run(recipe, plan, steps, work, progress, device, resume is not None)
-        if work is not None:
+        if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
-            os.replace(work, out_dir)
-            shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
-            result.out_dir = out_dir
+            seal_run(staging, result.metrics["run_id"])
+            result.out_dir = publish(staging, out_dir, unique=not explicit)
+            shutil.rmtree(work, ignore_errors=True)
         return result
     except BaseException:
-        if work is not None:
+        if work is not None and work.exists():
             if Checkpoints(work, "").latest() is None:
                 shutil.rmtree(work, ignore_errors=True)
             else:
@@ -220,7 +259,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progr
     adapter = get_adapter(model)
     log.info("model %s (%s adapter), %d blocks, %s on %s%s", recipe.model, adapter.name, len(adapter.blocks(model)),
              str(dtype).removeprefix("torch."), device, ", streamed from disk" if stream else "")
-    metrics: dict = {"name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
+    metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
                      "weights": plan.weights.describe() if plan.weights else "fp",
                      "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6,
@@ -233,8 +272,9 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progr
     cal = recipe.calibration
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
+    staging = work / "run" if work is not None else None
     with tempfile.TemporaryDirectory(prefix="lowbit-stream-") as scratch:
-        out_model = (work if work is not None else Path(scratch)) / "model"
+        out_model = (staging if staging is not None else Path(scratch)) / "model"
         if stream:
             out_model.mkdir(exist_ok=True)
         checkpoints = Checkpoints(work, fingerprint(recipe, model_path, stream)) if work is not None else None
@@ -246,6 +286,11 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progr
         metrics["peak_rss_gb"] = peak_rss_gb()
         check_finite(model)
         metrics["size_mb"] = model_size(model, state) / 1e6
+        sparsity = None if stream else sparsity_report(model, adapter, state)
+        if sparsity is not None:
+            metrics["sparsity"] = sparsity
+            log.info("sparsity %.4f%% of %d block weights; per layer %s", 100 * sparsity["overall"],
+                     sparsity["weights"], sparsity["layers"])
         log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
 
         if recipe.evaluation:
@@ -253,6 +298,10 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progr
             metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress,
                                           source)
             log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
-    if work is not None:
-        save_run(work, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
+    if staging is not None:
+        try:
+            save_run(staging, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
+        except (OSError, SafetensorError) as exc:
+            raise LowbitError(f"writing the run failed: {write_error(exc)} (in {staging.parent}): free some space "
+                              f"or choose another --out; nothing was saved") from None
     return RunResult(metrics, None, model, state)

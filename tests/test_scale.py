@@ -230,7 +230,7 @@ def test_foreign_checkpoint_is_refused(sharded, tmp_path, monkeypatch):
     other = {**base, "weights": {"bits": 3, "group_size": 32}}
     with pytest.raises(LowbitError, match="different recipe or model"):
         run_recipe(parse_recipe(other), progress=False, resume=partial)
-    block = partial / "model" / "model-00001-of-00004.safetensors"
+    block = partial / "run" / "model" / "model-00001-of-00004.safetensors"
     block.write_bytes(block.read_bytes()[:-8])
     with pytest.raises(LowbitError, match="corrupted"):
         run_recipe(parse_recipe(base), progress=False, resume=partial)
