@@ -511,7 +511,9 @@ def _dispatch(args: argparse.Namespace, stderr) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"lowbit: interrupted by {signal.Signals(signum).name}; unfinished output removed", file=stderr)
+        kept = getattr(exc, "resumable", None)
+        outcome = f"continue it with --resume {kept}" if kept else "unfinished output removed"
+        print(f"lowbit: interrupted by {signal.Signals(signum).name}; {outcome}", file=stderr)
         return 128 + signum
     return 0
 

@@ -63,7 +63,9 @@ def staging_path(final: Path) -> Path:
 
 
 def sweep_leftovers(folder: Path) -> list[Path]:
-    """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them."""
+    """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them.
+
+    A staging folder holding a block checkpoint (see lowbit.checkpoint) is kept: `lowbit run --resume` continues it."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -71,7 +73,7 @@ def sweep_leftovers(folder: Path) -> list[Path]:
         return removed
     for path in entries:
         m = _STAGING.match(path.name)
-        if m is None or _owner_alive(int(m["pid"]), int(m["start"])):
+        if m is None or _owner_alive(int(m["pid"]), int(m["start"])) or resumable(path):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -80,6 +82,11 @@ def sweep_leftovers(folder: Path) -> list[Path]:
         log.warning("removed %s, left by an interrupted lowbit process (pid %s)", path, m["pid"])
         removed.append(path)
     return removed
+
+
+def resumable(path: Path) -> bool:
+    """True for a run folder with a complete block checkpoint in it."""
+    return path.is_dir() and any((path / "checkpoint").glob("block-*/manifest.json"))
 
 
 def fsync_tree(path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
@@ -26,7 +27,8 @@ from lowbit.devices import resolve_device, resolve_dtype
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.eval.streamed import streamed_perplexity
-from lowbit.files import check_utf8_path, publish, sweep_leftovers, write_atomic, write_error
+from lowbit.files import (_STAGING, check_utf8_path, publish, resumable, staging_path, sweep_leftovers, write_atomic,
+                          write_error)
 from lowbit.loading import cache_dir, empty_model, load_model, load_skeleton, resolve_model_path
 from lowbit.models import get_adapter
 from lowbit.pipeline import check_finite, compress, validate
@@ -120,44 +122,45 @@ def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
 
 
-def partial_dir(out_dir: Path) -> Path:
-    """Where a run works until it is finished: run/ (published as `out_dir` at the end) and checkpoint/."""
-    return out_dir.with_name(out_dir.name + ".partial")
-
-
-def _work_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
-    """Create the folder a run works in, after checking the target and its free space."""
+def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
+    """Create the hidden folder a run writes into, after checking the target and its free space."""
     check_utf8_path(out_dir, "output folder")
-    work = partial_dir(out_dir)
     if explicit and (out_dir.exists() or out_dir.is_symlink()):
         raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
-    if work.exists():
-        raise LowbitError(f"{work} holds an unfinished run: continue it with --resume {work}, or remove it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(out_dir.parent)
-        (work / "run").mkdir(parents=True)
+        staging = staging_path(out_dir)
+        staging.mkdir()
         free = shutil.disk_usage(out_dir.parent).free
     except OSError as exc:
         raise LowbitError(f"cannot write the output folder {out_dir}: {exc.strerror or exc} "
                           f"({exc.filename or out_dir.parent}): choose a writable --out") from None
     if free < need_bytes:
-        shutil.rmtree(work, ignore_errors=True)
+        staging.rmdir()
         raise LowbitError(f"{out_dir.parent} has {free / 1e6:.0f} MB free but the run needs about "
                           f"{need_bytes / 1e6:.0f} MB: free some space or choose another --out")
-    return work
+    return staging
 
 
-def _resume_dirs(path: Path) -> tuple[Path, Path]:
-    """(working folder, final folder) of an unfinished run given either name."""
-    work = path if path.name.endswith(".partial") else partial_dir(path)
-    out = work.with_name(work.name[: -len(".partial")])
-    if not (work / "run").is_dir():
-        raise LowbitError(f"no unfinished run at {path} (expected a folder {work} with run/ inside): give the "
-                          f".partial folder that an interrupted 'lowbit run' left")
+def _resume_folder(path: Path) -> tuple[Path, Path]:
+    """(staging folder now owned by this process, final folder) of an interrupted run.
+
+    `path` is the staging folder the interrupted run named, or the output folder it was writing."""
+    match = _STAGING.match(path.name)
+    if match:
+        candidates, out = [path], path.with_name(match["final"])
+    else:
+        candidates, out = sorted(path.parent.glob(f".{path.name}.lowbit-partial.*")), path
+    candidates = [c for c in candidates if resumable(c)]
+    if not candidates:
+        raise LowbitError(f"no interrupted run with a checkpoint at {path}: give the folder that 'lowbit run' named "
+                          f"when it was interrupted, or start the run again")
     if out.exists():
-        raise LowbitError(f"{out} already exists, so the run at {work} cannot finish there: move one of them away")
-    return work, out
+        raise LowbitError(f"{out} already exists, so the interrupted run cannot finish there: move it away")
+    mine = staging_path(out)
+    os.rename(max(candidates, key=lambda c: c.stat().st_mtime), mine)  # no sweep may take it while it runs
+    return mine, out
 
 
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True,
@@ -165,37 +168,36 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically.
 
     Without an explicit `out_dir` the folder is runs/NAME-TIMESTAMP, suffixed -2, -3, ... if a concurrent run
-    took that name first. The run works in `<out_dir>.partial` and checkpoints every finished block there; an
-    interrupted run keeps that folder, and `resume` (either name) continues it from the newest checkpoint."""
+    took that name first. An interrupted run leaves at most a hidden staging folder that names its process; if it
+    holds a block checkpoint, `resume` (that folder or the output folder) continues it from there."""
     device = resolve_device(recipe.device)
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
-    work = None
+    staging = None
     explicit = out_dir is not None
     if resume is not None:
-        work, out_dir = _resume_dirs(Path(resume))
+        staging, out_dir = _resume_folder(Path(resume))
         explicit = True
     elif recipe.save:
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
-        work = _work_folder(out_dir, explicit, need_bytes)
-    staging = work / "run" if work is not None else None
+        staging = _staging_folder(out_dir, explicit, need_bytes)
     handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, work, progress, device, resume is not None)
+        result = _run(recipe, plan, steps, staging, progress, device, resume is not None)
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
-            shutil.rmtree(work, ignore_errors=True)
         return result
-    except BaseException:
-        if work is not None and work.exists():
-            if Checkpoints(work, "").latest() is None:
-                shutil.rmtree(work, ignore_errors=True)
+    except BaseException as exc:
+        if staging is not None and staging.exists():
+            if resumable(staging):
+                log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
+                exc.resumable = str(staging)
             else:
-                log.warning("unfinished run kept in %s: continue it with --resume %s", work, work)
+                shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         if handler is not None:
@@ -240,7 +242,7 @@ def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
     return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progress: bool,
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, progress: bool,
          device: torch.device, resume: bool) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -272,16 +274,17 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, work: Path | None, progr
     cal = recipe.calibration
     calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
                                     cal.seq_len, cal.seed)
-    staging = work / "run" if work is not None else None
     with tempfile.TemporaryDirectory(prefix="lowbit-stream-") as scratch:
         out_model = (staging if staging is not None else Path(scratch)) / "model"
         if stream:
             out_model.mkdir(exist_ok=True)
-        checkpoints = Checkpoints(work, fingerprint(recipe, model_path, stream)) if work is not None else None
+        checkpoints = Checkpoints(staging, fingerprint(recipe, model_path, stream)) if staging is not None else None
         io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io)
         io.finish(model, adapter)
+        if checkpoints is not None:  # every block is in the output now; the folder seals without them
+            checkpoints.remove()
         metrics["quant_time_s"] = time.perf_counter() - start
         metrics["peak_rss_gb"] = peak_rss_gb()
         check_finite(model)

@@ -188,16 +188,23 @@ def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path, monke
         _interrupt_at(m, 2)
         with pytest.raises(KeyboardInterrupt):
             run_recipe(parse_recipe(base), tmp_path / "cut", progress=False)
-    partial = tmp_path / "cut.partial"
+    partial = staging(tmp_path, "cut")
     assert not (tmp_path / "cut").exists() and not (partial / "metrics.json").exists()
     assert [p.name for p in (partial / "checkpoint").iterdir() if p.name.startswith("block-")] == ["block-00002"]
-    resumed = run_recipe(parse_recipe(base), progress=False, resume=partial)
+    resumed = run_recipe(parse_recipe(base), progress=False, resume=tmp_path / "cut")
     assert resumed.out_dir == tmp_path / "cut" and not partial.exists()
     assert not (tmp_path / "cut" / "checkpoint").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert_same_weights(tmp_path / "full", tmp_path / "cut")
     assert resumed.metrics["ppl"]["ppl"] == full.metrics["ppl"]["ppl"]
     for name in ("quant_state.json", "quant_state.safetensors"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+
+
+def staging(folder: Path, name: str) -> Path:
+    """The hidden folder an interrupted run of output `name` left (see lowbit.files.staging_path)."""
+    (path,) = [p for p in folder.iterdir() if p.name.startswith(f".{name}.lowbit-partial.")]
+    return path
 
 
 def _interrupted(sharded, tmp_path, monkeypatch) -> tuple[dict, Path]:
@@ -206,7 +213,7 @@ def _interrupted(sharded, tmp_path, monkeypatch) -> tuple[dict, Path]:
         _interrupt_at(m, 1)
         with pytest.raises(KeyboardInterrupt):
             run_recipe(parse_recipe(base), tmp_path / "cut", progress=False)
-    return base, tmp_path / "cut.partial"
+    return base, staging(tmp_path, "cut")
 
 
 def test_corrupted_checkpoint_is_refused(sharded, tmp_path, monkeypatch, capsys):
@@ -219,10 +226,11 @@ def test_corrupted_checkpoint_is_refused(sharded, tmp_path, monkeypatch, capsys)
         run_recipe(parse_recipe(base), progress=False, resume=partial)
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(json.dumps(base))
-    assert main(["run", str(recipe_file), "--resume", str(partial), "--quiet"]) == 2
+    capsys.readouterr()
+    assert main(["run", str(recipe_file), "--resume", str(tmp_path / "cut"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowbit: error: checkpoint file") and err.count("\n") == 1
-    assert partial.exists() and not (tmp_path / "cut").exists()
+    assert staging(tmp_path, "cut").exists() and not (tmp_path / "cut").exists()
 
 
 def test_foreign_checkpoint_is_refused(sharded, tmp_path, monkeypatch):
@@ -230,16 +238,19 @@ def test_foreign_checkpoint_is_refused(sharded, tmp_path, monkeypatch):
     other = {**base, "weights": {"bits": 3, "group_size": 32}}
     with pytest.raises(LowbitError, match="different recipe or model"):
         run_recipe(parse_recipe(other), progress=False, resume=partial)
-    block = partial / "run" / "model" / "model-00001-of-00004.safetensors"
+    block = staging(tmp_path, "cut") / "model" / "model-00001-of-00004.safetensors"
     block.write_bytes(block.read_bytes()[:-8])
     with pytest.raises(LowbitError, match="corrupted"):
-        run_recipe(parse_recipe(base), progress=False, resume=partial)
+        run_recipe(parse_recipe(base), progress=False, resume=tmp_path / "cut")
 
 
-def test_unfinished_run_is_not_overwritten(sharded, tmp_path, monkeypatch):
+def test_resumable_folder_survives_the_sweep_and_resumes(sharded, tmp_path, monkeypatch):
+    """The next run in the same folder sweeps dead staging folders but keeps one holding a checkpoint."""
     base, partial = _interrupted(sharded, tmp_path, monkeypatch)
-    with pytest.raises(LowbitError, match="--resume"):
-        run_recipe(parse_recipe(base), tmp_path / "cut", progress=False)
+    run_recipe(parse_recipe({**base, "steps": ["rtn"]}), tmp_path / "other", progress=False)
+    assert partial.exists()
+    result = run_recipe(parse_recipe(base), progress=False, resume=partial)
+    assert result.out_dir == tmp_path / "cut" and not partial.exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
