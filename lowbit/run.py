@@ -174,6 +174,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
+    if recipe.max_memory:
+        from lowbit.plan import plan_run
+
+        plan_run(recipe, probe=False)  # refuses a budget the run cannot meet, before anything loads
     staging = None
     explicit = out_dir is not None
     if resume is not None:
@@ -287,6 +291,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
             checkpoints.remove()
         metrics["quant_time_s"] = time.perf_counter() - start
         metrics["peak_rss_gb"] = peak_rss_gb()
+        if device.type == "cuda":
+            metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         check_finite(model)
         metrics["size_mb"] = model_size(model, state) / 1e6
         sparsity = None if stream else sparsity_report(model, adapter, state)

@@ -280,3 +280,27 @@ def test_cuda_request_without_cuda_fails_before_loading(tmp_path, capsys):
 def test_stream_refuses_whole_model_steps(sharded):
     with pytest.raises(LowbitError, match="step rotate changes every block"):
         run_recipe(parse_recipe(recipe(sharded, stream=True, steps=["rotate", "rtn"], save=False)), progress=False)
+
+
+def test_plan_probes_one_block_and_estimates(sharded, tmp_path, capsys):
+    from lowbit.plan import plan_run
+
+    plan = plan_run(parse_recipe(recipe(sharded, stream=True)), probe=True)
+    assert plan.streamed and plan.blocks == 3 and plan.block_bytes > 0 and plan.rest_bytes > 0
+    assert all(t > 0 for t in plan.probe.values()) and plan.estimate_s > 0
+    assert plan.peak["cpu"] > plan.block_bytes + plan.activation_bytes
+    assert not [p for p in tmp_path.iterdir()]  # the probe writes nothing next to the run
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(recipe(sharded, stream=True)))
+    assert main(["run", str(recipe_file), "--dry-run", "--no-probe", "--out", str(tmp_path / "out")]) == 0
+    assert "| cpu |" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_budget_that_cannot_be_met_is_refused(sharded, tmp_path, capsys):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(recipe(sharded)))
+    assert main(["plan", str(recipe_file), "--no-probe", "--max-memory", "100MB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: the run needs about") and "--max-memory allows 0.1 GB" in err
+    assert main(["run", str(recipe_file), "--max-memory", "cpu=100MB", "--out", str(tmp_path / "out")]) == 2
+    assert "--max-memory" in capsys.readouterr().err and not (tmp_path / "out").exists()
