@@ -37,9 +37,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _placement(args: argparse.Namespace) -> list[str]:
-    """--set overrides plus the placement flags (--device, --max-memory, --offload, --stream) as overrides."""
+    """--set overrides plus the placement flags (--device, --max-memory, --stream) as overrides."""
     sets = list(args.set or [])
-    for flag in ("device", "max_memory", "offload", "stream"):
+    for flag in ("device", "max_memory", "stream"):
         if getattr(args, flag, None) is not None:
             sets.append(f"{flag}={getattr(args, flag)}")
     return sets
@@ -56,8 +56,6 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 def _add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides the recipe's device)")
     parser.add_argument("--max-memory", help="memory budget, e.g. 4GB or cpu=8GB,cuda:0=20GB")
-    parser.add_argument("--offload", choices=["auto", "device", "cpu", "disk"],
-                        help="where calibration activations live (auto: chosen from the budget)")
     parser.add_argument("--stream", choices=["auto", "true", "false"],
                         help="one block in memory at a time, read from and written to disk")
 

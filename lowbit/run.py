@@ -241,8 +241,7 @@ def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: li
 
 def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
     """What a checkpoint must match to be resumed: everything that changes the compressed weights."""
-    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory",
-                                                   "offload"})
+    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory"})
     return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
 
 
