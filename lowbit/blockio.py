@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lowbit.checkpoint import Checkpoints
 from lowbit.errors import LowbitError
+from lowbit.files import write_error
 from lowbit import streaming
 
 if TYPE_CHECKING:
@@ -67,7 +69,16 @@ class BlockIO:
 
     def done(self, ctx: "BlockContext", inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
         """Block `ctx.index` is compressed and `inputs` are the next block's: write, free, checkpoint."""
-        model, adapter, n = ctx.model_ctx.model, ctx.adapter, len(ctx.adapter.blocks(ctx.model_ctx.model))
+        try:
+            self._write(ctx, inputs, fp_inputs)
+        except (OSError, SafetensorError) as exc:
+            raise LowbitError(f"writing the run failed: {write_error(exc)} (after block {ctx.index}): free some "
+                              f"space or choose another --out") from None
+        if self.stop_after is not None and ctx.index + 1 >= self.stop_after:
+            raise ProbeDone
+
+    def _write(self, ctx: "BlockContext", inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
+        model, n = ctx.model_ctx.model, len(ctx.adapter.blocks(ctx.model_ctx.model))
         names = [f"{ctx.name}.{k}" for k in ctx.block.state_dict()]
         if self.streamed:
             for name, p in ctx.block.named_parameters():
@@ -87,8 +98,6 @@ class BlockIO:
                 self.checkpoints.record_block(directory / file)
         if self.checkpoints is not None:
             self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state)
-        if self.stop_after is not None and ctx.index + 1 >= self.stop_after:
-            raise ProbeDone
 
     def finish(self, model: torch.nn.Module, adapter) -> None:
         """Streamed: write the tensors outside the blocks (unchanged: streamed steps change only blocks) as the

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
-from lowbit.runfolder import load_state, save_state
+from lowbit.runfolder import load_state, write_state
 from lowbit.state import QuantState
 
 FORMAT = "lowbit-checkpoint/1"
@@ -76,7 +76,7 @@ class Checkpoints:
         if fp_inputs is not None:
             tensors["fp_inputs"] = fp_inputs.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "inputs.safetensors"))
-        save_state(state, tmp)
+        write_state(state, tmp)
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "finished": finished, "files": files,
                     "blocks": self.block_hashes}

@@ -169,7 +169,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
 
     Without an explicit `out_dir` the folder is runs/NAME-TIMESTAMP, suffixed -2, -3, ... if a concurrent run
     took that name first. An interrupted run leaves at most a hidden staging folder that names its process; if it
-    holds a block checkpoint, `resume` (that folder or the output folder) continues it from there."""
+    holds a block checkpoint (and the run was interrupted or crashed, not refused with an error), `resume` (that
+    folder or the output folder) continues it from there."""
     device = resolve_device(recipe.device)
     plan = recipe.plan()
     steps = recipe.build_steps()
@@ -197,7 +198,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         return result
     except BaseException as exc:
         if staging is not None and staging.exists():
-            if resumable(staging):
+            if resumable(staging) and not isinstance(exc, LowbitError):  # interrupted or crashed, not refused
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
             else:

@@ -28,7 +28,13 @@ from lowbit.state import QuantState, WeightRecord
 
 
 def save_state(state: QuantState, directory: Path) -> None:
-    """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
+    """The run folder's quantization state files (see `write_state`)."""
+    write_state(state, directory)
+
+
+def write_state(state: QuantState, directory: Path) -> None:
+    """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters); block checkpoints
+    use it too."""
     tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms,
                          "masks": sorted(state.masks)}
     for name, rec in state.weights.items():
