@@ -16,13 +16,13 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable
 
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
 MANIFEST = "manifest.json"
 _STAGING = re.compile(r"^\.(?P<final>.+)\.lowbit-partial\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]+$")
+_OLD_STAGING = re.compile(r"^\..+\.tmp-\w+$")  # lowbit before owner-named staging: no owner to check
 
 
 def _process_start(pid: int) -> int | None:
@@ -35,6 +35,7 @@ def _process_start(pid: int) -> int | None:
 
 
 def _owner_alive(pid: int, start: int) -> bool:
+    """Whether the process that created a staging path still runs (same pid and start time: pids are reused)."""
     if Path("/proc/self/stat").exists():
         return _process_start(pid) == start
     try:
@@ -72,6 +73,9 @@ def sweep_leftovers(folder: Path) -> list[Path]:
     except OSError:
         return removed
     for path in entries:
+        if _OLD_STAGING.match(path.name):
+            log.warning("%s looks like an unfinished result of an older lowbit; remove it if no lowbit is running",
+                        path)
         m = _STAGING.match(path.name)
         if m is None or _owner_alive(int(m["pid"]), int(m["start"])) or resumable(path):
             continue
@@ -112,14 +116,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` via a staging file, fsync and rename: readers see the old file or the new one."""
-    write_file_atomic(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
-
-
-def write_file_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Let `write(tmp)` create a file at a staging path, then fsync it and rename it to `path`."""
     tmp = staging_path(path)
     try:
-        write(tmp)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         fsync_tree(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -38,7 +38,8 @@ class FormatConfig(_Strict):
     """
 
     bits: int = 4
-    format: Literal["int", "fp", "mxfp4", "nvfp4", "mxfp8"] = "int"
+    format: Literal["int", "fp", "mxfp4", "nvfp4", "mxfp8", "gguf"] = "int"
+    type: str | None = None  # format gguf: a llama.cpp type or mix (q4_0, q4_k, q6_k, q4_k_m, ...; see lowbit.gguf_types)
     symmetric: bool = True
     granularity: Literal["tensor", "channel", "group", "token", "block"] = "channel"
     group_size: int | None = None
@@ -68,6 +69,14 @@ class FormatConfig(_Strict):
         return self
 
     def spec(self) -> QuantSpec:
+        if self.format == "gguf" or self.type is not None:
+            if self.format != "gguf" or self.type is None:
+                raise LowbitError("a GGUF format is written {format: gguf, type: q4_k} (both keys): e.g. type q4_0, "
+                                  "q8_0, q4_k, q6_k or the mix q4_k_m")
+            fixed = sorted(self.model_fields_set & {"bits", "symmetric", "fp_variant", "block"})
+            if fixed:
+                raise LowbitError(f"a GGUF format takes {', '.join(fixed)} from its type {self.type!r}: remove them")
+            return QuantSpec(gguf=self.type, granularity="group", group_size=self.group_size)
         if self.format in NAMED_FORMATS:
             return QuantSpec.named(self.format, dynamic=self.dynamic)
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
@@ -142,6 +151,9 @@ class Recipe(_Strict):
     def plan(self) -> FormatPlan:
         """The run's formats plan; refuses format combinations no step can honour."""
         acts = self.activations.spec() if self.activations else None
+        if acts is not None and acts.gguf is not None:
+            raise LowbitError("GGUF types are weight formats (llama.cpp quantizes activations itself): remove "
+                              "activations.format: gguf")
         if acts is not None and acts.granularity == "block":
             raise LowbitError("activations cannot use 2-D blocks: use per-token groups (group_size: 128, dynamic: true)")
         if acts is not None and acts.scale_format == "e4m3":

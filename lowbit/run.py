@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from lowbit import streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
 from lowbit.devices import resolve_device, resolve_dtype
+from lowbit.diagnostics import BlockLog, peak_rss_gb
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.eval.streamed import streamed_perplexity
@@ -47,11 +47,6 @@ class RunResult:
     out_dir: Path | None
     model: nn.Module
     state: QuantState
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 @dataclass
@@ -143,6 +138,12 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
     return staging
 
 
+def blocks_log_path(out_dir: Path) -> Path:
+    """Where a run appends its block diagnostics while it runs: OUT.blocks.jsonl next to the output folder
+    (the folder itself appears only when the run succeeds; then the file moves into it as blocks.jsonl)."""
+    return out_dir.with_name(out_dir.name + ".blocks.jsonl")
+
+
 def _resume_folder(path: Path) -> tuple[Path, Path]:
     """(staging folder now owned by this process, final folder) of an interrupted run.
 
@@ -179,7 +180,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         from lowbit.plan import plan_run
 
         plan_run(recipe, probe=False)  # refuses a budget the run cannot meet, before anything loads
-    staging = None
+    staging, block_log = None, None
     explicit = out_dir is not None
     if resume is not None:
         staging, out_dir = _resume_folder(Path(resume))
@@ -187,18 +188,24 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     elif recipe.save:
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
+    if staging is not None:
+        block_log = BlockLog(blocks_log_path(out_dir))
     handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, staging, progress, device, resume is not None)
+        result = _run(recipe, plan, steps, staging, progress, device, resume is not None, block_log)
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+            block_log.close()
+            if block_log.path.exists():
+                os.replace(block_log.path, staging / "blocks.jsonl")
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
     except BaseException as exc:
         if staging is not None and staging.exists():
-            if resumable(staging) and not isinstance(exc, LowbitError):  # interrupted or crashed, not refused
+            if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)):
+                # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
             else:
@@ -208,6 +215,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         if handler is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+        if block_log is not None:
+            block_log.close()
 
 
 def _log_to(directory: Path | None) -> logging.Handler | None:
@@ -247,7 +256,7 @@ def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
 
 
 def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, progress: bool,
-         device: torch.device, resume: bool) -> RunResult:
+         device: torch.device, resume: bool, block_log: BlockLog | None = None) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -285,7 +294,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         checkpoints = Checkpoints(staging, fingerprint(recipe, model_path, stream)) if staging is not None else None
         io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
         start = time.perf_counter()
-        state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io)
+        state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter)
         if checkpoints is not None:  # every block is in the output now; the folder seals without them
             checkpoints.remove()

@@ -139,6 +139,18 @@ def read_metrics(run_dir: Path) -> dict:
     return metrics
 
 
+def update_metrics(run_dir: Path, metrics: dict) -> None:
+    """Rewrite a run's metrics.json (e.g. with task scores added later) and its entry in the manifest."""
+    from lowbit.files import MANIFEST, file_sha256
+
+    path = Path(run_dir) / "metrics.json"
+    write_atomic(path, json.dumps(metrics, indent=2))
+    manifest = read_manifest(Path(run_dir))
+    if manifest is not None:
+        manifest["files"]["metrics.json"] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        write_atomic(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=1))
+
+
 def provenance(run_dir: Path) -> dict:
     """What identifies a run's quantization: its run id and the sha256 of its two quant_state files."""
     manifest = read_manifest(Path(run_dir)) or {}

@@ -561,3 +561,30 @@ def test_hub_dataset_without_text_column(monkeypatch):
                         lambda *a, **k: datasets.Dataset.from_dict({"content": ["a"], "label": [1]}))
     with pytest.raises(LowbitError, match="dataset 'org/data' has no 'text' column \\(it has content, label\\)"):
         load_text("org/data")
+
+
+def test_sweep_spares_live_owners_and_reports_old_leftovers(tmp_path, caplog):
+    from lowbit.files import staging_path, sweep_leftovers
+
+    mine = staging_path(tmp_path / "result")
+    mine.mkdir()
+    dead = tmp_path / ".result.lowbit-partial.999999999.1.abc123"  # no such pid
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x")
+    old = tmp_path / ".result-20261101-120000.tmp-k2j4"
+    old.mkdir()
+    with caplog.at_level("WARNING", logger="lowbit"):
+        assert sweep_leftovers(tmp_path) == [dead]
+    assert mine.exists() and old.exists() and not dead.exists()
+    assert any(str(old) in r.message and "older lowbit" in r.message for r in caplog.records)
+
+
+def test_every_command_has_quiet_and_checked_numbers():
+    from lowbit.cli import build_parser, commands
+
+    found = commands(build_parser())
+    assert {"run", "quantize", "eval", "export", "verify", "bench speed", "steps"} <= set(found)
+    for name, parser in found.items():
+        assert "--quiet" in parser.format_usage(), name
+        plain = [a.dest for a in parser._actions if a.type in (int, float)]
+        assert plain == [], f"{name}: {plain} accept any number; use a checked type (POSITIVE, NONNEGATIVE, ...)"

@@ -70,6 +70,8 @@ class BRECQ(Step):
         return self.args.fisher
 
     def before_blocks(self, ctx: ModelContext) -> None:
+        if self.init is not None:
+            self.init.before_blocks(ctx)
         if self.args.fisher:
             self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ctx.calib_ids[: self.args.n_samples])
 

@@ -1,16 +1,20 @@
-"""GGUF export (llama.cpp) of Llama-family runs: Q8_0 and Q4_0 written with the gguf package.
+"""GGUF export (llama.cpp): a run's linears in llama.cpp's block types, written with the gguf package.
 
-GGUF quantizes rows in blocks of 32 with one fp16 scale d per block: Q8_0 stores x = d * q (q int8),
-Q4_0 stores x = d * (q - 8) (q in 0..15). A run with symmetric codes of the same bit width whose groups
-are whole multiples of 32 (or per channel) maps exactly: the run's codes, d = its scale in fp16. Any
-other grid (asymmetric, groups of 16, ...) is re-fit by llama.cpp's reference quantizer (gguf.quants) to
-our dequantized weights, and the export says so. Tensor names, the q/k row order and the tokenizer keys
+Target `gguf` writes each linear in the GGUF type the run solved it on (recipe `weights: {format: gguf,
+type: q4_k}` or a mix such as q4_k_m): codes, sub-block scales and mins are the run's own, packed as ggml
+stores them (lowbit.export.gguf_blocks), so llama.cpp runs exactly the simulated weights. Targets
+`gguf-q8_0` / `gguf-q4_0` take ordinary integer runs: a symmetric run of the same bit width whose groups are
+whole multiples of 32 (or per channel) maps exactly (the run's codes, its scales in fp16); any other grid
+is re-fit by llama.cpp's reference quantizer (gguf.quants) to our dequantized weights, and the export says
+so. Architecture, tensor names and the q/k row order come from the model's adapter; the tokenizer keys
 follow llama.cpp's converter, so both llama.cpp and transformers' GGUF loader read the file.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,27 +22,12 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export.base import LoadedRun, register_exporter, stored_scale
+from lowbit.export.gguf_blocks import pack
 from lowbit.formats import QuantSpec
+from lowbit.gguf_types import TYPES
+from lowbit.models.registry import get_adapter
 
 BLOCK = 32
-_BLOCK_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-_MODEL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-
-
-def gguf_name(name: str) -> str:
-    """llama.cpp's tensor name for a transformers Llama parameter name."""
-    if name in _MODEL_NAMES:
-        return _MODEL_NAMES[name]
-    parts = name.split(".")  # model.layers.{i}.{rel...}.weight
-    rel = ".".join(parts[3:-1])
-    if parts[:2] != ["model", "layers"] or rel not in _BLOCK_NAMES:
-        raise LowbitError(f"parameter {name} has no GGUF counterpart for the llama architecture")
-    return f"blk.{parts[2]}.{_BLOCK_NAMES[rel]}.{parts[-1]}"
-
-
 def rope_row_order(rows: int, n_heads: int) -> torch.Tensor:
     """Row permutation llama.cpp applies to q/k: each head's two rotary halves interleaved pairwise."""
     half = rows // n_heads // 2
@@ -100,8 +89,16 @@ def _pre_tokenizer(tok_json: dict) -> str:
         return "gpt-2"
     if kinds == [("Digits", True, None), ("ByteLevel", None, True)]:
         return "smollm"
+    if kinds == [("Split", None, None), ("ByteLevel", None, False)] and \
+            steps[0].get("pattern", {}).get("Regex") == _QWEN2_SPLIT:
+        return "qwen2"
     raise LowbitError(f"the tokenizer's pre-tokenizer {[k[0] for k in kinds]} has no known llama.cpp name; GGUF "
-                      f"export supports byte-level BPE tokenizers (gpt-2, smollm)")
+                      f"export supports byte-level BPE tokenizers (gpt-2, smollm, qwen2)")
+
+
+# the word split of Qwen2's tokenizer (llama.cpp's pre-tokenizer "qwen2")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -147,8 +144,8 @@ def add_hparams(writer, config, name: str) -> None:
     rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
     if rope.get("rope_type", "default") != "default":
         raise LowbitError(f"rope scaling {rope.get('rope_type')!r} is not supported by the GGUF export")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise LowbitError("Llama models with biased linears are not supported by the GGUF export")
+    if getattr(config, "mlp_bias", False):
+        raise LowbitError("models with biased MLP linears are not supported by the GGUF export")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
@@ -163,57 +160,130 @@ def add_hparams(writer, config, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def write_gguf(run: LoadedRun, path: Path, qtype_name: str, bits: int) -> list[str]:
+def solved_tensor(name: str, linear: nn.Linear, run: LoadedRun, row_order: torch.Tensor | None) -> tuple[np.ndarray, str]:
+    """A linear solved on a GGUF type: its codes and parameters packed in that type (checked, see `pack`)."""
+    rec = run.state.weights[name]
+    if rec.spec.gguf not in TYPES:
+        raise LowbitError(f"{name} was quantized as {rec.spec.describe()}, not on a GGUF type: export it with "
+                          f"--format gguf-q4_0 / gguf-q8_0, or rerun with weights: {{format: gguf, type: ...}}")
+    gtype = TYPES[rec.spec.gguf]
+    codes = rec.codes(linear.weight.detach().float(), name)
+    rows = codes.shape[0]
+    scale, zero = rec.scale.reshape(rows, -1), rec.zero.reshape(rows, -1)
+    if row_order is not None:
+        codes, scale, zero = codes[row_order], scale[row_order], zero[row_order]
+    return pack(codes, scale, zero, gtype, name), gtype.name
+
+
+def _describe_types(kinds: dict[tuple[str, int], int]) -> str:
+    """'Q4_K x 30 (rows of 1536), Q5_0 x 180 (rows of 576: llama.cpp's fallback, rows not a multiple of 256)'."""
+    parts = []
+    for (qtype, width), n in sorted(kinds.items()):
+        fallback = any(t.fallback == qtype.lower() for t in TYPES.values()) and width % 256 and any(
+            TYPES[k.lower()].scale_bits for k, _ in kinds)
+        why = ": the K-quant fallback, rows not a multiple of 256" if fallback else ""
+        parts.append(f"{qtype} x {n} (rows of {width}{why})")
+    return ", ".join(parts)
+
+
+# (module name, linear, GGUF row order or None) -> (GGUF blocks, type name, carries the run's codes exactly),
+# or None to store the weight unquantized
+Encoder = Callable[[str, nn.Linear, "torch.Tensor | None"], "tuple[np.ndarray, str, bool] | None"]
+
+
+@dataclass
+class Written:
+    """What `write_model` stored: linears per (type, row length), how many exactly, which re-fit, which kept float."""
+
+    kinds: dict[tuple[str, int], int] = field(default_factory=dict)
+    exact: int = 0
+    refit: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def write_model(model: nn.Module, tokenizer, path: Path, name: str, encode: Encoder, float_dtype: str,
+                metadata: dict[str, str] | None = None) -> Written:
+    """Write a model as GGUF: hyperparameters, tokenizer, `metadata` as lowbit.* strings, each linear as `encode`
+    packs it, the rest in float."""
     import gguf
 
-    qtype = gguf.GGMLQuantizationType[qtype_name]
-    model, config = run.model, run.model.config
-    if config.model_type != "llama":
-        raise LowbitError(f"GGUF export supports the llama architecture, not {config.model_type!r}; "
-                          f"use --format compressed-tensors")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    add_hparams(writer, config, run.run_dir.name)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype_name}"])
-    add_tokenizer(writer, run.tokenizer, config.vocab_size)
+    config = model.config
+    adapter = get_adapter(model)
+    arch = adapter.gguf_arch(config.model_type)
+    writer = gguf.GGUFWriter(str(path), arch)
+    add_hparams(writer, config, name)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, value in run.provenance.items():
-        if value is not None:
-            writer.add_string(f"lowbit.{key}", value)
-    heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
-    exact, refit, kept = 0, [], []
+    for key, value in (metadata or {}).items():
+        writer.add_string(f"lowbit.{key}", value)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    permute = arch in adapter.gguf_interleaved_rope
+    out = Written()
     for pname, param in model.named_parameters():
-        if pname == "lm_head.weight" and config.tie_word_embeddings:
+        if pname == f"{adapter.head_path}.weight" and config.tie_word_embeddings:
             continue
-        module_name = pname.rsplit(".", 1)[0]
-        rel = ".".join(module_name.split(".")[3:])
-        if run.schemes.get(module_name) is not None:
-            order = rope_row_order(param.shape[0], heads[rel]) if rel in heads else None
-            blocks, is_exact = quantized_tensor(module_name, model.get_submodule(module_name), run, qtype, bits, order)
-            writer.add_tensor(gguf_name(pname), blocks, raw_dtype=qtype)
-            exact += is_exact
+        module_name, kind = pname.rsplit(".", 1)
+        tname = adapter.gguf_tensor_name(pname)
+        short = tname.split(".")[-2]
+        order = rope_row_order(param.shape[0], heads[short]) if permute and short in heads else None
+        encoded = encode(module_name, model.get_submodule(module_name), order) if kind == "weight" else None
+        if encoded is not None:
+            blocks, qtype, is_exact = encoded
+            writer.add_tensor(tname, blocks, raw_dtype=gguf.GGMLQuantizationType[qtype])
+            out.kinds[(qtype, param.shape[1])] = out.kinds.get((qtype, param.shape[1]), 0) + 1
+            out.exact += is_exact
             if not is_exact:
-                refit.append(module_name)
+                out.refit.append(module_name)
             continue
         data = param.detach().float()
-        if rel in heads:
-            data = data[rope_row_order(data.shape[0], heads[rel])]
+        if order is not None:
+            data = data[order]
         if data.dim() > 1:
-            kept.append(gguf_name(pname))
-        keep_f32 = data.dim() == 1 or run.dtype == "float32"
-        writer.add_tensor(gguf_name(pname), data.numpy().astype(np.float32 if keep_f32 else np.float16))
+            out.kept.append(tname)
+        keep_f32 = data.dim() == 1 or float_dtype == "float32"
+        writer.add_tensor(tname, data.numpy().astype(np.float32 if keep_f32 else np.float16))
+    types = {k for k, _ in out.kinds}  # general.file_type where one name says it (mixes have none of their own)
+    file_type = (gguf.LlamaFileType.__members__.get(f"MOSTLY_{types.pop()}") if len(types) == 1 else
+                 None if types else gguf.LlamaFileType.ALL_F32 if float_dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    if file_type is not None:
+        writer.add_file_type(file_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    notes = [f"{qtype_name}: {exact} linears carry the run's codes exactly (fp16 block scales)"]
-    if refit:
-        spec = run.state.weights[refit[0]].spec.describe()
-        notes.append(f"{len(refit)} linears ({spec}) are not on the {qtype_name} grid and were RE-FIT to the run's "
+    return out
+
+
+def write_gguf(run: LoadedRun, path: Path, qtype_name: str | None, bits: int | None) -> list[str]:
+    """Write the run as GGUF: in `qtype_name` (Q8_0/Q4_0, re-fit where off-grid), or None: each linear in its solved type."""
+    import gguf
+
+    def encode(module_name: str, linear: nn.Linear, order):
+        if run.schemes.get(module_name) is None:
+            return None
+        if qtype_name is None:
+            return (*solved_tensor(module_name, linear, run, order), True)
+        blocks, is_exact = quantized_tensor(module_name, linear, run, gguf.GGMLQuantizationType[qtype_name], bits, order)
+        return blocks, qtype_name, is_exact
+
+    metadata = {k: v for k, v in run.provenance.items() if v is not None}
+    out = write_model(run.model, run.tokenizer, path, run.run_dir.name, encode, run.dtype, metadata)
+    scales = "fp16 block scales" if qtype_name else "its block scales and mins"
+    notes = [f"{out.exact} linears carry the run's codes exactly ({scales}): {_describe_types(out.kinds)}"]
+    if out.refit:
+        spec = run.state.weights[out.refit[0]].spec.describe()
+        notes.append(f"{len(out.refit)} linears ({spec}) are not on the {qtype_name} grid and were RE-FIT to the run's "
                      f"dequantized weights with llama.cpp's reference quantizer: the export is not exactly the run")
-    if kept:
+    if out.kept:
         dtype = "F32" if run.dtype == "float32" else "F16"
-        notes.append(f"{len(kept)} matrices not quantized in the run are stored in {dtype} ({', '.join(kept[:3])})")
+        notes.append(f"{len(out.kept)} matrices not quantized in the run are stored in {dtype} "
+                     f"({', '.join(out.kept[:3])})")
     return notes
+
+
+@register_exporter("gguf", suffix=".gguf")
+def write_solved(run: LoadedRun, path: Path) -> list[str]:
+    return write_gguf(run, path, None, None)
 
 
 @register_exporter("gguf-q8_0", suffix=".gguf")
