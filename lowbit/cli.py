@@ -408,7 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=_cmd_quantize)
 
-<<<<<<< HEAD
     sy = sub.add_parser("synth", help="write a random-weight model of a real shape (bf16 shards) for memory/time tests")
     sy.add_argument("shape", choices=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
     sy.add_argument("out", help="folder to create")
@@ -417,10 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--threads", type=int)
     sy.set_defaults(fn=_cmd_synth)
 
-    e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
-=======
     e = sub.add_parser("eval", help="perplexity, or task accuracy (--tasks, via lm-eval), of a model or run folder")
->>>>>>> main
     e.add_argument("model")
     e.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. lambada_openai,piqa,winogrande,boolq,"
                    "hellaswag_text (offline copies: see tasks/README.md); without it, perplexity")
