@@ -123,6 +123,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def load_skeleton(name: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """Model without weights (meta device, see lowbit.streaming) and tokenizer, for streamed runs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lowbit.models import adapter_for_type
+    from lowbit.streaming import skeleton
+
+    path = resolve_model_path(name)
+    try:
+        adapter_for_type(AutoConfig.from_pretrained(path).model_type)
+        return skeleton(path, dtype), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from exc
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: bool = True) -> tuple[nn.Module, object]:
     """Model (eval mode) and tokenizer. Raises LowbitError with a fix for every expected failure.
 
