@@ -13,6 +13,7 @@ from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings
 from lowbit.formats import NAMED_FORMATS, QuantSpec
+from lowbit.devices import DEVICE_PATTERN
 from lowbit.loading import EMBEDDED
 from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
@@ -108,7 +109,10 @@ class StepConfig(_Strict):
 class Recipe(_Strict):
     name: str = "run"
     model: str = EMBEDDED
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's own
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto: the first GPU if any, else cpu
+    stream: bool | Literal["auto"] = "auto"  # one block in memory at a time, from and to disk (auto: if too big)
+    max_memory: str | None = None  # budget per device, e.g. "4GB" or "cpu=8GB,cuda:0=20GB" (see lowbit.plan)
     threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     seed: int = 0
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
