@@ -15,7 +15,6 @@ run_one() {  # solver type
 run_one rtn q4_k
 run_one gptq q4_k
 $PY benchmarks/gguf_score.py "$OUT" f16 q4_k
-run_one rtn q4_0
 for pair in rtn:q4_k_m gptq:q4_k_m rtn:q4_0 gptq:q4_0 rtn:q6_k rtn:q8_0 gptq:q6_k gptq:q8_0; do
   run_one "${pair%%:*}" "${pair##*:}"
   $PY benchmarks/gguf_score.py "$OUT" "${pair##*:}"
