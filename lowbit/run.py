@@ -207,6 +207,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
                 # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
+                if block_log.path.exists():  # readable beside the output while the staging waits for --resume
+                    copy = staging_path(blocks_log_path(out_dir))
+                    shutil.copyfile(block_log.path, copy)
+                    publish(copy, blocks_log_path(out_dir), unique=True)
             else:
                 if block_log.path.exists():  # the finished blocks' diagnostics outlive the run
                     publish(block_log.path, blocks_log_path(out_dir), unique=True)
