@@ -360,13 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. lambada_openai,piqa,winogrande,boolq,"
                    "hellaswag_text (offline copies: see tasks/README.md); without it, perplexity")
-    e.add_argument("--limit", type=int, help="examples per task (default all); report the standard error with it")
-    e.add_argument("--num-fewshot", type=int, help="few-shot examples (default the task's, 0 for these)")
+    e.add_argument("--limit", type=POSITIVE, help="examples per task (default all); report the standard error with it")
+    e.add_argument("--num-fewshot", type=NONNEGATIVE, help="few-shot examples (default the task's, 0 for these)")
     e.add_argument("--real-kernels", action="store_true", help="score a run on its packed low-bit kernels")
     e.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
                    help="standard names: local copies when offline (auto), always (local), or lm-eval's (hub)")
     e.add_argument("--include-path", action="append", metavar="DIR", help="another folder of task YAMLs")
-    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="lm-eval batch size")
     _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 
