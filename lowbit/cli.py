@@ -92,8 +92,6 @@ def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
     include = [Path(p) for p in args.include_path or []]
     if not names:
         raise LowbitError("--tasks is empty: name at least one task, e.g. --tasks lambada_openai,piqa")
-    if args.limit is not None and args.limit <= 0:
-        raise LowbitError(f"--limit must be a positive number of examples per task, got {args.limit}")
     resolve_tasks(names, args.task_source, include)  # fail on a bad name before the model loads
     if run_dir is not None:
         from lowbit.kernels.runtime import load_for_inference
