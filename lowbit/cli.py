@@ -1,4 +1,4 @@
-"""Command line: lowbit run | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
+"""Command line: lowbit run | plan | synth | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -22,13 +22,43 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from lowbit.report import results_table
     from lowbit.run import run_recipe
 
-    recipe = load_recipe(args.recipe, args.set or [])
+    recipe = load_recipe(args.recipe, _placement(args))
     if args.no_save:
         recipe = recipe.model_copy(update={"save": False})
-    result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet)
+    if args.dry_run:
+        from lowbit.plan import plan_run, plan_table
+
+        print(plan_table(plan_run(recipe, probe=not args.no_probe, progress=not args.quiet)))
+        return
+    result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet,
+                        resume=Path(args.resume) if args.resume else None)
     print(results_table([result.metrics]))
     if result.out_dir:
         print(f"saved to {result.out_dir}")
+
+
+def _placement(args: argparse.Namespace) -> list[str]:
+    """--set overrides plus the placement flags (--device, --max-memory, --stream) as overrides."""
+    sets = list(args.set or [])
+    for flag in ("device", "max_memory", "stream"):
+        if getattr(args, flag, None) is not None:
+            sets.append(f"{flag}={getattr(args, flag)}")
+    return sets
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from lowbit.plan import plan_run, plan_table
+    from lowbit.recipe import load_recipe
+
+    print(plan_table(plan_run(load_recipe(args.recipe, _placement(args)), probe=not args.no_probe,
+                              progress=not args.quiet)))
+
+
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides the recipe's device)")
+    parser.add_argument("--max-memory", help="memory budget, e.g. 4GB or cpu=8GB,cuda:0=20GB")
+    parser.add_argument("--stream", choices=["auto", "true", "false"],
+                        help="one block in memory at a time, read from and written to disk")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
@@ -320,6 +350,16 @@ def _text_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _cmd_synth(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.synth import synth_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"wrote {synth_model(args.shape, args.out, args.seed, layers=args.layers)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -330,7 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default runs/NAME-TIMESTAMP)")
     r.add_argument("--no-save", action="store_true", help="evaluate only, write nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its .partial folder)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (memory, disk, time) and stop")
+    r.add_argument("--no-probe", action="store_true", help="with --dry-run: no timed probe, no time estimate")
+    _add_placement(r)
     r.set_defaults(fn=_cmd_run)
+
+    pl = sub.add_parser("plan", help="peak memory per device, disk and estimated time of a recipe, before running")
+    pl.add_argument("recipe")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    pl.add_argument("--no-probe", action="store_true", help="no timed probe, no time estimate")
+    pl.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_placement(pl)
+    pl.set_defaults(fn=_cmd_plan)
 
     q = sub.add_parser("quantize", help="the same pipeline from flags, without writing YAML")
     q.add_argument("--model", default="smollm2-135m")
@@ -353,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-save", action="store_true")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=_cmd_quantize)
+
+    sy = sub.add_parser("synth", help="write a random-weight model of a real shape (bf16 shards) for memory/time tests")
+    sy.add_argument("shape", choices=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
+    sy.add_argument("out", help="folder to create")
+    sy.add_argument("--layers", type=int, help="fewer decoder blocks than the real model")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--threads", type=int)
+    sy.set_defaults(fn=_cmd_synth)
 
     e = sub.add_parser("eval", help="perplexity, or task accuracy (--tasks, via lm-eval), of a model or run folder")
     e.add_argument("model")
@@ -541,7 +601,9 @@ def _dispatch(args: argparse.Namespace, stderr) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"lowbit: interrupted by {signal.Signals(signum).name}; unfinished output removed", file=stderr)
+        kept = getattr(exc, "resumable", None)
+        outcome = f"continue it with --resume {kept}" if kept else "unfinished output removed"
+        print(f"lowbit: interrupted by {signal.Signals(signum).name}; {outcome}", file=stderr)
         return 128 + signum
     return 0
 

@@ -63,8 +63,11 @@ def staging_path(final: Path) -> Path:
     return final.parent / f".{final.name}.lowbit-partial.{pid}.{start}.{secrets.token_hex(3)}"
 
 
-def sweep_leftovers(folder: Path) -> list[Path]:
-    """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them."""
+def sweep_leftovers(folder: Path, keep: tuple[str, ...] = ()) -> list[Path]:
+    """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them.
+
+    Files named in `keep` (e.g. diagnostics) are first moved out of a dead staging folder to FINAL.NAME. A staging
+    folder holding a block checkpoint (see lowbit.checkpoint) is kept: `lowbit run --resume` continues it."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -75,15 +78,24 @@ def sweep_leftovers(folder: Path) -> list[Path]:
             log.warning("%s looks like an unfinished result of an older lowbit; remove it if no lowbit is running",
                         path)
         m = _STAGING.match(path.name)
-        if m is None or _owner_alive(int(m["pid"]), int(m["start"])):
+        if m is None or _owner_alive(int(m["pid"]), int(m["start"])) or resumable(path):
             continue
         if path.is_dir() and not path.is_symlink():
+            for name in keep:
+                if (path / name).is_file():
+                    kept = publish(path / name, path.parent / f"{m['final']}.{name}", unique=True)
+                    log.warning("kept %s from an interrupted lowbit process (pid %s)", kept, m["pid"])
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         log.warning("removed %s, left by an interrupted lowbit process (pid %s)", path, m["pid"])
         removed.append(path)
     return removed
+
+
+def resumable(path: Path) -> bool:
+    """True for a run folder with a complete block checkpoint in it."""
+    return path.is_dir() and any((path / "checkpoint").glob("block-*/manifest.json"))
 
 
 def fsync_tree(path: Path) -> None:

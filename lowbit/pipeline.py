@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.actquant import ActQuantizer
+from lowbit.blockio import BlockIO
 from lowbit.diagnostics import DIAG_WINDOWS, BlockReport, block_report
 from lowbit.context import BlockContext, FormatPlan, ModelContext, StopForward
 from lowbit.errors import LowbitError
@@ -102,26 +103,38 @@ def install_act_quantizers(ctx: BlockContext) -> None:
 
 
 def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequence[Step],
-             calib_ids: torch.Tensor, progress: bool = True,
+             calib_ids: torch.Tensor, progress: bool = True, io: BlockIO | None = None,
              on_block_done: Callable[[BlockReport], None] | None = None) -> QuantState:
     """Run `steps` over the model block by block; returns what was added beyond the weights.
 
+    `io` decides where blocks live (device, streamed from disk) and checkpoints finished ones.
     `on_block_done` receives each finished block's diagnostics. Their output error reuses the FP path when a
     step keeps it, else runs the FP blocks on the first DIAG_WINDOWS calibration windows only."""
     from lowbit.sparsity import check_masks, validate_order
 
     validate_order(steps)
+    io = io or BlockIO()
     validate(model, adapter, plan)
     mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids)
     rounds = rounding_plan(steps)
     for step in steps:
         step.before_blocks(mctx)
-    inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    acts = plan.activations
+    calibrate = (any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
+                 or on_block_done is not None)  # diagnostics measure the block output error
+    if calibrate:
+        inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    else:  # nothing reads activations: skip every forward pass
+        inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
+    start, inputs, fp_inputs, args, kwargs = io.begin(mctx, inputs, fp_inputs, args, kwargs)
+    # (after a resume the diagnostics' FP path restarts from the resumed block's inputs)
     diag_fp = inputs[:DIAG_WINDOWS] if on_block_done is not None and fp_inputs is None else None
     blocks = adapter.blocks(model)
-    for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
-        start = time.perf_counter()
+    for i in tqdm(range(start, len(blocks)), desc="compressing blocks", disable=not progress,
+                  initial=start, total=len(blocks)):
+        began = time.perf_counter()
+        io.load(mctx, i)
         ctx = BlockContext(mctx, i, blocks[i], inputs, args, kwargs, fp_inputs=fp_inputs)
         if fp_inputs is not None:
             ctx.fp_outputs = ctx.forward(fp_inputs)
@@ -137,12 +150,13 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
             ctx.round_to_nearest(rel)
         check_masks(ctx, "rtn")
         ctx.calibrate_activations()
-        inputs = ctx.forward()
+        inputs = ctx.forward() if calibrate else inputs
         fp_inputs = ctx.fp_outputs
         if on_block_done is not None:
             weights = {rel: lin.weight.data for rel, lin in ctx.linears().items()}
             on_block_done(block_report(i, ctx.name, inputs, diag_fp if fp_inputs is None else fp_inputs, weights,
-                                       ctx.fp_weights, time.perf_counter() - start))
+                                       ctx.fp_weights, time.perf_counter() - began))
+        io.done(ctx, inputs, fp_inputs)
     for step in steps:
         step.after_blocks(mctx)
     mctx.state.install(model)
@@ -150,7 +164,8 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
 
 
 def check_finite(model: nn.Module) -> None:
-    """Refuse to save a model with NaN or infinite parameters, naming the first offender."""
+    """Refuse to save a model with NaN or infinite parameters, naming the first offender (streamed-out blocks,
+    left on the meta device, were checked when written)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not p.is_meta and not torch.isfinite(p).all():
             raise LowbitError(f"parameter {name} has non-finite values after compression; not saving it")

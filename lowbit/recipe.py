@@ -13,6 +13,7 @@ from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings
 from lowbit.formats import NAMED_FORMATS, QuantSpec
+from lowbit.devices import DEVICE_PATTERN
 from lowbit.loading import EMBEDDED
 from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
@@ -108,7 +109,10 @@ class StepConfig(_Strict):
 class Recipe(_Strict):
     name: str = "run"
     model: str = EMBEDDED
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's own
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto: the first GPU if any, else cpu
+    stream: bool | Literal["auto"] = "auto"  # one block in memory at a time, from and to disk (auto: if too big)
+    max_memory: str | None = None  # budget per device, e.g. "4GB" or "cpu=8GB,cuda:0=20GB" (see lowbit.plan)
     threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     seed: int = 0
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
@@ -237,14 +241,23 @@ def parse_recipe(data: dict) -> Recipe:
     return recipe
 
 
+GGUF_SOLVERS = ("rtn", "gptq", "awq", "sparsegpt")  # their scales come from the observers, which know GGUF grids
+
+
 def _check_solvers(plan: FormatPlan, steps: list[Step]) -> None:
-    """NVFP4's per-tensor scale is shared by fused linears; only rtn and gptq solve with it (else: error, up front)."""
+    """Refuse up front the solvers a weight format rules out: NVFP4's per-tensor scale is shared by fused linears
+    (only rtn and gptq solve with it); GGUF types need the observers' two-level scales (GGUF_SOLVERS)."""
     specs = [plan.weights, *(spec for _, spec in plan.overrides)]
     if any(spec is not None and spec.scale_format == "e4m3" for spec in specs):
         other = next((s.name for s in steps if s.solves_weights and s.name not in ("rtn", "gptq")), None)
         if other is not None:
             raise LowbitError(f"step {other} cannot solve nvfp4 weights (their per-tensor scale is shared by fused "
                               f"linears): use rtn or gptq, or another weight format")
+    if any(spec is not None and spec.gguf is not None for spec in specs):
+        other = next((s.name for s in steps if s.solves_weights and s.name not in GGUF_SOLVERS), None)
+        if other is not None:
+            raise LowbitError(f"step {other} cannot solve GGUF weights (it learns scales or roundings off llama.cpp's "
+                              f"grid): use {', '.join(GGUF_SOLVERS)}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
