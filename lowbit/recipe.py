@@ -1,6 +1,7 @@
 """Recipes as data: YAML -> validated `Recipe`. Unknown keys and wrong types are errors naming the key."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -8,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lowbit.errors import LowbitError
-from lowbit.export.backends import check_settings
+from lowbit.export.backends import check_settings, select_scheme
 from lowbit.formats import QuantSpec
 from lowbit.loading import EMBEDDED
 from lowbit.pipeline import Settings
@@ -41,6 +42,49 @@ class FormatConfig(_Strict):
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
                          group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant)
+
+
+_FORMAT_NAME = re.compile(r"w([2-8])(?:g(\d+))?(?:-(sym|asym))?")
+_GGUF_NAMES = {"q4_0": 4, "q8_0": 8}  # llama.cpp block types: symmetric, one fp16 scale per 32 weights
+DEFAULT_CANDIDATES = ["w2g64", "w3g64", "w4g64", "w8"]
+
+
+def format_from_name(name: str, base: FormatConfig | None) -> FormatConfig:
+    """A candidate weight format from its short name (w4g64, w8, w3g128-sym, fp8, q4_0, q8_0); symmetry and
+    observer default to the recipe's weights."""
+    base = base or FormatConfig(symmetric=False)
+    common = {"observer": base.observer}
+    if name in _GGUF_NAMES:
+        return FormatConfig(bits=_GGUF_NAMES[name], symmetric=True, group_size=32, **common)
+    if name == "fp8":
+        return FormatConfig(bits=8, format="fp", **common)
+    m = _FORMAT_NAME.fullmatch(name)
+    if m is None:
+        raise LowbitError(f"unknown format name {name!r}: use w<bits>[g<group>][-sym|-asym] with bits 2-8 "
+                          f"(e.g. w4g64, w8, w3g128-sym), fp8, q4_0 or q8_0")
+    bits, group, sym = m.groups()
+    symmetric = base.symmetric if base.format == "int" and sym is None else sym == "sym"
+    return FormatConfig(bits=int(bits), symmetric=symmetric, group_size=int(group) if group else None, **common)
+
+
+class BudgetConfig(_Strict):
+    """Automatic mixed precision: one candidate format per linear, minimising the predicted loss under a size
+    budget (average bits per quantized weight, or model megabytes as the size column counts them)."""
+
+    avg_bits: float | None = Field(None, gt=0)
+    size_mb: float | None = Field(None, gt=0)
+    formats: list[str] = DEFAULT_CANDIDATES
+    metric: Literal["hessian", "loss"] = "hessian"  # predicted loss per layer: cheap proxy or measured loss increase
+    sensitivity: str | None = None  # a table written by `lowbit sensitivity` (else measured at the start of the run)
+    heldout: int = Field(4, gt=0)  # held-out calibration windows the sensitivity is measured on
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "BudgetConfig":
+        if (self.avg_bits is None) == (self.size_mb is None):
+            raise ValueError("give exactly one of avg_bits or size_mb")
+        if not self.formats:
+            raise ValueError("give at least one candidate format")
+        return self
 
 
 class CalibrationConfig(_Strict):
@@ -80,6 +124,7 @@ class Recipe(_Strict):
     evaluation: EvaluationConfig | None = EvaluationConfig()
     save: bool = True
     target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
+    budget: BudgetConfig | None = None  # choose `layers` automatically (replaced by the chosen map when run)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -109,6 +154,9 @@ class Recipe(_Strict):
         for key, fmt in [("weights", self.weights), *((f"layers.{p}", f) for p, f in self.layers.items())]:
             if fmt is not None and fmt.clip_ratio != 1:
                 raise LowbitError(f"{key}.clip_ratio is for activations only: clip weights with {key}.observer: mse")
+        if self.budget is not None and self.weights is None:
+            raise LowbitError("budget allocates weight formats: set weights (its symmetry and observer apply to the "
+                              "candidates) or remove budget")
         return Settings(
             weights=self.weights.spec() if self.weights else None,
             weight_observer=self.weights.observer if self.weights else "minmax",
@@ -181,7 +229,27 @@ def parse_recipe(data: dict) -> Recipe:
     recipe.build_steps()
     if recipe.target is not None:
         check_settings(recipe.target, settings)
+    if recipe.budget is not None:
+        candidate_formats(recipe)
     return recipe
+
+
+def candidate_formats(recipe: Recipe, names: list[str] | None = None) -> dict[str, FormatConfig]:
+    """The budget's candidate formats by name, each checked against the recipe's export target."""
+    names = names if names is not None else recipe.budget.formats
+    out = {}
+    for name in names:
+        fmt = format_from_name(name, recipe.weights)
+        if recipe.target is not None:
+            try:
+                select_scheme(recipe.target, fmt.spec(), recipe.activations.spec() if recipe.activations else None)
+            except LowbitError as exc:
+                raise LowbitError(f"candidate format {name} cannot be served by target {recipe.target} "
+                                  f"({str(exc).split(': ', 1)[-1]}): drop it from the candidate formats") from None
+        out[name] = fmt
+    if len(set(map(str, out.values()))) < len(out):
+        raise LowbitError(f"candidate formats {', '.join(names)} name the same format twice: list each once")
+    return out
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

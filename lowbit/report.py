@@ -1,10 +1,18 @@
 """Size accounting and the side-by-side results table."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
-from lowbit.formats import bits_per_weight
+from lowbit.formats import QuantSpec, bits_per_weight
 from lowbit.state import QuantState
+
+
+def weight_bits(spec: QuantSpec, shape: tuple[int, ...]) -> int:
+    """Bits stored for one quantized weight of `shape`: codes, 16-bit scales and zero points; the one count
+    behind the size column and the mixed-precision budget."""
+    return round(math.prod(shape) * bits_per_weight(spec, shape[-1]))
 
 
 def model_size(model: nn.Module, state: QuantState | None) -> float:
@@ -18,7 +26,7 @@ def model_size(model: nn.Module, state: QuantState | None) -> float:
                 continue
             seen.add(id(p))
             rec = records.get(name) if pname == "weight" else None
-            total_bits += p.numel() * (bits_per_weight(rec.spec, p.shape[-1]) if rec else 16)
+            total_bits += weight_bits(rec.spec, tuple(p.shape)) if rec else p.numel() * 16
     return total_bits / 8
 
 

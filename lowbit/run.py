@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.allocate import allocate_recipe
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
@@ -151,8 +152,15 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
         log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
 
     cal = recipe.calibration
-    calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
-                                    cal.seq_len, cal.seed)
+    cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
+    calib_ids = calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed)
+    if recipe.budget is not None:
+        recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
+        settings = recipe.settings()
+        metrics["weights"] = allocation.describe()
+        metrics["allocation"] = allocation.to_dict()
+        log.info("allocated %s (predicted %s %.4g, %s)", allocation.describe(), allocation.metric,
+                 allocation.predicted, "exact" if allocation.exact else f"costs rounded to {allocation.unit_bits} bits")
     start = time.perf_counter()
     state = compress(model, adapter, settings, steps, calib_ids, progress=progress)
     metrics["quant_time_s"] = time.perf_counter() - start

@@ -52,6 +52,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     )),
     Target("gguf-q8_0", "llama.cpp", (Scheme("Q8_0", ("int8",), ANY, ANY, ("none",), _GGUF_NOTE),)),
     Target("gguf-q4_0", "llama.cpp", (Scheme("Q4_0", ("int4",), ANY, ANY, ("none",), _GGUF_NOTE),)),
+    Target("gguf", "llama.cpp", (Scheme("Q4_0", ("int4",), ANY, ANY, ("none",), "per tensor: " + _GGUF_NOTE),
+                                 Scheme("Q8_0", ("int8",), ANY, ANY, ("none",), "per tensor (mixed precision)"))),
 )}
 
 

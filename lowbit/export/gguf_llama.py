@@ -5,11 +5,13 @@ Q4_0 stores x = d * (q - 8) (q in 0..15). A run with symmetric codes of the same
 are whole multiples of 32 (or per channel) maps exactly: the run's codes, d = its scale in fp16. Any
 other grid (asymmetric, groups of 16, ...) is re-fit by llama.cpp's reference quantizer (gguf.quants) to
 our dequantized weights, and the export says so. Tensor names, the q/k row order and the tokenizer keys
-follow llama.cpp's converter, so both llama.cpp and transformers' GGUF loader read the file.
+follow llama.cpp's converter, so both llama.cpp and transformers' GGUF loader read the file. Target `gguf`
+writes each linear in its own type (4-bit runs Q4_0, 8-bit Q8_0): mixed precision, one type per tensor.
 """
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -163,17 +165,19 @@ def add_hparams(writer, config, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def write_gguf(run: LoadedRun, path: Path, qtype_name: str, bits: int) -> list[str]:
+def write_gguf(run: LoadedRun, path: Path) -> list[str]:
+    """Each quantized linear in its scheme's GGUF type (Q4_0 or Q8_0: one type per tensor, so mixed runs map)."""
     import gguf
 
-    qtype = gguf.GGMLQuantizationType[qtype_name]
+    types = Counter(s.name for s in run.schemes.values() if s is not None)
+    qtype_name = "+".join(sorted(types)) if len(types) > 1 else next(iter(types))
     model, config = run.model, run.model.config
     if config.model_type != "llama":
         raise LowbitError(f"GGUF export supports the llama architecture, not {config.model_type!r}; "
                           f"use --format compressed-tensors")
     writer = gguf.GGUFWriter(str(path), "llama")
     add_hparams(writer, config, run.run_dir.name)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype_name}"])
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{types.most_common(1)[0][0]}"])
     add_tokenizer(writer, run.tokenizer, config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
@@ -183,7 +187,9 @@ def write_gguf(run: LoadedRun, path: Path, qtype_name: str, bits: int) -> list[s
             continue
         module_name = pname.rsplit(".", 1)[0]
         rel = ".".join(module_name.split(".")[3:])
-        if run.schemes.get(module_name) is not None:
+        scheme = run.schemes.get(module_name)
+        if scheme is not None:
+            qtype, bits = gguf.GGMLQuantizationType[scheme.name], int(scheme.weights[0][3:])
             order = rope_row_order(param.shape[0], heads[rel]) if rel in heads else None
             blocks, is_exact = quantized_tensor(module_name, model.get_submodule(module_name), run, qtype, bits, order)
             writer.add_tensor(gguf_name(pname), blocks, raw_dtype=qtype)
@@ -213,14 +219,8 @@ def write_gguf(run: LoadedRun, path: Path, qtype_name: str, bits: int) -> list[s
     return notes
 
 
-@register_exporter("gguf-q8_0", suffix=".gguf")
-def write_q8_0(run: LoadedRun, path: Path) -> list[str]:
-    return write_gguf(run, path, "Q8_0", 8)
-
-
-@register_exporter("gguf-q4_0", suffix=".gguf")
-def write_q4_0(run: LoadedRun, path: Path) -> list[str]:
-    return write_gguf(run, path, "Q4_0", 4)
+for _target in ("gguf-q8_0", "gguf-q4_0", "gguf"):
+    register_exporter(_target, suffix=".gguf")(write_gguf)
 
 
 def load_gguf(path: Path) -> nn.Module:
