@@ -264,7 +264,7 @@ def _bits(key: str) -> int:
 
 
 def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:
-    """PNG: one panel per metric and format, linear type (rows) by block (columns), log colour scale."""
+    """PNG: a panel per format (rows) and metric (columns), linear type by block, log colour scale per metric."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -273,9 +273,9 @@ def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:
     names, blocks = list(table.layers), list(table.blocks)
     rels = list(dict.fromkeys(n[len(_block_of(n, blocks)) + 1:] for n in names))
     metrics, fmts = table.metrics(), list(table.formats)
-    fig, axes = plt.subplots(len(metrics) * len(fmts), 1, figsize=(max(8, 0.32 * len(blocks) + 3),
-                             0.3 * len(rels) * len(metrics) * len(fmts) + 1.2 * len(metrics) * len(fmts)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(fmts), len(metrics), squeeze=False,
+                             figsize=(len(metrics) * max(6.0, 0.25 * len(blocks) + 2.5),
+                                      len(fmts) * (0.22 * len(rels) + 0.9) + 0.6))
     for mi, metric in enumerate(metrics):
         grids = []
         for fmt in fmts:
@@ -293,18 +293,18 @@ def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:
             span = np.abs(allv).max() if allv.size else 1.0
             norm = SymLogNorm(linthresh=max(span * 1e-3, 1e-6), vmin=-span, vmax=span)
         for fi, (fmt, grid) in enumerate(zip(fmts, grids)):
-            ax = axes[mi * len(fmts) + fi, 0]
+            ax = axes[fi, mi]
             im = ax.imshow(grid, aspect="auto", cmap="viridis" if metric == "hessian" else "RdBu_r", norm=norm,
                            interpolation="nearest")
-            ax.set_yticks(range(len(rels)), rels, fontsize=8)
-            ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=7)
+            ax.set_yticks(range(len(rels)), rels if mi == 0 else [], fontsize=7)
+            ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=6)
             label = "output error tr(ΔHΔᵀ)" if metric == "hessian" else "loss increase (nats/token)"
-            ax.set_title(f"{fmt}: {label}", fontsize=9, loc="left")
-            fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
-        axes[(mi + 1) * len(fmts) - 1, 0].set_xlabel("block")
+            ax.set_title(f"{fmt}: {label}", fontsize=8, loc="left")
+            fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
+        axes[-1, mi].set_xlabel("block", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98 if title else 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Mixed-precision section of docs/results.md: sensitivity of the embedded model (GPTQ act-order + mse, the
+# candidates w2g64 w3g64 w4g64 w8), uniform W2/W3/W4 g64 and budgeted mixed precision with the same solver
+# (16 x 512 calibration, 8192 test tokens, 2 threads), each command under the machine's benchmark lock.
+# Usage: bash benchmarks/mixed_table.sh [OUT_DIR]   (folders that exist are kept)
+set -euo pipefail
+OUT=${1:-runs/mixed}
+LB=${LB:-.venv/bin/lowbit}
+LOCK=${LOCK:-/work/board/bench.lock}
+R=recipes/wo-gptq-ao-mse.yaml
+run() { [ -e "$1" ] || flock "$LOCK" "${@:2}"; }
+run "$OUT/sens-hessian" "$LB" sensitivity $R --set threads=2 --metric hessian --heldout 2 --out "$OUT/sens-hessian" --quiet
+for b in 4 3 2; do
+  run "$OUT/uniform-w${b}g64" "$LB" run $R --set threads=2 --set weights.bits=$b --set name=uniform-w${b}g64 \
+      --out "$OUT/uniform-w${b}g64" --quiet
+done
+# avg bits per quantized weight of uniform W3 g64 (3 + 19/64), halfway to W4 g64 (4 + 20/64), and around them
+for a in 3.8046875 3.296875 3.55 4.06 2.79; do
+  run "$OUT/mixed-$a" "$LB" run $R --set threads=2 --set name=mixed-$a --budget avg_bits=$a \
+      --budget sensitivity="$OUT/sens-hessian/sensitivity.json" --out "$OUT/mixed-$a" --quiet
+done
+# ground truth for the rank correlation: loss increase of every linear alone in W3 g64 (one eval each)
+run "$OUT/sens-loss-w3g64" "$LB" sensitivity $R --set threads=2 --formats w3g64 --metric both --heldout 1 \
+    --out "$OUT/sens-loss-w3g64" --quiet
+"$LB" report "$OUT"/uniform-* "$OUT"/mixed-*
