@@ -101,12 +101,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from lowbit.eval import perplexity
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.loading import load_model
-    from lowbit.run import load_run
+    from lowbit.runfolder import is_run_folder, load_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model)
-    if (path / "quant_state.json").exists():
+    if is_run_folder(path):
         model, tokenizer, _ = load_run(path)
     else:
         model, tokenizer = load_model(args.model)
@@ -118,14 +118,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> None:
     from lowbit.report import results_table
+    from lowbit.runfolder import read_metrics
 
-    rows = []
-    for run_dir in args.runs:
-        path = Path(run_dir) / "metrics.json"
-        if not path.is_file():
-            raise LowbitError(f"{run_dir} has no metrics.json: give folders written by 'lowbit run' or 'lowbit quantize'")
-        rows.append(json.loads(path.read_text()))
-    print(results_table(rows))
+    print(results_table([read_metrics(Path(run_dir)) for run_dir in args.runs]))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from lowbit.models import get_adapter
 from lowbit.pipeline import Settings, check_finite, compress
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
+from lowbit.runfolder import save_run, write_atomic
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -78,13 +79,6 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
     cache.mkdir(parents=True, exist_ok=True)
     write_atomic(key_file, json.dumps(result))
     return {**result, "cached": False}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def default_out_dir(recipe: Recipe) -> Path:
@@ -173,25 +167,5 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
         metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress)
         log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
     if tmp_dir is not None:
-        _save(tmp_dir, recipe, metrics, model, tokenizer, state)
+        save_run(tmp_dir, recipe_to_yaml(recipe), metrics, model, tokenizer, state)
     return RunResult(metrics, None, model, state)
-
-
-def _save(directory: Path, recipe: Recipe, metrics: dict, model: nn.Module, tokenizer, state: QuantState) -> None:
-    (directory / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    model.save_pretrained(directory / "model")
-    tokenizer.save_pretrained(directory / "model")
-    state.save(directory)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, QuantState]:
-    """A saved run's model with its activation quantizers and online transforms attached again."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "quant_state.json").exists():
-        raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
-                          f"'lowbit run' or 'lowbit quantize'")
-    model, tokenizer = load_model(str(run_dir / "model"), dtype)
-    state = QuantState.load(run_dir)
-    state.install(model)
-    return model, tokenizer, state

@@ -1,19 +1,16 @@
-"""What compression adds to a model beyond its (fake-quantized) weights, and how it is saved and re-attached.
+"""What compression adds to a model beyond its (fake-quantized) weights, and how it is re-attached.
 
 Weights are stored dequantized in the model itself, so the model saves as a plain transformers checkpoint;
 `QuantState` keeps each quantized linear's format and parameters (needed for export and packing), the
 activation quantizers, and online input transforms (e.g. a Hadamard transform before a down projection),
-attached through one forward pre-hook per module.
+attached through one forward pre-hook per module. `lowbit.runfolder` saves and loads it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
@@ -76,45 +73,6 @@ class QuantState:
 
     def quantizers(self, prefix: str = "") -> list[ActQuantizer]:
         return [q for n, q in (*self.inputs.items(), *self.outputs.items()) if n.startswith(prefix)]
-
-    def save(self, directory: Path) -> None:
-        """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
-        tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": self.transforms}
-        for name, rec in self.weights.items():
-            meta["weights"][name] = _spec_dict(rec.spec)
-            tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
-            tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
-        for kind, table in (("inputs", self.inputs), ("outputs", self.outputs)):
-            for name, q in table.items():
-                meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
-                                    "clip_ratio": q.clip_ratio}
-                if q.scale is not None:
-                    tensors[f"{name}.{kind}_scale"] = q.scale.detach().contiguous()
-                    tensors[f"{name}.{kind}_zero"] = q.zero.contiguous()
-        (directory / "quant_state.json").write_text(json.dumps(meta, indent=1))
-        save_file(tensors, str(directory / "quant_state.safetensors"))
-
-    @classmethod
-    def load(cls, directory: Path) -> "QuantState":
-        meta = json.loads((directory / "quant_state.json").read_text())
-        tensors = load_file(str(directory / "quant_state.safetensors"))
-        state = cls(transforms=meta["transforms"])
-        for name, spec in meta["weights"].items():
-            state.weights[name] = WeightRecord(QuantSpec(**spec), tensors[f"{name}.weight_scale"],
-                                               tensors[f"{name}.weight_zero"])
-        for kind in ("inputs", "outputs"):
-            for name, info in meta[kind].items():
-                q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
-                if info["static"]:
-                    q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
-                    q.zero = tensors[f"{name}.{kind}_zero"]
-                getattr(state, kind)[name] = q
-        return state
-
-
-def _spec_dict(spec: QuantSpec) -> dict:
-    return {k: getattr(spec, k) for k in ("bits", "format", "symmetric", "granularity", "group_size", "dynamic",
-                                           "fp_variant")}
 
 
 def _input_hook(transform, quant):

@@ -85,7 +85,7 @@ def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2"
            seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False) -> Comparison:
     """Compare a run's simulated model with its export on the same token windows."""
     from lowbit.data import eval_windows, load_text, tokenize
-    from lowbit.run import load_run
+    from lowbit.runfolder import load_run
 
     simulated, tokenizer, _ = load_run(run_dir)
     exported = load_exported(export_path)

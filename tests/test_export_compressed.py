@@ -11,8 +11,7 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export import export_run
 from lowbit.export.base import run_codes
-from lowbit.run import load_run
-from lowbit.state import QuantState
+from lowbit.runfolder import load_run, load_state, save_state
 from lowbit.verify import compare, load_exported
 
 W4_ASYM_G32 = {"bits": 4, "symmetric": False, "group_size": 32}
@@ -97,14 +96,14 @@ def test_online_transform_is_refused(make_run, tmp_path):
 def test_failure_while_writing_leaves_nothing(make_run, tmp_path):
     """A weight moved off its recorded grid is detected mid-export; the partial folder is removed."""
     run = make_run(W4_SYM_G32)
-    state = QuantState.load(run)
+    state = load_state(run)
     name = "model.layers.1.self_attn.o_proj"
     bad = tmp_path / "run"
     bad.mkdir()
     for f in ("quant_state.json", "recipe.yaml", "metrics.json"):
         (bad / f).write_bytes((run / f).read_bytes())
     state.weights[name].scale = state.weights[name].scale * 1.37
-    state.save(bad)
+    save_state(state, bad)
     (bad / "model").symlink_to(run / "model")
     with pytest.raises(LowbitError, match=f"weight {name} is not on the grid"):
         export_run(bad, "compressed-tensors", tmp_path / "out")

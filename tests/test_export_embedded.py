@@ -5,7 +5,8 @@ from transformers import AutoModelForCausalLM
 from lowbit.data import eval_windows, load_text, tokenize
 from lowbit.export import export_run
 from lowbit.recipe import parse_recipe
-from lowbit.run import load_run, run_recipe
+from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 from lowbit.verify import compare
 
 

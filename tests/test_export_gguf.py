@@ -10,7 +10,7 @@ from lowbit.export import export_run
 from lowbit.export.base import run_codes
 from lowbit.export.gguf_llama import exact_grid, rope_row_order
 from lowbit.formats import QuantSpec
-from lowbit.run import load_run
+from lowbit.runfolder import load_run
 from lowbit.verify import compare, load_exported
 
 

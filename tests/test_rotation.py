@@ -9,7 +9,8 @@ from lowbit.loading import EMBEDDED, load_model
 from lowbit.models import get_adapter
 from lowbit.pipeline import ModelContext, Settings
 from lowbit.recipe import parse_recipe
-from lowbit.run import load_run, run_recipe
+from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 from lowbit.state import QuantState
 from lowbit.steps.rotation import RotationArgs, residual_rotation, rotate_model
 

@@ -17,6 +17,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.backends import Scheme, check_transforms, get_target, select_scheme
 from lowbit.formats import dequantize, quantize
+from lowbit.runfolder import check_run_folder, load_run, load_state
 from lowbit.state import QuantState, WeightRecord
 
 
@@ -86,18 +87,14 @@ def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
 def export_run(run_dir: str | Path, target: str, out: str | Path | None = None,
                dtype: str = "bfloat16") -> ExportResult:
     """Write `run_dir`'s model in `target`'s format to `out` (default: inside the run folder), atomically."""
-    from lowbit.run import load_run
-
     run_dir = Path(run_dir)
     if target not in EXPORTERS:
         raise LowbitError(f"unknown export format {target!r}: choose from {', '.join(EXPORTERS)}")
     exporter = EXPORTERS[target]
     if dtype not in DTYPES:
         raise LowbitError(f"unknown export dtype {dtype!r}: choose from {', '.join(DTYPES)}")
-    if not (run_dir / "quant_state.json").exists():
-        raise LowbitError(f"{run_dir} is not a lowbit run folder (no quant_state.json): give a folder written by "
-                          f"'lowbit run' or 'lowbit quantize'")
-    schemes = plan_schemes(target, QuantState.load(run_dir))
+    check_run_folder(run_dir)
+    schemes = plan_schemes(target, load_state(run_dir))
     if not any(schemes.values()):
         raise LowbitError(f"{run_dir} has no quantized weights: nothing to export as {target}; export a run that "
                           f"quantizes weights")

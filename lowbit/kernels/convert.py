@@ -169,7 +169,7 @@ def to_real(model: nn.Module, state: QuantState, compute_dtype: torch.dtype | No
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise LowbitError(f"{name} is a {type(linear).__name__}, not a linear layer: to_real needs a simulated "
-                              f"model (load the run with lowbit.run.load_run)")
+                              f"model (load the run with lowbit.runfolder.load_run)")
         act = state.inputs.get(name)
         module, plan = real_linear(name, linear, rec, act, compute_dtype)
         if module is not linear:

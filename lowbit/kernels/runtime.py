@@ -9,7 +9,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.convert import LayerKernel, to_real
-from lowbit.run import load_run
+from lowbit.runfolder import load_run
 
 Kernels = Literal["real", "simulated"]
 
