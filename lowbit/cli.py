@@ -34,7 +34,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     from lowbit.loading import load_model
     from lowbit.models import get_adapter
     from lowbit.recipe import candidate_formats, load_recipe
-    from lowbit.run import write_atomic
+    from lowbit.runfolder import write_atomic
     from lowbit.sensitivity import Candidate, heatmap, heldout_windows, measure, most_sensitive
 
     recipe = load_recipe(args.recipe, args.set or [])

@@ -17,7 +17,8 @@ from lowbit.loading import load_model
 from lowbit.models import get_adapter
 from lowbit.recipe import BudgetConfig, format_from_name, load_recipe, parse_recipe
 from lowbit.report import model_size, weight_bits
-from lowbit.run import load_run, run_recipe
+from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 from lowbit.sensitivity import Candidate, heldout_windows, measure, solve_weight
 from lowbit.verify import compare, load_exported
 
