@@ -10,16 +10,18 @@ LOCK=${LOCK:-/work/board/bench.lock}
 R=recipes/wo-gptq-ao-mse.yaml
 run() { [ -e "$1" ] || flock "$LOCK" "${@:2}"; }
 run "$OUT/sens-hessian" "$LB" sensitivity $R --set threads=2 --metric hessian --heldout 2 --out "$OUT/sens-hessian" --quiet
-for b in 4 3 2; do
-  run "$OUT/uniform-w${b}g64" "$LB" run $R --set threads=2 --set weights.bits=$b --set name=uniform-w${b}g64 \
-      --out "$OUT/uniform-w${b}g64" --quiet
-done
-# avg bits per quantized weight of uniform W3 g64 (3 + 19/64), halfway to W4 g64 (4 + 20/64), and around them
-for a in 3.8046875 3.296875 3.55 4.06 2.79; do
-  run "$OUT/mixed-$a" "$LB" run $R --set threads=2 --set name=mixed-$a --budget avg_bits=$a \
-      --budget sensitivity="$OUT/sens-hessian/sensitivity.json" --out "$OUT/mixed-$a" --quiet
-done
+uniform() { run "$OUT/uniform-w${1}g64" "$LB" run $R --set threads=2 --set weights.bits=$1 --set name=uniform-w${1}g64 \
+                --out "$OUT/uniform-w${1}g64" --quiet; }
+mixed() { run "$OUT/mixed-$1" "$LB" run $R --set threads=2 --set name=mixed-$1 --budget avg_bits=$1 \
+              --budget sensitivity="$OUT/sens-hessian/sensitivity.json" --out "$OUT/mixed-$1" --quiet; }
+# avg bits per quantized weight: halfway between uniform W3 g64 (3 + 19/64) and W4 g64 (4 + 20/64), then W3's
+mixed 3.8046875
+mixed 3.296875
+uniform 3
+uniform 4
 # ground truth for the rank correlation: loss increase of every linear alone in W3 g64 (one eval each)
 run "$OUT/sens-loss-w3g64" "$LB" sensitivity $R --set threads=2 --formats w3g64 --metric both --heldout 1 \
     --out "$OUT/sens-loss-w3g64" --quiet
+uniform 2
+for a in 3.55 4.06 2.79; do mixed $a; done
 "$LB" report "$OUT"/uniform-* "$OUT"/mixed-*

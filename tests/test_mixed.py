@@ -205,3 +205,26 @@ def test_sensitivity_cli_writes_table_heatmap_and_top_ten(capsys, tiny_llama, tm
     by_loss = sorted(table["layers"], key=lambda n: -table["layers"][n]["loss"]["w2g32"])
     assert top == by_loss[:10]
     assert (tmp_path / "s" / "sensitivity.png").stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_embedded_sensitivity_orders_formats_and_allocation_beats_uniform_prediction(embedded, tokenizer):
+    model, _ = embedded
+    adapter = get_adapter(model)
+    tokenizer_tokens = tokenize(tokenizer, load_text("wikitext2", "validation"))
+    calib = calibration_windows(tokenizer_tokens, 4, 128, 0)
+    recipe = parse_recipe({"weights": {"bits": 4, "symmetric": False, "group_size": 64}, "evaluation": None})
+    names = ["w2g64", "w3g64", "w4g64"]
+    cands = {f: Candidate(f, format_from_name(f, recipe.weights).spec(), "minmax") for f in names}
+    table = measure(model, adapter, cands, None, lambda n: True, calib, heldout_windows(tokenizer_tokens, 4, 128, 2, 0),
+                    ["hessian"], progress=False)
+    assert len(table.layers) == 7 * 30
+    for row in table.layers.values():
+        assert row["hessian"]["w2g64"] > row["hessian"]["w3g64"] > row["hessian"]["w4g64"] > 0
+    linears = {f"{adapter.block_name(i)}.{r}": m for i, b in enumerate(adapter.blocks(model))
+               for r, m in adapter.linears(b).items()}
+    w3_bits = 3 + 19 / 64
+    alloc = allocate(table, cands, linears, model, BudgetConfig(avg_bits=w3_bits), "hessian")
+    uniform = sum(row["hessian"]["w3g64"] for row in table.layers.values())
+    assert alloc.exact and alloc.avg_bits <= w3_bits and alloc.predicted <= uniform
+    assert len(set(alloc.formats.values())) > 1
