@@ -1,10 +1,11 @@
-# Two entry points: `make demo` (install + compress the embedded model + print the table) and `make test`.
+# Entry points: `make demo` (install + compress the embedded model + print the table), `make test` (the whole
+# suite, as CI runs it) and `make test-fast` (skips the tests marked slow, which load the embedded model).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test results clean
+.PHONY: install demo test test-fast results clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -26,7 +26,7 @@ from lowbit.data import calibration_windows, load_text, tokenize  # noqa: E402
 from lowbit.formats import QuantSpec  # noqa: E402
 from lowbit.loading import load_model  # noqa: E402
 from lowbit.models import get_adapter  # noqa: E402
-from lowbit.pipeline import Settings, compress  # noqa: E402
+from lowbit.pipeline import FormatPlan, compress  # noqa: E402
 from lowbit.recipe import parse_recipe  # noqa: E402
 
 
@@ -68,9 +68,9 @@ def measure(args, model: nn.Module, step_item, ids: torch.Tensor) -> dict:
     adapter = get_adapter(model)
     full = truncated_blocks(model, args.block + 1)
     steps = parse_recipe({"model": args.model, "steps": [step_item], "weights": None}).build_steps() if step_item else []
-    settings = Settings(weights=QuantSpec(bits=args.wbits, granularity="channel"),
+    plan = FormatPlan(weights=QuantSpec(bits=args.wbits, granularity="channel"),
                         activations=QuantSpec(bits=args.abits, granularity="token", dynamic=True))
-    state = compress(model, adapter, settings, steps, ids, progress=False)
+    state = compress(model, adapter, plan, steps, ids, progress=False)
     for q in state.quantizers():
         q.enabled = False
     block = adapter.blocks(model)[args.block]

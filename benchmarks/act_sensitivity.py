@@ -16,7 +16,7 @@ from lowbit.eval import perplexity
 from lowbit.formats import QuantSpec
 from lowbit.loading import EMBEDDED, load_model
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps import get_step
 
 
@@ -40,10 +40,10 @@ def main() -> None:
     adapter = get_adapter(model)
     acts = QuantSpec(bits=args.abits, format=args.format, symmetric=args.symmetric or args.format == "fp",
                      granularity="group" if args.group_size else "token", group_size=args.group_size, dynamic=True)
-    settings = Settings(activations=acts, act_clip_ratio=args.clip_ratio)
+    plan = FormatPlan(activations=acts, act_clip_ratio=args.clip_ratio)
     calib = calibration_windows(tokenize(tokenizer, load_text("wikitext2", "validation")), args.n_samples, 512)
     steps = [get_step(name)(get_step(name).Args()) for name in args.steps]
-    state = compress(model, adapter, settings, steps, calib, progress=False)
+    state = compress(model, adapter, plan, steps, calib, progress=False)
     windows = eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")), 2048, args.max_tokens)
     kinds = {"none": (), "q/k/v": adapter.norm_groups[0].linears,
              "o_proj": (adapter.attn_out,), "gate/up": adapter.norm_groups[1].linears,
@@ -54,7 +54,7 @@ def main() -> None:
           f"| ppl ({windows.numel()} tokens) |")
     print("|---|---|")
     for kind, rels in kinds.items():
-        for name, q in state.inputs.items():
+        for name, q in state.input_quantizers.items():
             q.enabled = any(name.endswith("." + rel) for rel in rels)
         ppl = perplexity(model, windows, progress=False).ppl
         print(f"| {kind} | {ppl:.3f} |", flush=True)

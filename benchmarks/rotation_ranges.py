@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from lowbit.data import load_text, tokenize  # noqa: E402
 from lowbit.loading import load_model  # noqa: E402
 from lowbit.models import get_adapter  # noqa: E402
-from lowbit.pipeline import ModelContext, Settings  # noqa: E402
+from lowbit.pipeline import FormatPlan, ModelContext  # noqa: E402
 from lowbit.state import QuantState  # noqa: E402
 from lowbit.steps.rotation import RotationArgs, rotate_model  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(index: int = 5, path: str = "docs/rotation_ranges.png") -> None:
     rels = ["self_attn.q_proj", adapter.mlp_out]
     block = adapter.blocks(model)[index]
     before = input_ranges(model, block, rels, ids)
-    rotate_model(ModelContext(model, adapter, Settings(), QuantState(), ids), RotationArgs())
+    rotate_model(ModelContext(model, adapter, FormatPlan(), QuantState(), ids), RotationArgs())
     after = input_ranges(model, block, rels, ids)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, rel in zip(axes, rels):

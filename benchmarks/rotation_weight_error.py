@@ -3,13 +3,13 @@ blocks 2, 15, 28 on one 512-token window, before and after rotation. Usage: PYTH
 import torch
 torch.set_num_threads(1)
 from lowbit.data import load_text, tokenize
+from lowbit.formats import QuantSpec, fake_quant
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
-from lowbit.pipeline import ModelContext, Settings
+from lowbit.observers import observe
+from lowbit.pipeline import FormatPlan, ModelContext
 from lowbit.state import QuantState
 from lowbit.steps.rotation import RotationArgs, rotate_model
-from lowbit.formats import QuantSpec, fake_quant
-from lowbit.observers import observe
 spec = QuantSpec(bits=4, granularity="channel", symmetric=True)
 model, tok = load_model("smollm2-135m"); ad = get_adapter(model)
 ids = tokenize(tok, load_text("wikitext2", "validation"))[:512][None]
@@ -26,6 +26,6 @@ def errs(blocks=(2, 15, 28)):
             res[(b, rel)] = float((xs[rel] @ (wq - w).T).norm() / (xs[rel] @ w.T).norm())
     return res
 before = errs()
-rotate_model(ModelContext(model, ad, Settings(), QuantState(), ids), RotationArgs())
+rotate_model(ModelContext(model, ad, FormatPlan(), QuantState(), ids), RotationArgs())
 after = errs()
 for k in before: print(k, round(before[k], 4), round(after[k], 4))

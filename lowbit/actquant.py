@@ -61,19 +61,28 @@ class ActQuantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Freeze static parameters from what was observed (per-tensor range for static activations)."""
         self.calibrating = False
-        spec = self.spec.with_(granularity="tensor", group_size=None)
         if self.observer == "minmax":
             if self._lo is None:
                 return
-            scale, zero = qparams_from_range(self._lo.reshape(1), self._hi.reshape(1), spec)
+            self.set_range(self._lo, self._hi)
         else:
             if not self._samples:
                 return
-            scale, zero = observe(torch.cat(self._samples), spec, self.observer)
-        self.scale = nn.Parameter(scale.reshape(1), requires_grad=False)
-        self.zero = zero.reshape(1)
+            scale, zero = observe(torch.cat(self._samples), self._static_spec(), self.observer)
+            self._set_params(scale, zero)
         self._lo = self._hi = None
         self._samples = []
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Make the quantizer static with the per-tensor range [lo, hi]."""
+        self._set_params(*qparams_from_range(lo.reshape(1).float(), hi.reshape(1).float(), self._static_spec()))
+
+    def _static_spec(self) -> QuantSpec:
+        return self.spec.with_(granularity="tensor", group_size=None)
+
+    def _set_params(self, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.scale = nn.Parameter(scale.reshape(1), requires_grad=False)
+        self.zero = zero.reshape(1)
 
     def extra_repr(self) -> str:
         clip = f", clip_ratio={self.clip_ratio}" if self.clip_ratio != 1 else ""

@@ -151,10 +151,10 @@ def allocate_recipe(recipe: "Recipe", model: nn.Module, adapter, tokens: torch.T
     budget = recipe.budget
     fmts = candidate_formats(recipe)
     candidates = {n: Candidate(n, f.spec(), f.observer) for n, f in fmts.items()}
-    settings = recipe.settings()
+    plan = recipe.plan()
     linears = {f"{adapter.block_name(i)}.{rel}": lin for i, block in enumerate(adapter.blocks(model))
                for rel, lin in adapter.linears(block).items()
-               if settings.weight_spec_for(f"{adapter.block_name(i)}.{rel}") is not None}
+               if plan.weight_spec_for(f"{adapter.block_name(i)}.{rel}") is not None}
     for name, lin in linears.items():
         for cand in candidates.values():
             check_shape(lin.weight.shape, cand.spec, f"{name} (candidate {cand.name})")

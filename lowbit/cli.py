@@ -54,9 +54,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
     calib_ids = calibration_windows(tokens, cal.n_samples, cal.seq_len, cal.seed)
     heldout = heldout_windows(tokens, cal.n_samples, cal.seq_len, args.heldout, cal.seed)
-    settings = recipe.settings()
+    plan = recipe.plan()
     table = measure(model, adapter, {n: Candidate(n, f.spec(), f.observer) for n, f in fmts.items()},
-                    gptq_args(recipe), lambda n: settings.weight_spec_for(n) is not None, calib_ids, heldout,
+                    gptq_args(recipe), lambda n: plan.weight_spec_for(n) is not None, calib_ids, heldout,
                     metrics, cal.batch_size, progress=not args.quiet)
     out.mkdir(parents=True)
     write_atomic(out / "sensitivity.json", table.to_json())

@@ -8,12 +8,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings, select_scheme
 from lowbit.formats import QuantSpec
 from lowbit.loading import EMBEDDED
-from lowbit.pipeline import Settings
-from lowbit.steps import Step, get_step
+from lowbit.steps import Step, build_step
 
 
 class _Strict(BaseModel):
@@ -143,7 +143,8 @@ class Recipe(_Strict):
                 out.append(item)
         return out
 
-    def settings(self) -> Settings:
+    def plan(self) -> FormatPlan:
+        """The run's formats plan; refuses format combinations no step can honour."""
         acts = self.activations.spec() if self.activations else None
         if acts is not None and not acts.dynamic and acts.granularity != "tensor":
             raise LowbitError("static activation quantization is per-tensor: set activations.granularity: tensor, "
@@ -157,7 +158,7 @@ class Recipe(_Strict):
         if self.budget is not None and self.weights is None:
             raise LowbitError("budget allocates weight formats: set weights (its symmetry and observer apply to the "
                               "candidates) or remove budget")
-        return Settings(
+        return FormatPlan(
             weights=self.weights.spec() if self.weights else None,
             weight_observer=self.weights.observer if self.weights else "minmax",
             activations=acts,
@@ -168,20 +169,12 @@ class Recipe(_Strict):
         )
 
     def build_steps(self) -> list[Step]:
-        steps = []
-        for i, sc in enumerate(self.steps):
-            cls = get_step(sc.name)
-            try:
-                steps.append(cls(cls.Args(**sc.args)))
-            except ValidationError as exc:
-                raise LowbitError(_format_validation(exc, f"steps[{i}].{sc.name}")) from None
-        return steps
+        return [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
 
 
-def _format_validation(exc: ValidationError, prefix: str = "") -> str:
+def _format_validation(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    where = ".".join(p for p in (prefix, loc) if p)
+    where = ".".join(str(p) for p in err["loc"])
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"recipe error at {where or 'top level'}: {err['msg']}{more}"
 
@@ -225,10 +218,10 @@ def parse_recipe(data: dict) -> Recipe:
         raise LowbitError(_format_validation(exc)) from None
     except TypeError as exc:
         raise LowbitError(f"recipe error: {exc}") from None
-    settings = recipe.settings()
+    plan = recipe.plan()
     recipe.build_steps()
     if recipe.target is not None:
-        check_settings(recipe.target, settings)
+        check_settings(recipe.target, plan)
     if recipe.budget is not None:
         candidate_formats(recipe)
     return recipe

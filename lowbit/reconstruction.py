@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.actquant import ActQuantizer
+from lowbit.context import BlockContext, frozen
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, group_view
 from lowbit.observers import observe
-from lowbit.pipeline import BlockContext, calibrate_act_quantizers
+
+if TYPE_CHECKING:
+    from lowbit.steps.base import Step
 
 Loss = Literal["token_relative", "mse"]
 log = logging.getLogger("lowbit")
@@ -135,39 +138,23 @@ class SoftRounding(nn.Module):
         return self.scale.reshape(shape), self.zero.reshape(shape)
 
 
-def solver_codes(ctx: BlockContext, solver: str | dict[str, dict],
-                 rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Run a weight-solving step (e.g. GPTQ) on the block and return, per linear, its offsets over
+@torch.no_grad()
+def solver_codes(ctx: BlockContext, solver: Step, rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Run a weight-solving step (e.g. GPTQ) on the block as a trial and return, per linear, its offsets over
     floor(W / scale) as an initial h (0.1 / 0.9, clamped to floor or ceil) with the solver's scale and zero.
-    The block's FP weights are restored afterwards so reconstruction starts from them."""
-    from lowbit.steps import STEPS
-
-    if isinstance(solver, dict) and len(solver) != 1:
-        raise LowbitError(f"init: give one step, e.g. {{gptq: {{act_order: true}}}}, got {solver!r}")
-    name, kwargs = (solver, {}) if isinstance(solver, str) else next(iter(solver.items()))
-    if name not in STEPS or not STEPS[name].solves_weights:
-        raise LowbitError(f"init: {name!r} is not a weight-solving step: use 'fractional' or one of "
-                          f"{sorted(n for n, s in STEPS.items() if s.solves_weights)}")
-    try:
-        step = STEPS[name](STEPS[name].Args(**(kwargs or {})))
-    except ValidationError as e:
-        raise LowbitError(f"init: bad arguments for {name!r}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}") from None
+    The block and its quant state are rolled back afterwards, so reconstruction starts from the FP block."""
     linears = ctx.linears()
-    saved = {rel: linears[rel].weight.data.clone() for rel in rels}
-    step.on_block(ctx)
+    fp = {rel: linears[rel].weight.data.float().clone() for rel in rels}
     out = {}
-    for rel in rels:
-        rec = ctx.state.weights[ctx.full_name(rel)]
-        spec = rec.spec
-        w_fp = group_view(saved[rel].float(), spec)
-        s, z = rec.scale.reshape(w_fp.shape[0], -1), rec.zero.reshape(w_fp.shape[0], -1)
-        codes = torch.round(group_view(linears[rel].weight.data.float(), spec) / s)
-        up = (codes - torch.floor(w_fp / s)) >= 1
-        h0 = torch.where(up, 0.9, 0.1).reshape(saved[rel].shape)
-        out[rel] = (h0, rec.scale, rec.zero)
-        linears[rel].weight.data.copy_(saved[rel])
-        ctx.quantized.discard(rel)
-        del ctx.state.weights[ctx.full_name(rel)]
+    with ctx.trial():
+        solver.on_block(ctx)
+        for rel in rels:
+            rec = ctx.state.weights[ctx.full_name(rel)]
+            w_fp = group_view(fp[rel], rec.spec)
+            s, z = rec.scale.reshape(w_fp.shape[0], -1), rec.zero.reshape(w_fp.shape[0], -1)
+            codes = torch.round(group_view(linears[rel].weight.data.float(), rec.spec) / s)
+            up = (codes - torch.floor(w_fp / s)) >= 1
+            out[rel] = (torch.where(up, 0.9, 0.1).reshape(fp[rel].shape), rec.scale, rec.zero)
     return out
 
 
@@ -178,26 +165,22 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
     if given, else from the observer's range and the fractional part); on exit, store the hardened weights
     through `set_quantized_weight`. Every other block parameter is frozen meanwhile."""
     linears = ctx.linears()
-    frozen = [p for p in ctx.block.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     mods: dict[str, SoftRounding] = {}
-    try:
-        for rel in rels:
-            w = linears[rel].weight.data
-            spec = ctx.weight_spec(rel)
-            if rel in initial:
-                h0, scale, zero = initial[rel]
-            else:
-                (scale, zero), h0 = observe(w.float(), spec, args.observer or ctx.settings.weight_observer), None
-            mods[rel] = SoftRounding(w, spec, scale, zero, h0)
-            parametrize.register_parametrization(linears[rel], "weight", mods[rel], unsafe=True)
-        yield mods
-    finally:
-        for rel, mod in mods.items():
-            parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
-        for p in frozen:
-            p.requires_grad_(True)
+    with frozen(ctx.block):
+        try:
+            for rel in rels:
+                w = linears[rel].weight.data
+                spec = ctx.weight_spec(rel)
+                if rel in initial:
+                    h0, scale, zero = initial[rel]
+                else:
+                    (scale, zero), h0 = observe(w.float(), spec, args.observer or ctx.plan.weight_observer), None
+                mods[rel] = SoftRounding(w, spec, scale, zero, h0)
+                parametrize.register_parametrization(linears[rel], "weight", mods[rel], unsafe=True)
+            yield mods
+        finally:
+            for rel in mods:
+                parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
     for rel, mod in mods.items():
         scale, zero = mod.scale_zero(linears[rel].weight)
         ctx.set_quantized_weight(rel, mod.hard_weight(), mod.spec, scale, zero)
@@ -215,10 +198,9 @@ def report_undecided(where: str, mods: list[SoftRounding], iters: int) -> float:
     return frac
 
 
-def initial_rounding(ctx: BlockContext, rels: list[str],
-                     init: str | dict[str, dict]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Starting point of the rounding: empty for "fractional", else the named solver's solution."""
-    return {} if init == "fractional" or not rels else solver_codes(ctx, init, rels)
+def initial_rounding(ctx: BlockContext, rels: list[str], init: "Step | None") -> dict[str, tuple[torch.Tensor, ...]]:
+    """Starting point of the rounding: empty for "fractional" (no init step), else the init step's solution."""
+    return {} if init is None or not rels else solver_codes(ctx, init, rels)
 
 
 def optimize(mods: list[SoftRounding], batch_loss: Callable[[torch.Generator], torch.Tensor], args: ReconArgs,
@@ -262,23 +244,18 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     return err.mean()
 
 
-def pending(ctx: BlockContext) -> list[str]:
-    """The block's linears that get quantized and that no earlier step has solved yet."""
-    return [r for r in ctx.linears() if ctx.weight_spec(r) is not None and not ctx.is_quantized(r)]
-
-
 def pick(x: torch.Tensor, gen: torch.Generator, batch_size: int) -> torch.Tensor:
     """Indices of a random batch of rows of `x`."""
     return torch.randperm(x.shape[0], generator=gen)[:batch_size]
 
 
-def reconstruct_layers(ctx: BlockContext, args: ReconArgs) -> dict[str, list[float]]:
+def reconstruct_layers(ctx: BlockContext, args: ReconArgs, init: "Step | None" = None) -> dict[str, list[float]]:
     """AdaRound: each linear on its own output, in execution order, with inputs from the quantized path
     (so later layers see earlier layers' hardened weights); target = FP weight times the same input."""
     histories = {}
     x_all = ctx.q_inputs[: args.n_samples]
-    rels = pending(ctx)
-    initial = initial_rounding(ctx, rels, args.init)
+    rels = ctx.pending()
+    initial = initial_rounding(ctx, rels, init)
     trained: list[SoftRounding] = []
     for rel in rels:
         linear = ctx.linears()[rel]
@@ -314,7 +291,7 @@ def drop_activations(quantizers: list[ActQuantizer], p: float, gen: torch.Genera
             h.remove()
 
 
-def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, *, quantize_acts: bool,
+def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, init: "Step | None" = None, *, quantize_acts: bool,
                       drop: float | None = None, use_fp_inputs: bool = False,
                       fisher: torch.Tensor | None = None) -> list[float]:
     """BRECQ / QDrop: all of the block's rounding variables (and static activation step sizes, by LSQ)
@@ -324,13 +301,13 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, *, quantize_acts:
     every activation quantizer's output are mixed element-wise with their FP values (QDrop)."""
     if ctx.fp_outputs is None:
         raise LowbitError("block reconstruction needs FP targets: the step must set needs_fp_targets")
-    rels = pending(ctx)
+    rels = ctx.pending()
     n = args.n_samples
     q_in, fp_in, target = ctx.q_inputs[:n], ctx.fp_inputs[:n], ctx.fp_outputs[:n]
-    initial = initial_rounding(ctx, rels, args.init)
+    initial = initial_rounding(ctx, rels, init)
     quantizers = ctx.state.quantizers(ctx.name + ".") if quantize_acts else []
     if quantizers:
-        calibrate_act_quantizers(ctx)
+        ctx.calibrate_activations()
     steps_sizes = [q.scale for q in quantizers if q.scale is not None]
     drop_gen = torch.Generator().manual_seed(args.seed + 1)
     weights = fisher[:n] if fisher is not None else None

@@ -18,12 +18,13 @@ from torch import nn
 
 from lowbit import __version__
 from lowbit.allocate import allocate_recipe
+from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.loading import cache_dir, load_model, resolve_model_path
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, check_finite, compress
+from lowbit.pipeline import check_finite, compress
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
 from lowbit.runfolder import save_run, write_atomic
@@ -87,7 +88,7 @@ def default_out_dir(recipe: Recipe) -> Path:
 
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically."""
-    settings: Settings = recipe.settings()
+    plan = recipe.plan()
     steps = recipe.build_steps()
     if recipe.save:
         out_dir = Path(out_dir or default_out_dir(recipe))
@@ -99,7 +100,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         tmp_dir = None
     handler = _log_to(tmp_dir)
     try:
-        result = _run(recipe, settings, steps, tmp_dir, progress)
+        result = _run(recipe, plan, steps, tmp_dir, progress)
         if tmp_dir is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
@@ -127,7 +128,7 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -138,8 +139,8 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     adapter = get_adapter(model)
     log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
     metrics: dict = {"name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
-                     "weights": settings.weights.describe() if settings.weights else "fp",
-                     "activations": settings.activations.describe() if settings.activations else "fp",
+                     "weights": plan.weights.describe() if plan.weights else "fp",
+                     "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
     if recipe.evaluation and recipe.evaluation.baseline:
         metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress)
@@ -150,13 +151,13 @@ def _run(recipe: Recipe, settings: Settings, steps: list, tmp_dir: Path | None, 
     calib_ids = calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed)
     if recipe.budget is not None:
         recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
-        settings = recipe.settings()
+        plan = recipe.plan()
         metrics["weights"] = allocation.describe()
         metrics["allocation"] = allocation.to_dict()
         log.info("allocated %s (predicted %s %.4g, %s)", allocation.describe(), allocation.metric,
                  allocation.predicted, "exact" if allocation.exact else f"costs rounded to {allocation.unit_bits} bits")
     start = time.perf_counter()
-    state = compress(model, adapter, settings, steps, calib_ids, progress=progress)
+    state = compress(model, adapter, plan, steps, calib_ids, progress=progress)
     metrics["quant_time_s"] = time.perf_counter() - start
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)

@@ -37,7 +37,7 @@ def save_state(state: QuantState, directory: Path) -> None:
         meta["weights"][name] = _spec_dict(rec.spec)
         tensors[f"{name}.weight_scale"] = rec.scale.contiguous()
         tensors[f"{name}.weight_zero"] = rec.zero.contiguous()
-    for kind, table in (("inputs", state.inputs), ("outputs", state.outputs)):
+    for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
         for name, q in table.items():
             meta[kind][name] = {"spec": _spec_dict(q.spec), "observer": q.observer, "static": q.scale is not None,
                                 "clip_ratio": q.clip_ratio}
@@ -56,13 +56,13 @@ def load_state(directory: Path) -> QuantState:
     for name, spec in meta["weights"].items():
         state.weights[name] = WeightRecord(QuantSpec(**spec), tensors[f"{name}.weight_scale"],
                                            tensors[f"{name}.weight_zero"])
-    for kind in ("inputs", "outputs"):
+    for kind, table in (("inputs", state.input_quantizers), ("outputs", state.output_quantizers)):
         for name, info in meta[kind].items():
             q = ActQuantizer(QuantSpec(**info["spec"]), info["observer"], clip_ratio=info.get("clip_ratio", 1.0))
             if info["static"]:
                 q.scale = nn.Parameter(tensors[f"{name}.{kind}_scale"], requires_grad=False)
                 q.zero = tensors[f"{name}.{kind}_zero"]
-            getattr(state, kind)[name] = q
+            table[name] = q
     return state
 
 

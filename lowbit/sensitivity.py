@@ -26,7 +26,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant
 from lowbit.models.base import Adapter
 from lowbit.observers import observe
-from lowbit.pipeline import BlockContext, Settings, compress
+from lowbit.context import BlockContext, FormatPlan
+from lowbit.pipeline import compress
 from lowbit.steps.base import Step
 from lowbit.steps.gptq import GPTQArgs, accumulate_hessians, gptq_quantize
 
@@ -187,7 +188,7 @@ class _Probe(Step):
 
         def loss() -> float:
             value = suffix_loss(model, ctx.adapter, ctx.index, x_ho, self.heldout_ids, ctx.args, ctx.kwargs,
-                                ctx.settings.batch_size)
+                                ctx.plan.batch_size)
             self.bar.update(1)
             return value
 
@@ -229,7 +230,7 @@ def measure(model: nn.Module, adapter: Adapter, candidates: dict[str, Candidate]
         per_block += (n_lin + 1) * len(candidates)
     with tqdm(total=len(blocks) * per_block + ("loss" in metrics), desc="sensitivity", disable=not progress) as bar:
         probe = _Probe(table, candidates, gptq, include, heldout_ids, metrics, bar)
-        compress(model, adapter, Settings(batch_size=batch_size), [probe],
+        compress(model, adapter, FormatPlan(batch_size=batch_size), [probe],
                  torch.cat([calib_ids, heldout_ids]), progress=False)
     return table
 

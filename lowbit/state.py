@@ -39,24 +39,26 @@ class WeightRecord:
 
 @dataclass
 class QuantState:
+    """Per module name: weight records, input and output activation quantizers, online input transforms."""
+
     weights: dict[str, WeightRecord] = field(default_factory=dict)
-    inputs: dict[str, ActQuantizer] = field(default_factory=dict)
-    outputs: dict[str, ActQuantizer] = field(default_factory=dict)
+    input_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
+    output_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     transforms: dict[str, dict] = field(default_factory=dict)
     _handles: list = field(default_factory=list)
 
     def install(self, model: nn.Module, prefix: str = "") -> None:
         """(Re)attach hooks for every module under `prefix` that has a transform or quantizer."""
         self.uninstall(prefix)
-        names = {n for n in (*self.inputs, *self.outputs, *self.transforms) if n.startswith(prefix)}
+        names = {n for n in (*self.input_quantizers, *self.output_quantizers, *self.transforms) if n.startswith(prefix)}
         for name in sorted(names):
             module = model.get_submodule(name)
             transform = self._transform_fn(name, module)
-            quant = self.inputs.get(name)
+            quant = self.input_quantizers.get(name)
             if transform or quant:
                 self._handles.append((name, module.register_forward_pre_hook(_input_hook(transform, quant))))
-            if name in self.outputs:
-                self._handles.append((name, module.register_forward_hook(_output_hook(self.outputs[name]))))
+            if name in self.output_quantizers:
+                self._handles.append((name, module.register_forward_hook(_output_hook(self.output_quantizers[name]))))
 
     def uninstall(self, prefix: str = "") -> None:
         keep = []
@@ -72,7 +74,7 @@ class QuantState:
         return INPUT_TRANSFORMS[cfg["kind"]](cfg, module) if cfg else None
 
     def quantizers(self, prefix: str = "") -> list[ActQuantizer]:
-        return [q for n, q in (*self.inputs.items(), *self.outputs.items()) if n.startswith(prefix)]
+        return [q for n, q in (*self.input_quantizers.items(), *self.output_quantizers.items()) if n.startswith(prefix)]
 
 
 def _input_hook(transform, quant):

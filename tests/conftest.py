@@ -1,17 +1,35 @@
-"""Shared fixtures: tiny random LLaMA/OPT/Qwen2 models (with the embedded model's tokenizer) and the embedded model."""
+"""Shared fixtures: tiny random LLaMA/OPT/Qwen2 models with a tiny BPE tokenizer built here, and the embedded model
+(only for tests marked slow)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config,
+from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from lowbit.loading import embedded_model_path
+from lowbit.data import load_text
 
 torch.set_num_threads(2)
-VOCAB = 49152
+VOCAB = 512  # the tiny tokenizer's vocabulary, used by every tiny config
+
+
+@functools.cache
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of VOCAB tokens trained on 200k characters of WikiText-2 validation (about a
+    second), so tiny-model tests read real text without the embedded model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([load_text("wikitext2", "validation")[:200000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
 
 
 def tiny_config(kind: str):
@@ -43,14 +61,23 @@ def make_tiny(kind: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="session")
-def embedded_path() -> str:
+def _require_slow(request) -> None:
+    """Only tests marked slow may load the embedded model, so `make test-fast` never does."""
+    if request.node.get_closest_marker("slow") is None:
+        pytest.fail(f"{request.node.name} loads the embedded model: mark it @pytest.mark.slow")
+
+
+@pytest.fixture
+def embedded_path(request) -> str:
+    from lowbit.loading import embedded_model_path
+
+    _require_slow(request)
     return str(embedded_model_path())
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_path):
-    return AutoTokenizer.from_pretrained(embedded_path)
+def tokenizer() -> PreTrainedTokenizerFast:
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session", params=["llama", "opt"])
@@ -76,11 +103,8 @@ def calib_ids() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def embedded():
-    """The embedded SmolLM2-135M and a few short real calibration windows from WikiText-2 validation.
-
-    Shared across tests: a test that changes the model must work on a copy."""
-    from lowbit.data import calibration_windows, load_text, tokenize
+def _embedded_shared():
+    from lowbit.data import calibration_windows, tokenize
     from lowbit.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m")
@@ -88,25 +112,22 @@ def embedded():
     return model, ids
 
 
-# --- export tests: a tiny Llama with a small BPE vocabulary, saved runs of it, text windows ---
+@pytest.fixture
+def embedded(request, _embedded_shared):
+    """The embedded SmolLM2-135M and a few short real calibration windows from WikiText-2 validation.
+
+    Shared across tests: a test that changes the model must work on a copy."""
+    _require_slow(request)
+    return _embedded_shared
+
+
+# --- export tests: a tiny Llama with the tiny tokenizer, saved runs of it, text windows ---
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-block Llama (hidden 64, GQA 4/2 heads) with a 512-token byte-level BPE tokenizer trained on
-    WikiText-2; its initialization is wide enough that logits vary and comparisons mean something."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from lowbit.data import load_text
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([load_text("wikitext2", "validation")[:200000]], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    """A 2-block Llama (hidden 64, GQA 4/2 heads) with the tiny tokenizer; its initialization is wide enough that
+    logits vary and comparisons mean something."""
+    tokenizer = tiny_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, initializer_range=0.1, rms_norm_eps=1e-5,
@@ -142,9 +163,6 @@ def make_run(tiny_llama, tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_windows(tiny_llama) -> torch.Tensor:
     """Three 128-token windows of WikiText-2 test text."""
-    from transformers import AutoTokenizer
+    from lowbit.data import eval_windows, tokenize
 
-    from lowbit.data import eval_windows, load_text, tokenize
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    return eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")[:20000]), 128, 384)
+    return eval_windows(tokenize(tiny_tokenizer(), load_text("wikitext2", "test")[:20000]), 128, 384)

@@ -4,18 +4,17 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from conftest import VOCAB, tiny_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from lowbit.data import calibration_windows, load_text, tokenize
-from lowbit.loading import embedded_model_path
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 
 
 @functools.lru_cache(maxsize=1)
 def tokens() -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-    return tokenize(tokenizer, load_text("wikitext2", "validation")[:200_000])
+    return tokenize(tiny_tokenizer(), load_text("wikitext2", "validation")[:200_000])
 
 
 def windows(n: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -43,7 +42,7 @@ def _add_outliers(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True)
     return _add_outliers(LlamaForCausalLM(cfg), seed)
@@ -51,7 +50,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 def tiny_opt(seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=49152, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=256, word_embed_proj_dim=64, enable_bias=True)
     model = OPTForCausalLM(cfg)
     with torch.no_grad():
@@ -70,9 +69,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def transformed_rel_err(model, step, calib: torch.Tensor, ids: torch.Tensor, settings: Settings | None = None) -> float:
-    """Relative logits change on `ids` after running `step` alone (no quantization unless `settings` say so)."""
+def transformed_rel_err(model, step, calib: torch.Tensor, ids: torch.Tensor, plan: FormatPlan | None = None) -> float:
+    """Relative logits change on `ids` after running `step` alone (no quantization unless `plan` says so)."""
     before = logits(model, ids)
-    state = compress(model, get_adapter(model), settings or Settings(), [step], calib, progress=False)
+    state = compress(model, get_adapter(model), plan or FormatPlan(), [step], calib, progress=False)
     state.install(model)
     return rel_err(logits(model, ids), before)

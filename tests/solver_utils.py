@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import BlockContext, ModelContext, Settings, capture_block_inputs
+from lowbit.pipeline import BlockContext, FormatPlan, ModelContext, capture_block_inputs
 from lowbit.state import QuantState
 
 
@@ -38,10 +38,10 @@ def _randomize_norms(model: torch.nn.Module) -> None:
                 p.add_(torch.randn_like(p) * 0.2)
 
 
-def block_contexts(model, spec: QuantSpec | None, ids: torch.Tensor, steps=()):
+def block_contexts(model, spec: QuantSpec | None, ids: torch.Tensor):
     """Yield a BlockContext per block (quantized-path inputs propagated), like `compress` without rounding."""
     adapter = get_adapter(model)
-    mctx = ModelContext(model, adapter, Settings(weights=spec), QuantState(), ids, tuple(steps))
+    mctx = ModelContext(model, adapter, FormatPlan(weights=spec), QuantState(), ids)
     x, args, kwargs = capture_block_inputs(model, adapter, ids)
     for i, block in enumerate(adapter.blocks(model)):
         ctx = BlockContext(mctx, i, block, x, args, kwargs)

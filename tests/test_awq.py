@@ -4,7 +4,7 @@ import torch
 from lowbit.formats import QuantSpec, dequantize, quantize
 from lowbit.models import get_adapter
 from lowbit.observers import observe
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress, rounding_plan
 from lowbit.steps.awq import AWQ, search_clip
 from lowbit.steps.gptq import GPTQ
 from lowbit.steps.lwc import LWC
@@ -16,7 +16,7 @@ SPEC = QuantSpec(3, symmetric=False, group_size=32)
 def _fold_only(model, ids, spec, **args):
     """Search and fold AWQ scales into every block without clipping or quantizing."""
     step = AWQ(AWQ.Args(clip=False, quantize=False, **args))
-    for ctx in block_contexts(model, spec, ids, [step]):
+    for ctx in block_contexts(model, spec, ids):
         step.on_block(ctx)
 
 
@@ -35,6 +35,7 @@ def test_folded_scales_keep_fp_logits(make):
     assert ((out - ref).norm() / ref.norm()) < 1e-4
 
 
+@pytest.mark.slow
 def test_folded_scales_keep_fp_logits_embedded(embedded):
     model, ids = embedded
     ref = model(ids).logits
@@ -68,22 +69,28 @@ def test_clip_search_lowers_output_error():
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
 def test_awq_quantizes_alone_and_defers_to_a_later_solver(make):
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
-    errors = {}
-    for name, steps in (("rtn", []), ("awq", [AWQ()]), ("awq+gptq", [AWQ(), GPTQ()]), ("awq+lwc", [AWQ(), LWC()])):
+    errors, params = {}, {}
+    runs = (("rtn", []), ("awq", [AWQ()]), ("awq+gptq", [AWQ(), GPTQ()]), ("awq+lwc", [AWQ(), LWC()]),
+            ("awq rounding", [AWQ(AWQ.Args(quantize=True))]), ("awq folding, gptq", [AWQ(AWQ.Args(quantize=False)), GPTQ()]))
+    for name, steps in runs:
         model = make()
         ref = model(ids).logits
-        state = compress(model, get_adapter(model), Settings(weights=SPEC), steps, ids, progress=False)
+        state = compress(model, get_adapter(model), FormatPlan(weights=SPEC), steps, ids, progress=False)
         errors[name] = ((model(ids).logits - ref).norm() / ref.norm()).item()
+        params[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
         for rec_name, rec in state.weights.items():
             w = model.get_submodule(rec_name).weight.data
             assert torch.equal(dequantize(quantize(w, rec.scale, rec.zero, SPEC), rec.scale, rec.zero, SPEC), w)
     assert errors["awq"] < errors["rtn"] and errors["awq+gptq"] < errors["rtn"]
-    assert errors["awq+gptq"] != errors["awq"]  # GPTQ, not AWQ, rounded the weights
+    for same, as_ in (("awq", "awq rounding"), ("awq+gptq", "awq folding, gptq")):  # who rounded, exactly
+        for n, p in params[same].items():
+            assert torch.equal(p, params[as_][n]), (same, n)
 
 
-def test_quantize_decision():
-    alone, first, forced = AWQ(), AWQ(), AWQ(AWQ.Args(quantize=True))
-    assert alone.quantizes((alone,))
-    assert not first.quantizes((first, GPTQ())) and not first.quantizes((first, LWC()))
-    assert forced.quantizes((forced, GPTQ()))
-    assert first.quantizes((GPTQ(), first))  # only later steps count
+def test_rounding_plan_gives_each_weight_one_solver():
+    alone, first, forced, folding = AWQ(), AWQ(), AWQ(AWQ.Args(quantize=True)), AWQ(AWQ.Args(quantize=False))
+    assert rounding_plan([alone]) == (True,)
+    assert rounding_plan([first, GPTQ()]) == (False, True) and rounding_plan([first, LWC()]) == (False, True)
+    assert rounding_plan([forced, GPTQ()]) == (True, True)  # GPTQ then finds nothing pending
+    assert rounding_plan([GPTQ(), first]) == (True, True)  # only later steps count
+    assert rounding_plan([folding]) == (False,)

@@ -1,6 +1,10 @@
 """One real run on the embedded SmolLM2-135M: W8 per-channel RTN must stay within 1% of FP perplexity."""
+import pytest
+
 from lowbit.recipe import parse_recipe
 from lowbit.run import run_recipe
+
+pytestmark = pytest.mark.slow
 
 
 def test_w8_rtn_within_one_percent_of_fp(embedded_path):

@@ -1,4 +1,5 @@
 """One short check on the embedded SmolLM2-135M: its compressed-tensors export reproduces the simulated model."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -8,6 +9,8 @@ from lowbit.recipe import parse_recipe
 from lowbit.run import run_recipe
 from lowbit.runfolder import load_run
 from lowbit.verify import compare
+
+pytestmark = pytest.mark.slow
 
 
 def test_embedded_w4a16_compressed_tensors_matches_simulated(tmp_path):

@@ -121,8 +121,8 @@ def test_clipped_dynamic_activations_saturate_and_round_trip(tmp_path):
     # a smaller step: tokens without outliers are represented more finely than by min-max
     inner = (x.abs() < 0.5 * x.abs().amax(-1, keepdim=True))
     assert ((y - x)[inner].abs().mean() < (ActQuantizer(spec)(x) - x)[inner].abs().mean())
-    save_state(QuantState(inputs={"layer": q}), tmp_path)
-    loaded = load_state(tmp_path).inputs["layer"]
+    save_state(QuantState(input_quantizers={"layer": q}), tmp_path)
+    loaded = load_state(tmp_path).input_quantizers["layer"]
     assert loaded.clip_ratio == 0.9 and torch.equal(loaded(x), y)
 
 

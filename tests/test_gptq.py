@@ -5,7 +5,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, dequantize, fake_quant, quantize
 from lowbit.models import get_adapter
 from lowbit.observers import observe
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps.gptq import GPTQ, accumulate_hessians, gptq_quantize
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
@@ -62,7 +62,7 @@ def test_dead_columns_and_singular_hessian_without_damping():
 def test_group_size_not_dividing_width_is_a_clear_error():
     model = tiny_llama()
     with pytest.raises(LowbitError, match="group size 48 does not divide"):
-        compress(model, get_adapter(model), Settings(weights=QuantSpec(4, group_size=48)), [GPTQ()],
+        compress(model, get_adapter(model), FormatPlan(weights=QuantSpec(4, group_size=48)), [GPTQ()],
                  torch.randint(0, 128, (2, 16)), progress=False)
 
 
@@ -75,12 +75,13 @@ def test_gptq_model_error_below_rtn(make, true_sequential):
     for name, steps in (("rtn", []), ("gptq", [GPTQ(GPTQ.Args(true_sequential=true_sequential))])):
         model = make()
         ref = model(ids).logits
-        state = compress(model, get_adapter(model), Settings(weights=spec), steps, ids, progress=False)
+        state = compress(model, get_adapter(model), FormatPlan(weights=spec), steps, ids, progress=False)
         errors[name] = ((model(ids).logits - ref).norm() / ref.norm()).item()
         assert len(state.weights) == len(get_adapter(model).linear_order) * 2
     assert errors["gptq"] < 0.9 * errors["rtn"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [QuantSpec(4, symmetric=False, group_size=64), QuantSpec(3, symmetric=False)],
                          ids=lambda s: s.describe())
 def test_real_layer_output_error_below_rtn(embedded, spec):

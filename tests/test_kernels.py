@@ -231,7 +231,7 @@ def test_to_real_keeps_transforms_and_quantizers(weight_spec):
     """to_real re-attaches online transforms and the activation quantizers a kernel does not absorb."""
     linear, rec = simulated_layer(weight_spec)
     model = nn.Sequential(linear)
-    state = QuantState(weights={"0": rec}, inputs={"0": ActQuantizer(INT8_ACT)},
+    state = QuantState(weights={"0": rec}, input_quantizers={"0": ActQuantizer(INT8_ACT)},
                        transforms={"0": {"kind": "test-reverse-halves"}})
     state.install(model)
     x = torch.randn(2, 5, 256)
@@ -242,7 +242,7 @@ def test_to_real_keeps_transforms_and_quantizers(weight_spec):
     assert rel_err(out, ref) < 1e-5
     absorbed = weight_spec.bits == 8
     assert isinstance(model[0], W8A8Linear if absorbed else Int4WeightLinear)
-    assert ("0" in model.lowbit_state.inputs) != absorbed
+    assert ("0" in model.lowbit_state.input_quantizers) != absorbed
     with torch.no_grad():  # without the transform hook the output would be different
         model.lowbit_state.uninstall()
         assert rel_err(model(x), ref) > 0.1

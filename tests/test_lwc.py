@@ -4,7 +4,7 @@ import torch
 
 from lowbit.formats import QuantSpec, dequantize, quantize
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps.lwc import LWC, ClippedWeight
 from solver_utils import block_contexts, tiny_llama
 
@@ -44,7 +44,7 @@ def test_clipping_factors_get_gradients_for_min_and_max():
 def test_lwc_in_the_pipeline_is_finite():
     model = tiny_llama()
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    state = compress(model, get_adapter(model), Settings(weights=SPEC), [LWC(LWC.Args(epochs=2))], ids,
+    state = compress(model, get_adapter(model), FormatPlan(weights=SPEC), [LWC(LWC.Args(epochs=2))], ids,
                      progress=False)
     assert len(state.weights) == 14
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -5,7 +5,7 @@ from smoothing_utils import logits, rel_err, tiny_llama, tiny_opt, transformed_r
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps.osplus import OSPlusArgs, OutlierSuppressionPlus
 
 A4 = QuantSpec(bits=4, granularity="token", dynamic=True)
@@ -26,9 +26,9 @@ def test_osplus_searched_transform_is_exact_and_helps(make):
     ref = make()
     fp = logits(ref, ids)
     rtn = make()
-    compress(rtn, get_adapter(rtn), Settings(activations=A4), [], calib, progress=False).install(rtn)
+    compress(rtn, get_adapter(rtn), FormatPlan(activations=A4), [], calib, progress=False).install(rtn)
     model = make()
-    state = compress(model, get_adapter(model), Settings(activations=A4),
+    state = compress(model, get_adapter(model), FormatPlan(activations=A4),
                      [OutlierSuppressionPlus(OSPlusArgs(grid=8, search_samples=2))], calib, progress=False)
     state.install(model)
     assert rel_err(logits(model, ids), fp) < rel_err(logits(rtn, ids), fp)
@@ -38,7 +38,7 @@ def test_osplus_searched_transform_is_exact_and_helps(make):
     assert not torch.allclose(norm.weight, norm_ref.weight)
     if getattr(norm, "bias", None) is not None:
         assert not torch.allclose(norm.bias, norm_ref.bias / (norm_ref.weight / norm.weight))  # shifted too
-    for q in state.inputs.values():
+    for q in state.input_quantizers.values():
         q.enabled = False
     assert rel_err(logits(model, ids), fp) < 1e-4
 
@@ -46,5 +46,5 @@ def test_osplus_searched_transform_is_exact_and_helps(make):
 def test_shift_on_rmsnorm_is_refused():
     model = tiny_llama()
     with pytest.raises(LowbitError, match="shift: false"):
-        compress(model, get_adapter(model), Settings(), [OutlierSuppressionPlus(OSPlusArgs(shift=True))],
+        compress(model, get_adapter(model), FormatPlan(), [OutlierSuppressionPlus(OSPlusArgs(shift=True))],
                  windows(2, 64, 0), progress=False)

@@ -5,7 +5,7 @@ from smoothing_utils import logits, rel_err, tiny_llama, tiny_opt, transformed_r
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps.outlier_suppression import OSArgs, OutlierSuppression
 
 STATIC8 = QuantSpec(bits=8, granularity="tensor")
@@ -31,12 +31,12 @@ def test_token_clipping_sets_static_ranges_and_beats_minmax(make):
     for clip in (False, True):
         model = make()
         step = OutlierSuppression(OSArgs(token_clipping=clip, search_samples=2))
-        state = compress(model, get_adapter(model), Settings(activations=STATIC8), [step], calib, progress=False)
+        state = compress(model, get_adapter(model), FormatPlan(activations=STATIC8), [step], calib, progress=False)
         state.install(model)
-        assert all(q.scale is not None for q in state.inputs.values())
+        assert all(q.scale is not None for q in state.input_quantizers.values())
         errs[clip] = rel_err(logits(model, ids), fp)
         if clip:
-            for q in state.inputs.values():
+            for q in state.input_quantizers.values():
                 q.enabled = False
             assert rel_err(logits(model, ids), fp) < 1e-4  # clipping only touches the quantizers
     assert errs[True] < errs[False]
@@ -44,10 +44,10 @@ def test_token_clipping_sets_static_ranges_and_beats_minmax(make):
 
 def test_token_clipping_refuses_dynamic_activations():
     model = tiny_llama()
-    dyn = Settings(activations=QuantSpec(bits=8, granularity="token", dynamic=True))
+    dyn = FormatPlan(activations=QuantSpec(bits=8, granularity="token", dynamic=True))
     with pytest.raises(LowbitError, match="dynamic per-token"):
         compress(model, get_adapter(model), dyn, [OutlierSuppression(OSArgs(token_clipping=True))],
                  windows(2, 64, 0), progress=False)
     with pytest.raises(LowbitError, match="quantiles"):
-        compress(model, get_adapter(model), Settings(activations=STATIC8),
+        compress(model, get_adapter(model), FormatPlan(activations=STATIC8),
                  [OutlierSuppression(OSArgs(quantiles=[1.5]))], windows(2, 64, 0), progress=False)

@@ -4,7 +4,7 @@ import torch
 from conftest import make_tiny
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import BlockContext, ModelContext, Settings, capture_block_inputs, compress
+from lowbit.pipeline import BlockContext, FormatPlan, ModelContext, capture_block_inputs, compress
 from lowbit.state import QuantState
 from lowbit.steps import Step, get_step
 
@@ -31,7 +31,7 @@ def test_block_inputs_match_hidden_states(kind, calib_ids):
     model = make_tiny(kind)
     hidden = model(calib_ids, output_hidden_states=True).hidden_states
     probe = _Probe()
-    compress(model, get_adapter(model), Settings(), [probe], calib_ids, progress=False)
+    compress(model, get_adapter(model), FormatPlan(), [probe], calib_ids, progress=False)
     for i, x in enumerate(probe.inputs):
         torch.testing.assert_close(x, hidden[i], rtol=1e-5, atol=1e-5)
         if i + 1 < len(probe.inputs):
@@ -49,7 +49,7 @@ def test_capture_runs_windows_one_at_a_time(calib_ids):
 def test_no_formats_leaves_model_unchanged(kind, calib_ids):
     model = make_tiny(kind)
     ref = model(calib_ids).logits
-    compress(model, get_adapter(model), Settings(), [get_step("rtn")()], calib_ids, progress=False)
+    compress(model, get_adapter(model), FormatPlan(), [get_step("rtn")()], calib_ids, progress=False)
     torch.testing.assert_close(model(calib_ids).logits, ref, rtol=0, atol=0)
 
 
@@ -60,7 +60,7 @@ def test_rtn_weights_on_grid_and_close(kind, bits, bound, calib_ids):
     ref = model(calib_ids).logits
     spec = QuantSpec(bits=bits, symmetric=False, group_size=32)
     adapter = get_adapter(model)
-    state = compress(model, adapter, Settings(weights=spec), [get_step("rtn")()], calib_ids, progress=False)
+    state = compress(model, adapter, FormatPlan(weights=spec), [get_step("rtn")()], calib_ids, progress=False)
     assert len(state.weights) == len(adapter.linear_order) * 2
     for name, rec in state.weights.items():
         w = model.get_submodule(name).weight
@@ -74,32 +74,39 @@ def test_rtn_weights_on_grid_and_close(kind, bits, bound, calib_ids):
 
 def test_mixed_precision_overrides(calib_ids):
     model = make_tiny("llama")
-    settings = Settings(weights=QuantSpec(bits=4), overrides=(("*.mlp.down_proj", QuantSpec(bits=8)),
+    plan = FormatPlan(weights=QuantSpec(bits=4), overrides=(("*.mlp.down_proj", QuantSpec(bits=8)),
                                                               ("*.0.self_attn.q_proj", None)))
     before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    state = compress(model, get_adapter(model), settings, [], calib_ids, progress=False)
+    state = compress(model, get_adapter(model), plan, [], calib_ids, progress=False)
     assert state.weights["model.layers.1.mlp.down_proj"].spec.bits == 8
     assert state.weights["model.layers.1.mlp.up_proj"].spec.bits == 4
     assert "model.layers.0.self_attn.q_proj" not in state.weights
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
 
 
-def test_quantized_path_differs_from_fp_path(calib_ids):
+def test_next_block_reads_the_quantized_blocks_output(calib_ids):
+    """Block 1's quantized-path input is block 0's output once block 0 is quantized, not the FP block's output."""
     model = make_tiny("llama")
+    adapter = get_adapter(model)
     probe = _Probe()
-    compress(model, get_adapter(model), Settings(weights=QuantSpec(bits=2)), [probe], calib_ids, progress=False)
-    assert torch.equal(probe.inputs[0], probe.targets[0]) is False
-    assert not torch.allclose(probe.inputs[1], probe.targets[0])
+    compress(model, adapter, FormatPlan(weights=QuantSpec(bits=2)), [probe], calib_ids, progress=False)
+    _, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    with torch.no_grad():
+        out = adapter.blocks(model)[0](probe.inputs[0], *args, **kwargs)
+    quantized_out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(probe.inputs[1], quantized_out, rtol=1e-5, atol=1e-5)
+    moved = (probe.inputs[1] - probe.targets[0]).norm() / probe.targets[0].norm()
+    assert moved > 1e-3  # 2-bit weights change the block's output well beyond float rounding
 
 
 def test_static_activation_quantizers_calibrated(calib_ids):
     model = make_tiny("opt")
     ref = model(calib_ids).logits
     acts = QuantSpec(bits=8, granularity="tensor", dynamic=False)
-    state = compress(model, get_adapter(model), Settings(weights=QuantSpec(bits=8), activations=acts),
+    state = compress(model, get_adapter(model), FormatPlan(weights=QuantSpec(bits=8), activations=acts),
                      [], calib_ids, progress=False)
-    assert len(state.inputs) == 12
-    for q in state.inputs.values():
+    assert len(state.input_quantizers) == 12
+    for q in state.input_quantizers.values():
         assert q.scale is not None and q.enabled and q.scale.item() > 0
     out = model(calib_ids).logits
     assert (out - ref).norm() / ref.norm() < 0.1
@@ -113,7 +120,7 @@ def test_collect_stop_early_skips_the_rest_of_the_block(calib_ids):
     adapter = get_adapter(model)
     inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
     block = adapter.blocks(model)[0]
-    mctx = ModelContext(model, adapter, Settings(batch_size=2), QuantState(), calib_ids)
+    mctx = ModelContext(model, adapter, FormatPlan(batch_size=2), QuantState(), calib_ids)
     ctx = BlockContext(mctx, 0, block, inputs, args, kwargs)
     rels = ["self_attn.o_proj", "mlp.down_proj"]
     calls = {r: 0 for r in rels}

@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import BlockContext, ModelContext, Settings, capture_block_inputs, install_act_quantizers
+from lowbit.pipeline import BlockContext, FormatPlan, ModelContext, capture_block_inputs, install_act_quantizers
 from lowbit.reconstruction import BlockReconArgs, reconstruct_block, reconstruct_layers
 from lowbit.state import QuantState
 from lowbit.steps.brecq import fisher_diagonal
@@ -31,7 +31,7 @@ def _block_ctx(acts=STATIC_A4):
     model, ids = _model()
     adapter = get_adapter(model)
     x, args, kwargs = capture_block_inputs(model, adapter, ids)
-    mctx = ModelContext(model, adapter, Settings(weights=WEIGHTS, activations=acts), QuantState(), ids)
+    mctx = ModelContext(model, adapter, FormatPlan(weights=WEIGHTS, activations=acts), QuantState(), ids)
     noisy = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     ctx = BlockContext(mctx, 0, adapter.blocks(model)[0], noisy, args, kwargs, fp_inputs=x)
     ctx.fp_outputs = ctx.forward(x)

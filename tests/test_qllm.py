@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps.qllm import QLLM, QLLMArgs, Reassembly, plan_reassembly, splits_for, threshold_for_budget
 
 
@@ -74,20 +74,20 @@ def tiny_llama():
     return model
 
 
-def block_output_error(model, ids, settings, steps):
+def block_output_error(model, ids, plan, steps):
     adapter = get_adapter(model)
     fp = model(ids).logits
-    state = compress(model, adapter, settings, steps, ids, progress=False)
+    state = compress(model, adapter, plan, steps, ids, progress=False)
     return ((model(ids).logits - fp).norm() / fp.norm()).item(), state
 
 
 def test_qllm_in_pipeline_beats_rtn_and_lora_helps():
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    settings = Settings(weights=QuantSpec(bits=8), activations=QuantSpec(bits=4, granularity="token", dynamic=True,
+    plan = FormatPlan(weights=QuantSpec(bits=8), activations=QuantSpec(bits=4, granularity="token", dynamic=True,
                                                                          symmetric=False))
-    rtn, _ = block_output_error(tiny_llama(), ids, settings, [])
-    qllm, state = block_output_error(tiny_llama(), ids, settings, [QLLM(QLLMArgs(channel_ratio=0.1))])
-    lora, _ = block_output_error(tiny_llama(), ids, settings,
+    rtn, _ = block_output_error(tiny_llama(), ids, plan, [])
+    qllm, state = block_output_error(tiny_llama(), ids, plan, [QLLM(QLLMArgs(channel_ratio=0.1))])
+    lora, _ = block_output_error(tiny_llama(), ids, plan,
                                  [QLLM(QLLMArgs(channel_ratio=0.1, lora_rank=4, epochs=5, lr=1e-3))])
     assert any(cfg["kind"] == "reassembly" for cfg in state.transforms.values())
     assert qllm < rtn

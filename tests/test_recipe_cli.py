@@ -20,7 +20,7 @@ def test_steps_shapes_and_overrides(tmp_path):
     assert recipe.weights.bits == 3 and recipe.weights.granularity == "group"
     assert recipe.calibration.n_samples == 8 and recipe.evaluation is None
     assert [s.name for s in recipe.steps] == ["rtn"]
-    assert recipe.settings().weights.group_size == 64
+    assert recipe.plan().weights.group_size == 64
 
 
 @pytest.mark.parametrize("data,match", [

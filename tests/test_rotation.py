@@ -7,7 +7,7 @@ from lowbit.data import load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.loading import EMBEDDED, load_model
 from lowbit.models import get_adapter
-from lowbit.pipeline import ModelContext, Settings
+from lowbit.pipeline import FormatPlan, ModelContext
 from lowbit.recipe import parse_recipe
 from lowbit.run import run_recipe
 from lowbit.runfolder import load_run
@@ -39,7 +39,7 @@ def tiny_opt() -> OPTForCausalLM:
 
 
 def rotate(model, seed=0, **kw) -> QuantState:
-    ctx = ModelContext(model, get_adapter(model), Settings(), QuantState(), torch.zeros(1, 1, dtype=torch.long))
+    ctx = ModelContext(model, get_adapter(model), FormatPlan(), QuantState(), torch.zeros(1, 1, dtype=torch.long))
     rotate_model(ctx, RotationArgs(seed=seed, **kw))
     return ctx.state
 
@@ -109,6 +109,7 @@ def test_rotated_run_saves_and_reloads(tmp_path, tiny_dirs, tokenizer):
     assert state.transforms["model.layers.1.mlp.down_proj"] == {"kind": "hadamard", "size": 128}
 
 
+@pytest.mark.slow
 def test_rotation_keeps_embedded_model_logits(embedded_path):
     model, tokenizer = load_model(embedded_path)
     ids = _real_ids(tokenizer, 96)
@@ -146,9 +147,9 @@ def test_kv_cache_quantization(granularity):
         model = tiny_llama()
         with torch.no_grad():
             ref = model(ids).logits
-        state = compress(model, get_adapter(model), Settings(), [KVCache(KVCacheArgs(bits=bits, granularity=granularity))],
+        state = compress(model, get_adapter(model), FormatPlan(), [KVCache(KVCacheArgs(bits=bits, granularity=granularity))],
                          ids, progress=False)
-        assert set(state.outputs) == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"}
+        assert set(state.output_quantizers) == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"}
         with torch.no_grad():
             errs[bits] = rel_err(model(ids).logits, ref)
             k = model.model.layers[0].self_attn.k_proj(torch.randn(3, 96))

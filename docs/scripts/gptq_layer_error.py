@@ -8,9 +8,9 @@ import sys
 import torch
 sys.path.insert(0, "tests")
 torch.set_num_threads(1)
-from lowbit.loading import load_model
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.formats import QuantSpec, fake_quant
+from lowbit.loading import load_model
 from lowbit.observers import observe
 from lowbit.steps.gptq import accumulate_hessians, gptq_quantize
 from solver_utils import block_contexts

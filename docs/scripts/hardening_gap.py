@@ -17,7 +17,7 @@ from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.formats import QuantSpec
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, capture_block_inputs, compress
+from lowbit.pipeline import FormatPlan, capture_block_inputs, compress
 from lowbit.steps import get_step
 
 torch.set_num_threads(1)
@@ -70,7 +70,7 @@ for config in sys.argv[4:]:
     model.load_state_dict(fp_state)
     lines.clear()
     t = time.perf_counter()
-    compress(model, get_adapter(model), Settings(weights=spec), [get_step(name)(get_step(name).Args(**kwargs))], calib,
+    compress(model, get_adapter(model), FormatPlan(weights=spec), [get_step(name)(get_step(name).Args(**kwargs))], calib,
              progress=False)
     h = hidden()
     err = (((h - ref) ** 2).sum(-1) / (ref ** 2).sum(-1)).mean()

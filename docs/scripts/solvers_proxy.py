@@ -10,11 +10,11 @@ import time
 
 import torch
 torch.set_num_threads(1)
-from lowbit.loading import load_model
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.formats import QuantSpec
+from lowbit.loading import load_model
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress, capture_block_inputs
+from lowbit.pipeline import FormatPlan, compress, capture_block_inputs
 from lowbit.steps import get_step
 K = 4
 model0, tok = load_model("smollm2-135m")
@@ -58,7 +58,7 @@ for bits in ((3,) if W3CH else (4,)):
             model0.load_state_dict(sd)
             t = time.perf_counter()
             st = [get_step(n)(get_step(n).Args(**a)) for n, a in steps]
-            compress(model0, get_adapter(model0), Settings(weights=spec, weight_observer=obs), st, calib, progress=False)
+            compress(model0, get_adapter(model0), FormatPlan(weights=spec, weight_observer=obs), st, calib, progress=False)
             h = hidden(model0)
             err = (((h - ref) ** 2).sum(-1) / (ref ** 2).sum(-1)).mean()
             print(f"W{bits} {'ch' if W3CH else 'g64'} {obs:6s} {name:14s} rel_mse={err:.5f} wall={time.perf_counter() - t:.0f}s", flush=True)

@@ -69,17 +69,17 @@ def register_exporter(name: str, suffix: str = ""):
 def plan_schemes(target: str, state: QuantState) -> dict[str, Scheme | None]:
     """Check every quantized layer against the target (before loading the model) and pick its scheme."""
     check_transforms(target, state.transforms)
-    if state.outputs:
-        name = next(iter(state.outputs))
+    if state.output_quantizers:
+        name = next(iter(state.output_quantizers))
         raise LowbitError(f"cannot export to {target}: output quantization (on {name}) is not supported by any "
                           f"export target; export a run without output quantizers")
-    clipped = next((n for n, q in state.inputs.items() if q.clip_ratio != 1), None)
+    clipped = next((n for n, q in state.input_quantizers.items() if q.clip_ratio != 1), None)
     if clipped is not None:
         raise LowbitError(f"cannot export to {target}: dynamic activations clipped at clip_ratio "
-                          f"{state.inputs[clipped].clip_ratio} (on {clipped}) run as min-max in every engine; "
+                          f"{state.input_quantizers[clipped].clip_ratio} (on {clipped}) run as min-max in every engine; "
                           f"export a run with activations.clip_ratio: 1")
-    names = sorted(set(state.weights) | set(state.inputs))
-    acts = {n: q.spec for n, q in state.inputs.items()}
+    names = sorted(set(state.weights) | set(state.input_quantizers))
+    acts = {n: q.spec for n, q in state.input_quantizers.items()}
     return {n: select_scheme(target, state.weights[n].spec if n in state.weights else None, acts.get(n), n)
             for n in names}
 

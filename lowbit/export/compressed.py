@@ -34,7 +34,7 @@ def build_config(run: LoadedRun):
     for name, scheme in run.schemes.items():
         if scheme is None:
             continue
-        act = run.state.inputs.get(name)
+        act = run.state.input_quantizers.get(name)
         key = (scheme.name, run.state.weights[name].spec, act.spec if act else None)
         groups.setdefault(key, []).append(name)
     linears = [n for n, m in run.model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -71,7 +71,7 @@ def _load_codes(run: LoadedRun, name: str, module: torch.nn.Module) -> torch.Ten
     module.weight_scale.data = scale.reshape(module.weight_scale.shape).to(module.weight_scale.dtype)
     if hasattr(module, "weight_zero_point"):
         module.weight_zero_point.data = zero.reshape(module.weight_zero_point.shape).to(module.weight_zero_point.dtype)
-    act = run.state.inputs.get(name)
+    act = run.state.input_quantizers.get(name)
     if act is not None and act.scale is not None:  # static activations (symmetric: the backend check ensures it)
         module.input_scale.data = stored_scale(act.scale.detach(), DTYPES[run.dtype], name).reshape(
             module.input_scale.shape).to(module.input_scale.dtype)

@@ -18,32 +18,33 @@ import torch
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
+from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, minmax_qparams
 from lowbit.kernels.convert import memory_bytes, real_linear, to_real
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
-from lowbit.pipeline import Settings, compress
+from lowbit.pipeline import compress
 from lowbit.state import WeightRecord
 from lowbit.steps import get_step
 
 INT8_TOKEN = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
-CONFIGS: dict[str, Settings | None] = {
+CONFIGS: dict[str, FormatPlan | None] = {
     "fp32": None,
-    "w8a16": Settings(weights=QuantSpec(bits=8, symmetric=True)),
-    "w4a16": Settings(weights=QuantSpec(bits=4, symmetric=False, group_size=64)),
-    "w8a8": Settings(weights=QuantSpec(bits=8, symmetric=True), activations=INT8_TOKEN),
+    "w8a16": FormatPlan(weights=QuantSpec(bits=8, symmetric=True)),
+    "w4a16": FormatPlan(weights=QuantSpec(bits=4, symmetric=False, group_size=64)),
+    "w8a8": FormatPlan(weights=QuantSpec(bits=8, symmetric=True), activations=INT8_TOKEN),
 }
 
 
-def build(model_name: str, settings: Settings | None, calib_ids: torch.Tensor) -> tuple[nn.Module, str]:
-    """The model quantized per `settings` with RTN and packed onto real kernels (FP32 if settings is None);
+def build(model_name: str, plan: FormatPlan | None, calib_ids: torch.Tensor) -> tuple[nn.Module, str]:
+    """The model quantized per `plan` with RTN and packed onto real kernels (FP32 if plan is None);
     weight-only kernels take bfloat16 inputs (their fast path), everything else stays float32."""
     model, _ = load_model(model_name)
-    if settings is None:
+    if plan is None:
         return model, "fp32 dense"
-    state = compress(model, get_adapter(model), settings, [get_step("rtn")()], calib_ids, progress=False)
+    state = compress(model, get_adapter(model), plan, [get_step("rtn")()], calib_ids, progress=False)
     to_real(model, state, torch.bfloat16)
     return model, ", ".join(sorted({f"{p.kernel} ({p.compute})" for p in model.lowbit_kernels}))
 

@@ -170,7 +170,7 @@ def to_real(model: nn.Module, state: QuantState, compute_dtype: torch.dtype | No
         if not isinstance(linear, nn.Linear):
             raise LowbitError(f"{name} is a {type(linear).__name__}, not a linear layer: to_real needs a simulated "
                               f"model (load the run with lowbit.runfolder.load_run)")
-        act = state.inputs.get(name)
+        act = state.input_quantizers.get(name)
         module, plan = real_linear(name, linear, rec, act, compute_dtype)
         if module is not linear:
             model.set_submodule(name, module)
@@ -178,8 +178,8 @@ def to_real(model: nn.Module, state: QuantState, compute_dtype: torch.dtype | No
             absorbed.add(name)
         plans.append(plan)
     real_state = QuantState(weights=state.weights,
-                            inputs={n: q for n, q in state.inputs.items() if n not in absorbed},
-                            outputs=state.outputs, transforms=state.transforms)
+                            input_quantizers={n: q for n, q in state.input_quantizers.items() if n not in absorbed},
+                            output_quantizers=state.output_quantizers, transforms=state.transforms)
     real_state.install(model)
     model.lowbit_kernels = plans
     model.lowbit_state = real_state

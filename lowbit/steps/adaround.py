@@ -2,9 +2,9 @@
 linear's output error. Settings, CPU defaults and paper defaults: `lowbit.reconstruction.ReconArgs`."""
 from __future__ import annotations
 
-from lowbit.pipeline import BlockContext
+from lowbit.context import BlockContext
 from lowbit.reconstruction import Loss, ReconArgs, reconstruct_layers
-from lowbit.steps.base import Step, register_step
+from lowbit.steps.base import Step, init_solver, register_step
 
 
 class AdaRoundArgs(ReconArgs):
@@ -20,5 +20,10 @@ class AdaRound(Step):
     Args = AdaRoundArgs
     solves_weights = True
 
+    def __init__(self, args: AdaRoundArgs | None = None):
+        super().__init__(args)
+        self.init = init_solver(self.args.init, f"{self.name}.init")
+        self.needs_fp_targets = self.init is not None and self.init.needs_fp_targets
+
     def on_block(self, ctx: BlockContext) -> None:
-        reconstruct_layers(ctx, self.args)
+        reconstruct_layers(ctx, self.args, self.init)

@@ -9,11 +9,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from lowbit.context import BlockContext
 from lowbit.fold import pair_expand, pair_reduce, scale_norm_group, scale_pair
 from lowbit.formats import QuantSpec, fake_quant, group_view, qparams_from_range
 from lowbit.models.base import LinearPair, NormGroup
 from lowbit.observers import observe
-from lowbit.pipeline import BlockContext
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -24,7 +24,7 @@ class AWQArgs(StepArgs):
     clip_grid: int = Field(20, gt=0)
     max_shrink: float = Field(0.5, gt=0, lt=1)  # smallest clip ratio tried is 1 - max_shrink
     clip_tokens: int = Field(512, gt=0)  # tokens sampled for the clip search
-    quantize: bool | None = None  # None: quantize unless a later step in the recipe solves weights
+    quantize: bool | None = None  # None: round unless a later step in the recipe solves weights
 
 
 @dataclass
@@ -130,7 +130,7 @@ def search_scale(ctx: BlockContext, unit: ScaleUnit, x: torch.Tensor, n_grid: in
     linears = {r: ctx.block.get_submodule(r) for r in unit.linears if ctx.weight_spec(r) is not None}
     originals = {r: lin.weight.data.clone() for r, lin in linears.items()}
     best, best_s = float("inf"), torch.ones_like(stat)
-    try:
+    with ctx.trial():
         for k in range(n_grid):
             s = stat.pow(k / n_grid).clamp_min(1e-4)
             s = s / (s.max() * s.min()).sqrt()
@@ -139,9 +139,6 @@ def search_scale(ctx: BlockContext, unit: ScaleUnit, x: torch.Tensor, n_grid: in
             err = sum(((o - t) ** 2).sum().item() for o, t in zip(outputs(), target))
             if err < best:
                 best, best_s = err, s
-    finally:
-        for r, lin in linears.items():
-            lin.weight.data.copy_(originals[r])
     return best_s
 
 
@@ -172,32 +169,37 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int, ma
 class AWQ(Step):
     """Activation-aware weight quantization (Lin et al., 2023): scales searched per block, then clipping.
 
-    Quantizes the weights itself (min-max on the clipped weights) unless a later step solves them, in which
-    case it leaves scaled FP weights for that step (e.g. `awq` then `gptq`), unclipped unless `clip: true`:
-    measured on the embedded model, GPTQ after AWQ's clipping did worse than GPTQ alone (its target moves).
+    Rounds the weights itself (min-max on the clipped weights) unless the pipeline gives the rounding to a later
+    weight solver (e.g. `awq` then `gptq`); then it leaves scaled FP weights for that step, unclipped unless
+    `clip: true`, since a later solver's target moves with the clipping (docs/results.md compares both).
     """
 
     name = "awq"
     Args = AWQArgs
+    solves_weights = True
+    defers_rounding = True
+    transforms_block = True
+
+    def __init__(self, args: AWQArgs | None = None):
+        super().__init__(args)
+        if self.args.quantize is not None:
+            self.solves_weights = self.args.quantize
+            self.defers_rounding = False
 
     def on_block(self, ctx: BlockContext) -> None:
         a = self.args
         x = ctx.q_inputs[:a.search_samples]
         for unit in scale_units(ctx):
-            if all(ctx.weight_spec(r) is None or ctx.is_quantized(r) for r in unit.linears):
-                continue
-            fold_scale(ctx, unit, search_scale(ctx, unit, x, a.n_grid))
-        todo = [r for r in ctx.linears() if ctx.weight_spec(r) is not None and not ctx.is_quantized(r)]
-        quantize = self.quantizes(ctx.model_ctx.steps)
+            if ctx.pending(unit.linears):
+                fold_scale(ctx, unit, search_scale(ctx, unit, x, a.n_grid))
+        todo = ctx.pending()
+        quantize = ctx.rounds and self.solves_weights
         clip = quantize if a.clip is None else a.clip
         if clip and todo:
             self._clip(ctx, todo, x)
         if quantize:
             for rel in todo:
-                w = ctx.block.get_submodule(rel).weight.data.float()
-                spec = ctx.weight_spec(rel)
-                scale, zero = observe(w, spec, "minmax" if clip else ctx.settings.weight_observer)
-                ctx.set_quantized_weight(rel, fake_quant(w, scale, zero, spec), spec, scale, zero)
+                ctx.round_to_nearest(rel, "minmax" if clip else None)
 
     def _clip(self, ctx: BlockContext, rels: list[str], x: torch.Tensor) -> None:
         feats: dict[str, list[torch.Tensor]] = {r: [] for r in rels}
@@ -211,14 +213,3 @@ class AWQ(Step):
             lin = ctx.block.get_submodule(rel)
             lin.weight.data.copy_(search_clip(lin.weight.data.float(), xs, ctx.weight_spec(rel),
                                               self.args.clip_grid, self.args.max_shrink))
-
-    def quantizes(self, steps: tuple[Step, ...]) -> bool:
-        """Whether this step rounds the weights: `quantize` if set, else only when no later step solves them."""
-        if self.args.quantize is not None:
-            return self.args.quantize
-        later = steps[steps.index(self) + 1:] if self in steps else ()
-        return not any(s.solves_weights for s in later)
-
-    @property
-    def solves_weights(self) -> bool:  # type: ignore[override]
-        return self.args.quantize is not False

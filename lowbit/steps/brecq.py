@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.context import BlockContext, ModelContext
 from lowbit.models.base import Adapter
-from lowbit.pipeline import BlockContext, ModelContext
 from lowbit.reconstruction import BlockReconArgs, reconstruct_block
-from lowbit.steps.base import Step, register_step
+from lowbit.steps.base import Step, init_solver, register_step
 
 
 class BRECQArgs(BlockReconArgs):
@@ -63,6 +63,7 @@ class BRECQ(Step):
 
     def __init__(self, args: BRECQArgs | None = None):
         super().__init__(args)
+        self.init = init_solver(self.args.init, f"{self.name}.init")
         self.fisher: list[torch.Tensor] | None = None
 
     def before_blocks(self, ctx: ModelContext) -> None:
@@ -70,5 +71,5 @@ class BRECQ(Step):
             self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ctx.calib_ids[: self.args.n_samples])
 
     def on_block(self, ctx: BlockContext) -> None:
-        reconstruct_block(ctx, self.args, quantize_acts=ctx.settings.activations is not None,
+        reconstruct_block(ctx, self.args, self.init, quantize_acts=ctx.plan.activations is not None,
                           fisher=None if self.fisher is None else self.fisher[ctx.index])

@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from lowbit.context import BlockContext
 from lowbit.formats import QuantSpec, fake_quant, params_shape
 from lowbit.observers import observe
-from lowbit.pipeline import BlockContext
 from lowbit.steps.base import Step, StepArgs, register_step
 
 log = logging.getLogger("lowbit")
@@ -142,11 +142,7 @@ class GPTQ(Step):
     solves_weights = True
 
     def on_block(self, ctx: BlockContext) -> None:
-        groups = []
-        for group in ctx.adapter.input_groups():
-            todo = tuple(r for r in group if ctx.weight_spec(r) is not None and not ctx.is_quantized(r))
-            if todo:
-                groups.append(todo)
+        groups = [tuple(todo) for todo in map(ctx.pending, ctx.adapter.input_groups()) if todo]
         if not groups:
             return
         if self.args.true_sequential:
@@ -160,7 +156,7 @@ class GPTQ(Step):
     def _quantize_group(self, ctx: BlockContext, group: tuple[str, ...], h: torch.Tensor) -> None:
         """Linears sharing an input and a per-row format are stacked and solved as one matrix."""
         a = self.args
-        observer = a.observer or ctx.settings.weight_observer
+        observer = a.observer or ctx.plan.weight_observer
         batches: dict[QuantSpec, list[str]] = {}
         for rel in group:
             spec = ctx.weight_spec(rel)

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field
 
 from lowbit.actquant import ActQuantizer
+from lowbit.context import ModelContext
 from lowbit.formats import QuantSpec
-from lowbit.pipeline import ModelContext
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -39,4 +39,4 @@ class KVCache(Step):
             for rel in ctx.adapter.kv_linears:
                 q = ActQuantizer(spec)
                 q.enabled = False
-                ctx.state.outputs[f"{ctx.adapter.block_name(i)}.{rel}"] = q
+                ctx.state.output_quantizers[f"{ctx.adapter.block_name(i)}.{rel}"] = q

@@ -7,8 +7,8 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit.context import BlockContext, frozen
 from lowbit.formats import QuantSpec, fake_quant, group_view, params_shape, round_ste
-from lowbit.pipeline import BlockContext
 from lowbit.reconstruction import Loss, output_error
 from lowbit.steps.base import Step, StepArgs, register_step
 
@@ -71,29 +71,24 @@ class LWC(Step):
     solves_weights = True
 
     def on_block(self, ctx: BlockContext) -> None:
-        rels = [r for r in ctx.linears() if ctx.weight_spec(r) is not None and not ctx.is_quantized(r)]
+        rels = ctx.pending()
         if not rels:
             return
-        trainable = {n: p.requires_grad for n, p in ctx.block.named_parameters()}
-        for p in ctx.block.parameters():
-            p.requires_grad_(False)
-        clips = {}
-        for rel in rels:
-            lin = ctx.block.get_submodule(rel)
-            clips[rel] = ClippedWeight(lin.weight, ctx.weight_spec(rel), self.args.init)
-            parametrize.register_parametrization(lin, "weight", clips[rel])
-        try:
-            self._train(ctx, [p for c in clips.values() for p in c.parameters()])
-        finally:
-            results = {}
-            with torch.no_grad():
-                for rel, clip in clips.items():
-                    lin = ctx.block.get_submodule(rel)
-                    w = lin.parametrizations.weight.original
-                    results[rel] = (clip(w), *clip.qparams(w))
-                    parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
-            for n, p in ctx.block.named_parameters():
-                p.requires_grad_(trainable.get(n, True))
+        clips, results = {}, {}
+        with frozen(ctx.block):
+            for rel in rels:
+                lin = ctx.block.get_submodule(rel)
+                clips[rel] = ClippedWeight(lin.weight, ctx.weight_spec(rel), self.args.init)
+                parametrize.register_parametrization(lin, "weight", clips[rel])
+            try:
+                self._train(ctx, [p for c in clips.values() for p in c.parameters()])
+            finally:
+                with torch.no_grad():
+                    for rel, clip in clips.items():
+                        lin = ctx.block.get_submodule(rel)
+                        w = lin.parametrizations.weight.original
+                        results[rel] = (clip(w), *clip.qparams(w))
+                        parametrize.remove_parametrizations(lin, "weight", leave_parametrized=False)
         for rel, (w, scale, zero) in results.items():
             ctx.set_quantized_weight(rel, w, ctx.weight_spec(rel), scale, zero)
 

@@ -23,11 +23,11 @@ from typing import Callable
 import torch
 from pydantic import Field
 
-from lowbit.blockloss import channel_ranges, quantized_error, restore, scope_for, scope_output, snapshot
+from lowbit.context import BlockContext, ModelContext
 from lowbit.errors import LowbitError
 from lowbit.fold import norm_has_bias, pair_reduce, scale_norm_group, scale_pair, shift_norm_group
 from lowbit.models.base import NormGroup
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.search import channel_ranges, quantized_error, scope_for, scope_output
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -94,13 +94,12 @@ class OutlierSuppressionPlus(Step):
         top = torch.maximum(hi - z, z - lo).max().item()
         if top <= 0:
             return
-        snap = snapshot(ctx)
         best_t, best_err = top, float("inf")
         for k in range(self.args.grid):
             t = top * self.args.min_ratio ** (k / (self.args.grid - 1))
-            apply(osplus_scale(lo, hi, z, t))
-            err = quantized_error(ctx, x, target, rels, scope)
-            restore(ctx, snap)
+            with ctx.trial():
+                apply(osplus_scale(lo, hi, z, t))
+                err = quantized_error(ctx, x, target, rels, scope)
             if err < best_err:
                 best_t, best_err = t, err
         apply(osplus_scale(lo, hi, z, best_t))

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from lowbit.actquant import ActQuantizer
-from lowbit.blockloss import quantized_error, scope_output
+from lowbit.context import BlockContext, ModelContext
 from lowbit.errors import LowbitError
 from lowbit.fold import scale_norm_group
-from lowbit.formats import qparams_from_range
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.search import quantized_error, scope_output
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -43,7 +40,7 @@ class OutlierSuppression(Step):
     Args = OSArgs
 
     def before_blocks(self, ctx: ModelContext) -> None:
-        acts = ctx.settings.activations
+        acts = ctx.plan.activations
         static = acts is not None and not acts.dynamic
         if self.args.token_clipping and not static:
             raise LowbitError("os.token_clipping chooses static activation ranges, but the recipe's activations are "
@@ -72,7 +69,7 @@ class OutlierSuppression(Step):
         def error(alpha: float) -> float:
             lo, hi = torch.quantile(tok_min, 1 - alpha), torch.quantile(tok_max, alpha)
             for q in quantizers:
-                set_static_range(q, lo, hi)
+                q.set_range(lo, hi)
             return quantized_error(ctx, x, target, rels, None)
 
         coarse = sorted(set(self.args.quantiles), reverse=True)
@@ -101,10 +98,3 @@ def token_extremes(ctx: BlockContext, rel: str) -> tuple[torch.Tensor, torch.Ten
         ctx.collect([rel], fn)
     return torch.cat(mins), torch.cat(maxs)
 
-
-def set_static_range(q: ActQuantizer, lo: torch.Tensor, hi: torch.Tensor) -> None:
-    """Fix a static per-tensor quantizer's parameters from a clipping range."""
-    spec = q.spec.with_(granularity="tensor", group_size=None)
-    scale, zero = qparams_from_range(lo.reshape(1).float(), hi.reshape(1).float(), spec)
-    q.scale = nn.Parameter(scale.reshape(1), requires_grad=False)
-    q.zero = zero.reshape(1)

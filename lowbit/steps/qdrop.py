@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lowbit.pipeline import BlockContext
+from lowbit.context import BlockContext
 from lowbit.reconstruction import BlockReconArgs, reconstruct_block
-from lowbit.steps.base import Step, register_step
+from lowbit.steps.base import Step, init_solver, register_step
 
 
 class QDropArgs(BlockReconArgs):
@@ -26,5 +26,9 @@ class QDrop(Step):
     needs_fp_targets = True
     solves_weights = True
 
+    def __init__(self, args: QDropArgs | None = None):
+        super().__init__(args)
+        self.init = init_solver(self.args.init, f"{self.name}.init")
+
     def on_block(self, ctx: BlockContext) -> None:
-        reconstruct_block(ctx, self.args, quantize_acts=ctx.settings.activations is not None, drop=self.args.drop)
+        reconstruct_block(ctx, self.args, self.init, quantize_acts=ctx.plan.activations is not None, drop=self.args.drop)

@@ -18,20 +18,18 @@ updates B A of every linear's weight, merged back into the weights before roundi
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit.context import BlockContext, frozen
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant
 from lowbit.observers import observe
-from lowbit.pipeline import BlockContext
 from lowbit.state import register_input_transform
 from lowbit.steps.base import Step, StepArgs, register_step
 
@@ -140,26 +138,8 @@ def plan_reassembly(amax: torch.Tensor, gram_x: torch.Tensor, gram_w: torch.Tens
     return Reassembly(src_a, src_b, coef_a, coef_b)
 
 
-@contextlib.contextmanager
-def rounded_weights(ctx: BlockContext) -> Iterator[None]:
-    """Temporarily round every quantized-format linear of the block to nearest (to score a candidate)."""
-    saved = {}
-    for rel, linear in ctx.linears().items():
-        spec = ctx.weight_spec(rel)
-        if spec is not None and not ctx.is_quantized(rel):
-            saved[rel] = linear.weight.data.clone()
-            w = linear.weight.data.float()
-            scale, zero = observe(w, spec, ctx.settings.weight_observer)
-            linear.weight.data.copy_(fake_quant(w, scale, zero, spec).to(linear.weight.dtype))
-    try:
-        yield
-    finally:
-        for rel, w in saved.items():
-            ctx.linears()[rel].weight.data.copy_(w)
-
-
 def _block_loss(ctx: BlockContext, n: int) -> float:
-    with torch.no_grad(), rounded_weights(ctx), ctx.act_quant(True):
+    with torch.no_grad(), ctx.rounded(), ctx.act_quant(True):
         out = ctx.forward(ctx.q_inputs[:n])
     return float((out - ctx.fp_outputs[:n]).pow(2).mean())
 
@@ -182,33 +162,30 @@ class _LoRAQuant(nn.Module):
 
 def lora_tune(ctx: BlockContext, rank: int, epochs: int, lr: float) -> None:
     """Train low-rank updates of the quantized block on its output error, then merge them into the FP weights."""
-    lora = {}
-    for rel, linear in ctx.linears().items():
-        spec = ctx.weight_spec(rel)
-        if spec is not None and not ctx.is_quantized(rel):
-            linear.weight.requires_grad_(False)
-            lora[rel] = _LoRAQuant(linear.weight.data, spec, ctx.settings.weight_observer, rank)
-            parametrize.register_parametrization(linear, "weight", lora[rel])
+    linears = ctx.linears()
+    lora = {rel: _LoRAQuant(linears[rel].weight.data, ctx.weight_spec(rel), ctx.plan.weight_observer, rank)
+            for rel in ctx.pending()}
     if not lora:
         return
     params = [p for m in lora.values() for p in (m.a, m.b)]
     opt = torch.optim.Adam(params, lr=lr)
-    bs = ctx.settings.batch_size
-    try:
-        with torch.enable_grad(), ctx.act_quant(True):
-            for _ in range(epochs):
-                for s in range(0, ctx.q_inputs.shape[0], bs):
-                    loss = (ctx.run(ctx.q_inputs[s: s + bs]) - ctx.fp_outputs[s: s + bs]).pow(2).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-    finally:
+    bs = ctx.plan.batch_size
+    with frozen(ctx.block):
         for rel, module in lora.items():
-            linear = ctx.linears()[rel]
-            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
-            with torch.no_grad():
-                linear.weight.data.add_(module.b @ module.a)
-                linear.weight.requires_grad_(False)
+            parametrize.register_parametrization(linears[rel], "weight", module)
+        try:
+            with torch.enable_grad(), ctx.act_quant(True):
+                for _ in range(epochs):
+                    for s in range(0, ctx.q_inputs.shape[0], bs):
+                        loss = (ctx.run(ctx.q_inputs[s: s + bs]) - ctx.fp_outputs[s: s + bs]).pow(2).mean()
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+        finally:
+            for rel, module in lora.items():
+                parametrize.remove_parametrizations(linears[rel], "weight", leave_parametrized=False)
+                with torch.no_grad():
+                    linears[rel].weight.data.add_(module.b @ module.a)
 
 
 def _group_stats(ctx: BlockContext, first: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +216,6 @@ def reassemble_block(ctx: BlockContext, args: QLLMArgs) -> dict[str, float]:
         amax, gram_x = _group_stats(ctx, group.linears[0], n)
         w = torch.cat([lin.weight.data.double() for lin in linears])
         gram_w = w.T @ w
-        originals = [lin.weight.data.clone() for lin in linears]
         best = (_block_loss(ctx, n), None, math.inf)
         width = amax.numel()
         for k in range(1, args.candidates):
@@ -248,25 +224,22 @@ def reassemble_block(ctx: BlockContext, args: QLLMArgs) -> dict[str, float]:
                 continue
             t = threshold_for_budget(amax, extra)
             plan = plan_reassembly(amax, gram_x, gram_w, t)
-            _apply(ctx, plan, names, linears, originals)
-            loss = _block_loss(ctx, n)
+            with ctx.trial():
+                _apply(ctx, plan, names, linears)
+                loss = _block_loss(ctx, n)
             if loss < best[0]:
                 best = (loss, plan, t)
-        _apply(ctx, best[1], names, linears, originals)
+        if best[1] is not None:
+            _apply(ctx, best[1], names, linears)
         chosen[group.norm] = best[2]
     return chosen
 
 
-def _apply(ctx: BlockContext, plan: Reassembly | None, names: list[str], linears: list[nn.Linear],
-           originals: list[torch.Tensor]) -> None:
-    """Set the group's weights and online transforms to `plan` (None: the original, untransformed layers)."""
-    for name, lin, w in zip(names, linears, originals):
-        if plan is None:
-            lin.weight.data.copy_(w)
-            ctx.state.transforms.pop(name, None)
-        else:
-            lin.weight.data.copy_(plan.apply_weight(w.double()).to(w.dtype))
-            ctx.state.transforms[name] = plan.config()
+def _apply(ctx: BlockContext, plan: Reassembly, names: list[str], linears: list[nn.Linear]) -> None:
+    """Reassemble the group's weights and register the matching online input transforms."""
+    for name, lin in zip(names, linears):
+        lin.weight.data.copy_(plan.apply_weight(lin.weight.data.double()).to(lin.weight.dtype))
+        ctx.state.transforms[name] = plan.config()
     ctx.state.install(ctx.model_ctx.model, ctx.name + ".")
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.context import ModelContext
 from lowbit.errors import LowbitError
 from lowbit.hadamard import factorize, hadamard_matrix, hadamard_transform, orthogonal_matrix
 from lowbit.models.base import Adapter
-from lowbit.pipeline import ModelContext
 from lowbit.state import register_input_transform
 from lowbit.steps.base import Step, StepArgs, register_step
 

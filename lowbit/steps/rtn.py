@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lowbit.pipeline import BlockContext, rtn_linear
+from lowbit.context import BlockContext
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -20,7 +20,5 @@ class RTN(Step):
     solves_weights = True
 
     def on_block(self, ctx: BlockContext) -> None:
-        for rel, linear in ctx.linears().items():
-            spec = ctx.weight_spec(rel)
-            if spec is not None and not ctx.is_quantized(rel):
-                rtn_linear(ctx, rel, linear, spec, self.args.observer or ctx.settings.weight_observer)
+        for rel in ctx.pending():
+            ctx.round_to_nearest(rel, self.args.observer)

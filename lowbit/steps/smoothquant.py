@@ -8,14 +8,18 @@ with that group's weights and activations quantized. The FP model is unchanged u
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from pydantic import Field
 
-from lowbit.blockloss import channel_ranges, quantized_error, restore, scope_output, snapshot
+from lowbit.context import BlockContext, ModelContext
 from lowbit.errors import LowbitError
 from lowbit.fold import pair_reduce, scale_norm_group, scale_pair
-from lowbit.pipeline import BlockContext, ModelContext
+from lowbit.search import channel_ranges, quantized_error, scope_output
 from lowbit.steps.base import Step, StepArgs, register_step
+
+log = logging.getLogger("lowbit")
 
 
 class SmoothQuantArgs(StepArgs):
@@ -42,7 +46,7 @@ class SmoothQuant(Step):
         if grid is not None:
             if not grid or any(not 0 <= a <= 1 for a in grid):
                 raise LowbitError(f"smoothquant.alpha_grid must be a non-empty list of values in [0, 1], got {grid}")
-            if ctx.settings.activations is None:
+            if ctx.plan.activations is None:
                 raise LowbitError("smoothquant.alpha_grid searches with quantized activations: set `activations` "
                                   "in the recipe or drop alpha_grid")
 
@@ -56,6 +60,7 @@ class SmoothQuant(Step):
         x = ctx.q_inputs[: self.args.search_samples]
         target = scope_output(ctx, x, None) if self.args.alpha_grid else None
         ranges = channel_ranges(ctx, [site[1] for site in sites])  # the transforms are exact: measure once
+        chosen = {}
         for rels, reader, apply, pair in sites:
             lo, hi = ranges[reader]
             act_max = torch.maximum(lo.abs(), hi.abs())
@@ -67,16 +72,17 @@ class SmoothQuant(Step):
             alpha = self.args.alpha
             if self.args.alpha_grid:
                 alpha = self._search(ctx, x, target, rels, apply, act_max, w_max)
+            chosen[reader] = alpha
             apply(smoothing_scale(act_max, w_max, alpha))
+        log.info("smoothquant %s: alpha %s", ctx.name, chosen)
 
     def _search(self, ctx: BlockContext, x, target, rels, apply, act_max, w_max) -> float:
         """Alpha from the grid with the lowest block output error when this site is quantized."""
-        snap = snapshot(ctx)
         best, best_err = self.args.alpha, float("inf")
         for alpha in self.args.alpha_grid:
-            apply(smoothing_scale(act_max, w_max, alpha))
-            err = quantized_error(ctx, x, target, rels, None)
-            restore(ctx, snap)
+            with ctx.trial():
+                apply(smoothing_scale(act_max, w_max, alpha))
+                err = quantized_error(ctx, x, target, rels, None)
             if err < best_err:
                 best, best_err = alpha, err
         return best

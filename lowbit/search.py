@@ -1,19 +1,16 @@
 """Measuring candidate transforms inside one block: activation ranges, and output error once quantized.
 
-Searches (SmoothQuant's alpha, OS token clipping, OS+ thresholds) try a transform, quantize the affected
-linears' weights (round to nearest, temporarily) and inputs, and compare a module's output with its
-full-precision value on a few calibration windows; `snapshot`/`restore` undo each candidate.
+Searches (SmoothQuant's alpha, OS token clipping, OS+ thresholds, AWQ scales, QLLM thresholds) try a
+transform under `BlockContext.trial`, quantize the affected linears' weights (round to nearest, temporarily)
+and inputs, and compare a module's output with its full-precision value on the search windows.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from lowbit.formats import fake_quant
-from lowbit.observers import observe
-from lowbit.pipeline import BlockContext
+from lowbit.context import BlockContext, StopForward
 
 
 @torch.no_grad()
@@ -34,40 +31,6 @@ def channel_ranges(ctx: BlockContext, rels: Sequence[str], x: torch.Tensor | Non
     return out
 
 
-def snapshot(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in ctx.block.state_dict().items()}
-
-
-def restore(ctx: BlockContext, snap: dict[str, torch.Tensor]) -> None:
-    ctx.block.load_state_dict(snap)
-
-
-@contextlib.contextmanager
-def quantized(ctx: BlockContext, rels: Sequence[str]) -> Iterator[None]:
-    """Temporarily round the listed linears' weights (those no solver has quantized yet) and switch on
-    their input quantizers; everything else in the block stays full precision."""
-    saved = {}
-    for rel in rels:
-        spec = ctx.weight_spec(rel)
-        if spec is None or ctx.is_quantized(rel):
-            continue
-        linear = ctx.block.get_submodule(rel)
-        saved[rel] = linear.weight.data.clone()
-        w = linear.weight.data.float()
-        scale, zero = observe(w, spec, ctx.settings.weight_observer)
-        linear.weight.data.copy_(fake_quant(w, scale, zero, spec).to(linear.weight.dtype))
-    try:
-        with ctx.act_quant(True, rels):
-            yield
-    finally:
-        for rel, w in saved.items():
-            ctx.block.get_submodule(rel).weight.data.copy_(w)
-
-
-class _ScopeDone(Exception):
-    pass
-
-
 @torch.no_grad()
 def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch.Tensor:
     """Output of the module `scope` (relative name) on inputs `x`, or of the whole block when None.
@@ -80,15 +43,15 @@ def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch
 
     def hook(_m, _args, out):
         outs.append((out[0] if isinstance(out, tuple) else out).detach().float())
-        raise _ScopeDone
+        raise StopForward
 
     handle = ctx.block.get_submodule(scope).register_forward_hook(hook)
-    bs = ctx.settings.batch_size
+    bs = ctx.plan.batch_size
     try:
         for i in range(0, x.shape[0], bs):
             try:
                 ctx.run(x[i: i + bs])
-            except _ScopeDone:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -99,7 +62,7 @@ def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch
 def quantized_error(ctx: BlockContext, x: torch.Tensor, target: torch.Tensor, rels: Sequence[str],
                     scope: str | None) -> float:
     """Mean squared error of `scope`'s output against `target` with `rels` quantized (weights and inputs)."""
-    with quantized(ctx, rels):
+    with ctx.rounded(rels), ctx.act_quant(True, rels):
         out = scope_output(ctx, x, scope)
     return (out.float() - target.float()).pow(2).mean().item()
 

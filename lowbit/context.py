@@ -1,0 +1,302 @@
+"""What a step sees: the run's formats plan, the model context, and one decoder block's context.
+
+`BlockContext` is the only way a step changes a block's quantization bookkeeping: it stores solved weights
+(`set_quantized_weight`, `round_to_nearest`), lists the weights still to solve (`pending`), switches activation
+quantizers, runs the block on its calibration inputs, and snapshots and rolls back the block with its quant state
+(`snapshot`, `trial`) for a step that tries candidates.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lowbit.actquant import ActQuantizer
+from lowbit.errors import LowbitError
+from lowbit.formats import QuantSpec, fake_quant
+from lowbit.models.base import Adapter
+from lowbit.observers import observe
+from lowbit.state import QuantState, WeightRecord
+
+
+@dataclass(frozen=True)
+class FormatPlan:
+    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (or None: keep FP)."""
+
+    weights: QuantSpec | None = None
+    weight_observer: str = "minmax"
+    activations: QuantSpec | None = None
+    act_observer: str = "minmax"
+    act_clip_ratio: float = 1.0  # dynamic activation ranges shrunk by this factor
+    overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
+    batch_size: int = 8
+
+    def weight_spec_for(self, name: str) -> QuantSpec | None:
+        spec = self.weights
+        for pattern, override in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                spec = override
+        return spec
+
+
+@dataclass
+class ModelContext:
+    """What a model-level step sees: the model, its adapter, the run's formats plan and calibration token windows."""
+
+    model: nn.Module
+    adapter: Adapter
+    plan: FormatPlan
+    state: QuantState
+    calib_ids: torch.Tensor
+
+
+def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight rounded to nearest on the observer's range: (dequantized weight, scale, zero)."""
+    w = w.detach().float()
+    scale, zero = observe(w, spec, observer)
+    return fake_quant(w, scale, zero, spec), scale, zero
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off gradients of every parameter of `module` meanwhile (a step trains only what it adds)."""
+    before = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in before:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class BlockSnapshot:
+    """A block's parameters and its entries in the run's quant state, as they were when taken."""
+
+    params: dict[str, torch.Tensor]
+    quantized: set[str]
+    weights: dict[str, WeightRecord]
+    transforms: dict[str, dict]
+    input_quantizers: dict[str, ActQuantizer]
+    output_quantizers: dict[str, ActQuantizer]
+    ranges: list[tuple[ActQuantizer, nn.Parameter | None, torch.Tensor | None]]
+
+
+@dataclass
+class BlockContext:
+    """What a block-level step sees and may change: one decoder block, its calibration inputs and formats.
+
+    `q_inputs` are the block's inputs on the quantized path (outputs of the already-compressed blocks);
+    `fp_inputs` / `fp_outputs` are the full-precision path's, kept only when a step asks for them.
+    `rounds` tells a weight-solving step whether the pipeline gave it the final rounding of the pending weights
+    (false for a step that defers to a later solver in the recipe).
+    """
+
+    model_ctx: ModelContext
+    index: int
+    block: nn.Module
+    q_inputs: torch.Tensor
+    args: tuple
+    kwargs: dict
+    fp_inputs: torch.Tensor | None = None
+    fp_outputs: torch.Tensor | None = None
+    quantized: set[str] = field(default_factory=set)
+    rounds: bool = True
+
+    @property
+    def adapter(self) -> Adapter:
+        return self.model_ctx.adapter
+
+    @property
+    def plan(self) -> FormatPlan:
+        return self.model_ctx.plan
+
+    @property
+    def state(self) -> QuantState:
+        return self.model_ctx.state
+
+    @property
+    def name(self) -> str:
+        return self.adapter.block_name(self.index)
+
+    def full_name(self, rel: str) -> str:
+        return f"{self.name}.{rel}"
+
+    def linears(self) -> dict[str, nn.Linear]:
+        return self.adapter.linears(self.block)
+
+    def weight_spec(self, rel: str) -> QuantSpec | None:
+        return self.plan.weight_spec_for(self.full_name(rel))
+
+    def is_quantized(self, rel: str) -> bool:
+        return rel in self.quantized
+
+    def pending(self, rels: Sequence[str] | None = None) -> list[str]:
+        """The linears (of `rels`, default all, in that order) that get quantized and that no step has solved yet."""
+        return [r for r in (self.linears() if rels is None else rels)
+                if self.weight_spec(r) is not None and not self.is_quantized(r)]
+
+    def set_quantized_weight(self, rel: str, weight: torch.Tensor, spec: QuantSpec,
+                             scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store a solver's dequantized weight in the block and record its quantization parameters."""
+        linear = self.block.get_submodule(rel)
+        if not torch.isfinite(weight).all():
+            raise LowbitError(f"quantizing {self.full_name(rel)} produced non-finite weights: raise the solver's "
+                              f"damping or use a different observer")
+        linear.weight.data.copy_(weight.to(linear.weight.dtype))
+        self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
+                                                               zero.detach().float().cpu())
+        self.quantized.add(rel)
+
+    def round_to_nearest(self, rel: str, observer: str | None = None) -> None:
+        """Solve one linear by rounding to nearest (observer default: the plan's)."""
+        spec = self.weight_spec(rel)
+        w, scale, zero = round_to_nearest(self.block.get_submodule(rel).weight, spec,
+                                          observer or self.plan.weight_observer)
+        self.set_quantized_weight(rel, w, spec, scale, zero)
+
+    @contextlib.contextmanager
+    def rounded(self, rels: Sequence[str] | None = None) -> Iterator[None]:
+        """Temporarily round the pending linears (of `rels`, default all) to nearest, to score a candidate."""
+        with self.trial():
+            for rel in self.pending(rels):
+                self.round_to_nearest(rel)
+            yield
+
+    def act_quantizers(self) -> dict[str, ActQuantizer]:
+        """Input quantizers of this block's linears, by relative name."""
+        prefix = self.name + "."
+        return {n[len(prefix):]: q for n, q in self.state.input_quantizers.items() if n.startswith(prefix)}
+
+    @contextlib.contextmanager
+    def act_quant(self, enabled: bool = True, rels: Sequence[str] | None = None) -> Iterator[None]:
+        """Temporarily switch this block's activation quantizers on or off (only the inputs of `rels` if given)."""
+        if rels is None:
+            quantizers = self.state.quantizers(self.name + ".")
+        else:
+            quantizers = [q for rel, q in self.act_quantizers().items() if rel in rels]
+        before = [q.enabled for q in quantizers]
+        for q in quantizers:
+            q.enabled = enabled
+        try:
+            yield
+        finally:
+            for q, b in zip(quantizers, before):
+                q.enabled = b
+
+    @torch.no_grad()
+    def calibrate_activations(self) -> None:
+        """Fix static activation ranges on the quantized-path inputs, then switch every quantizer on."""
+        quantizers = self.state.quantizers(self.name + ".")
+        static = [q for q in quantizers if not q.spec.dynamic and q.scale is None]
+        if static:
+            for q in static:
+                q.calibrating = True
+            self.forward()
+            for q in static:
+                q.finish_calibration()
+        for q in quantizers:
+            q.enabled = True
+
+    def snapshot(self) -> BlockSnapshot:
+        """The block's parameters and quant-state entries, to `restore` after trying a candidate."""
+        prefix = self.name + "."
+
+        def mine(table: dict) -> dict:
+            return {n: v for n, v in table.items() if n.startswith(prefix)}
+
+        st = self.state
+        return BlockSnapshot(
+            {k: v.detach().clone() for k, v in self.block.state_dict().items()}, set(self.quantized),
+            mine(st.weights), {n: dict(c) for n, c in mine(st.transforms).items()}, mine(st.input_quantizers),
+            mine(st.output_quantizers),
+            [(q, None if q.scale is None else nn.Parameter(q.scale.detach().clone(), requires_grad=False),
+              None if q.zero is None else q.zero.clone()) for q in st.quantizers(prefix)])
+
+    def restore(self, snap: BlockSnapshot) -> None:
+        """Put the block and its quant-state entries back as they were at `snap`, hooks included."""
+        prefix = self.name + "."
+        self.block.load_state_dict(snap.params)
+        self.quantized.clear()
+        self.quantized.update(snap.quantized)
+        st = self.state
+        for table, saved in ((st.weights, snap.weights), (st.transforms, snap.transforms),
+                             (st.input_quantizers, snap.input_quantizers),
+                             (st.output_quantizers, snap.output_quantizers)):
+            for n in [n for n in table if n.startswith(prefix)]:
+                del table[n]
+            table.update(saved)
+        for q, scale, zero in snap.ranges:
+            q.scale, q.zero = scale, zero
+        st.install(self.model_ctx.model, prefix)
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[BlockSnapshot]:
+        """Try something on the block: whatever happens inside (weights, folds, records, transforms) is undone."""
+        snap = self.snapshot()
+        try:
+            yield snap
+        finally:
+            self.restore(snap)
+
+    def run(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """Block (or a replacement `module` with the same call signature) on one batch of inputs."""
+        out = (module or self.block)(x, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches."""
+        x = self.q_inputs if x is None else x
+        bs = batch_size or self.plan.batch_size
+        return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
+
+    @torch.no_grad()
+    def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],
+                x: torch.Tensor | None = None, stop_early: bool = False) -> None:
+        """Run the block over inputs `x` and call fn(rel, layer_input, layer_output) for each listed module.
+
+        Used to accumulate statistics (Hessians, activation ranges) without storing every layer's input.
+        `stop_early` passes only inputs (layer_output is None) and ends each batch's forward as soon as every
+        listed module has received its input, so neither the last module nor the rest of the block runs.
+        The input is what the module computes on: after its online transforms and activation quantizer.
+        """
+        x = self.q_inputs if x is None else x
+        seen: set[str] = set()
+        wanted = len(set(rels))
+
+        def pre_hook(rel: str, args: tuple) -> None:
+            fn(rel, args[0], None)
+            seen.add(rel)
+            if len(seen) == wanted:
+                raise StopForward
+
+        def hook(rel: str, args: tuple, out) -> None:
+            fn(rel, args[0], out[0] if isinstance(out, tuple) else out)
+
+        modules = [(rel, self.block.get_submodule(rel)) for rel in rels]
+        if stop_early:
+            handles = [m.register_forward_pre_hook(lambda _m, args, rel=rel: pre_hook(rel, args)) for rel, m in modules]
+        else:
+            handles = [m.register_forward_hook(lambda _m, args, out, rel=rel: hook(rel, args, out))
+                       for rel, m in modules]
+        bs = self.plan.batch_size
+        try:
+            for i in range(0, x.shape[0], bs):
+                seen.clear()
+                try:
+                    self.run(x[i: i + bs])
+                except StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has seen what it needs."""
