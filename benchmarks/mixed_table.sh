@@ -6,9 +6,9 @@
 set -euo pipefail
 OUT=${1:-runs/mixed}
 LB=${LB:-.venv/bin/lowbit}
-LOCK=${LOCK:-/work/board/bench.lock}
+LOCK=${LOCK-/work/board/bench.lock}  # empty: the caller holds the lock
 R=recipes/wo-gptq-ao-mse.yaml
-run() { [ -e "$1" ] || flock "$LOCK" "${@:2}"; }
+run() { [ -e "$1" ] || ${LOCK:+flock "$LOCK"} "${@:2}"; }
 run "$OUT/sens-hessian" "$LB" sensitivity $R --set threads=2 --metric hessian --heldout 2 --out "$OUT/sens-hessian" --quiet
 uniform() { run "$OUT/uniform-w${1}g64" "$LB" run $R --set threads=2 --set weights.bits=$1 --set name=uniform-w${1}g64 \
                 --out "$OUT/uniform-w${1}g64" --quiet; }

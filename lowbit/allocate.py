@@ -1,7 +1,7 @@
 """Automatic mixed precision: one candidate format per linear, minimising the predicted loss under a size budget.
 
 The predicted loss is the sum over linears of a sensitivity metric (lowbit.sensitivity). Costs are the bits
-the size column counts (`report.weight_bits`: codes, scales, zero points). The multiple-choice knapsack is
+the size column counts (`formats.storage_bits`: codes, scales, zero points). The multiple-choice knapsack is
 solved exactly by dynamic programming over the budget in units of the greatest common divisor of the cost
 differences; only if that grid would be too large are costs rounded up to a coarser unit (still within budget,
 optimal for the rounded costs; the unit is reported).
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.formats import check_shape
-from lowbit.report import model_size, weight_bits
+from lowbit.formats import check_shape, storage_bits
+from lowbit.report import model_size
 from lowbit.sensitivity import Candidate, SensitivityTable, heldout_windows, measure
 
 if TYPE_CHECKING:
@@ -118,8 +118,8 @@ def allocate(table: SensitivityTable, candidates: dict[str, Candidate], linears:
     """Solve the knapsack for `linears` over `candidates` with `table`'s metric under `budget`."""
     names, fmts = list(linears), list(candidates)
     values = table.values(metric, names, fmts, source)
-    costs = np.array([[weight_bits(candidates[f].spec, tuple(linears[n].weight.shape)) for f in fmts] for n in names],
-                     dtype=np.int64)
+    costs = np.array([[round(storage_bits(candidates[f].spec, tuple(linears[n].weight.shape))) for f in fmts]
+                      for n in names], dtype=np.int64)
     limit = budget_bits(budget, linears, model)
     n_weights = sum(m.weight.numel() for m in linears.values())
     lo, hi = int(costs.min(1).sum()), int(costs.max(1).sum())

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import math
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
-from lowbit.errors import LowbitError
+from lowbit.errors import CheckFailed, LowbitError
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -62,9 +68,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     write_atomic(out / "sensitivity.json", table.to_json())
     heatmap(table, out / "sensitivity.png", f"{recipe.model}: sensitivity per linear ({table.solver}, "
                                             f"{table.heldout_tokens} held-out tokens)")
-    narrowest = min(fmts, key=lambda f: fmts[f].bits)
+    narrowest = min(fmts, key=lambda f: fmts[f].spec().bits)
     print(f"ten most sensitive linears in {narrowest}:")
-    for name, vals in most_sensitive(table):
+    for name, vals in most_sensitive(table, narrowest):
         print(f"  {name:40s} " + "  ".join(f"{m} {v:.4g}" for m, v in vals.items()))
     for fmt, rho in table.spearman().items():
         print(f"spearman(hessian, loss) {fmt}: {rho:.3f}")
@@ -76,11 +82,12 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.report import results_table
     from lowbit.run import run_recipe
 
-    weights = None if args.wbits >= 16 else {
-        "bits": args.wbits, "format": args.wformat, "symmetric": args.sym,
-        "granularity": "group" if args.group_size else "channel", "group_size": args.group_size or None,
-        "observer": args.observer}
-    acts = None if args.abits >= 16 else {
+    weights = None if args.wbits == 16 else {
+        "bits": args.wbits, "format": args.wformat, "granularity": "group" if args.group_size else "channel",
+        "group_size": args.group_size or None, "observer": args.observer}
+    if args.wformat == "int":  # FP formats are always symmetric
+        weights["symmetric"] = args.sym
+    acts = None if args.abits == 16 else {
         "bits": args.abits, "format": args.aformat, "symmetric": True,
         "granularity": "token" if not args.static_act else "tensor", "dynamic": not args.static_act}
     data = {"name": args.name or f"{'-'.join(args.method)}-w{args.wbits}a{args.abits}", "model": args.model,
@@ -177,6 +184,13 @@ def _cmd_bench_layers(args: argparse.Namespace) -> None:
                                     threads=args.threads)))
 
 
+def _cmd_bench_sparse(args: argparse.Namespace) -> None:
+    from lowbit.kernels.sparse import bench_sparse, sparse_table
+
+    print(sparse_table(bench_sparse(args.out_features, args.in_features, repeats=args.repeats,
+                                    threads=args.threads)))
+
+
 def _cmd_steps(_args: argparse.Namespace) -> None:
     from lowbit.steps import STEPS
 
@@ -189,7 +203,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from lowbit.export import export_run
 
     result = export_run(args.run, args.format, args.out, args.dtype)
-    for note in result.notes:
+    for note in result.notes if not args.quiet else ():
         print(note)
     print(f"exported to {result.path}")
 
@@ -209,10 +223,85 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     result = verify(args.run, args.export, args.data, args.split, args.seq_len, args.max_tokens or None,
                     progress=not args.quiet)
     print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
+    failed = []
+    if result.top1_agreement < args.min_top1:
+        failed.append(f"top-1 agreement {result.top1_agreement:.4f} < --min-top1 {args.min_top1}")
+    if not result.ppl_rel_diff <= args.max_ppl_diff:
+        failed.append(f"perplexity differs by {result.ppl_rel_diff:.4f} > --max-ppl-diff {args.max_ppl_diff}")
+    if failed:
+        raise CheckFailed(f"the export does not reproduce the run: {'; '.join(failed)}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in lowbit's style (exit code 2, no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"lowbit: error: {message} (see '{self.prog} --help')\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _threads(text: str) -> int:
+    from lowbit.recipe import MAX_THREADS
+
+    value = _int_at_least(1)(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS} (4 x the CPU count), got {value}")
+    return value
+
+
+def _bits(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if not (2 <= value <= 8 or value == 16):
+        raise argparse.ArgumentTypeError(f"must be 2 to 8, or 16 to keep FP, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _text_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """The evaluation text options shared by eval and verify."""
+    p.add_argument("--data", default="wikitext2")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seq-len", type=POSITIVE, default=2048)
+    p.add_argument("--max-tokens", type=NONNEGATIVE, default=max_tokens, help="0 = whole split")
+    p.add_argument("--threads", type=_threads)
+    p.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
+    p = _Parser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a YAML recipe: compress, evaluate, save")
@@ -241,19 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="the same pipeline from flags, without writing YAML")
     q.add_argument("--model", default="smollm2-135m")
     q.add_argument("--method", nargs="+", default=["rtn"], help="steps in order, e.g. awq gptq")
-    q.add_argument("--wbits", type=int, default=4, help="weight bits (16 = keep FP)")
+    q.add_argument("--wbits", type=_bits, default=4, help="weight bits (16 = keep FP)")
     q.add_argument("--wformat", choices=["int", "fp"], default="int")
-    q.add_argument("--group-size", type=int, default=0, help="0 = per output channel")
+    q.add_argument("--group-size", type=NONNEGATIVE, default=0, help="0 = per output channel")
     q.add_argument("--sym", action="store_true", help="symmetric weights (default asymmetric)")
     q.add_argument("--observer", choices=["minmax", "mse", "percentile"], default="minmax")
-    q.add_argument("--abits", type=int, default=16, help="activation bits (16 = keep FP)")
+    q.add_argument("--abits", type=_bits, default=16, help="activation bits (16 = keep FP)")
     q.add_argument("--aformat", choices=["int", "fp"], default="int")
     q.add_argument("--static-act", action="store_true", help="static per-tensor activations (default dynamic per-token)")
-    q.add_argument("--nsamples", type=int, default=64)
-    q.add_argument("--calib-seq-len", type=int, default=512)
-    q.add_argument("--seq-len", type=int, default=2048, help="evaluation window")
-    q.add_argument("--max-tokens", type=int, default=32768, help="evaluation token limit (0 = whole split)")
-    q.add_argument("--threads", type=int)
+    q.add_argument("--nsamples", type=POSITIVE, default=64)
+    q.add_argument("--calib-seq-len", type=POSITIVE, default=512)
+    q.add_argument("--seq-len", type=POSITIVE, default=2048, help="evaluation window")
+    q.add_argument("--max-tokens", type=NONNEGATIVE, default=32768, help="evaluation token limit (0 = whole split)")
+    q.add_argument("--threads", type=_threads)
     q.add_argument("--name")
     q.add_argument("--out")
     q.add_argument("--no-save", action="store_true")
@@ -262,16 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
     e.add_argument("model")
-    e.add_argument("--data", default="wikitext2")
-    e.add_argument("--split", default="test")
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--max-tokens", type=int, default=32768, help="0 = whole split")
-    e.add_argument("--threads", type=int)
-    e.add_argument("--quiet", action="store_true")
+    _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
     rp.add_argument("runs", nargs="+")
+    rp.add_argument("--quiet", action="store_true", help="no progress or informational output")
     rp.set_defaults(fn=_cmd_report)
 
     x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
@@ -280,29 +365,30 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output folder or .gguf file (default: inside the run folder)")
     x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of stored scales and unquantized tensors where the format leaves a choice")
+    x.add_argument("--quiet", action="store_true", help="print only the export path (and errors)")
     x.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("backends", help="which formats and granularities each export target executes")
+    b.add_argument("--quiet", action="store_true", help="no progress or informational output")
     b.set_defaults(fn=_cmd_backends)
 
     v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
     v.add_argument("run")
     v.add_argument("export")
-    v.add_argument("--data", default="wikitext2")
-    v.add_argument("--split", default="test")
-    v.add_argument("--seq-len", type=int, default=2048)
-    v.add_argument("--max-tokens", type=int, default=16384, help="0 = whole split")
-    v.add_argument("--threads", type=int)
-    v.add_argument("--quiet", action="store_true")
+    _text_arguments(v, max_tokens=16384)
+    v.add_argument("--min-top1", type=_fraction, default=0.85,
+                   help="fail (exit 1) if top-1 agreement is lower (default 0.85)")
+    v.add_argument("--max-ppl-diff", type=_tolerance, default=0.02,
+                   help="fail (exit 1) if |ppl_export - ppl_run| / ppl_run is larger (default 0.02)")
     v.set_defaults(fn=_cmd_verify)
     g = sub.add_parser("generate", help="greedy text generation from a run, on real low-bit kernels or simulated")
     g.add_argument("run", help="a run folder written by 'lowbit run' or 'lowbit quantize'")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     g.add_argument("--kernels", choices=["real", "simulated"], default="real")
     g.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="input dtype of the weight-only kernels (float32 is exact but slow in PyTorch 2.13)")
-    g.add_argument("--threads", type=int)
+    g.add_argument("--threads", type=_threads)
     g.add_argument("--quiet", action="store_true", help="do not print which kernel each layer uses")
     g.set_defaults(fn=_cmd_generate)
 
@@ -313,10 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare the simulated model with itself under 1e-6 relative input noise")
     k.add_argument("--data", default="wikitext2")
     k.add_argument("--split", default="test")
-    k.add_argument("--seq-len", type=int, default=512)
-    k.add_argument("--max-tokens", type=int, default=4096)
+    k.add_argument("--seq-len", type=POSITIVE, default=512)
+    k.add_argument("--max-tokens", type=NONNEGATIVE, default=4096)
     k.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    k.add_argument("--threads", type=int)
+    k.add_argument("--threads", type=_threads)
+    k.add_argument("--quiet", action="store_true", help="no progress or informational output")
     k.set_defaults(fn=_cmd_kernels)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -324,36 +411,108 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("speed", help="prefill and decode tokens/s and memory: FP32 vs real W8A16, W4A16, W8A8")
     bs.add_argument("--model", default="smollm2-135m")
     bs.add_argument("--configs", nargs="+", default=["fp32", "w8a16", "w4a16", "w8a8"])
-    bs.add_argument("--prompt-len", type=int, default=128)
-    bs.add_argument("--new-tokens", type=int, default=32)
-    bs.add_argument("--repeats", type=int, default=5)
-    bs.add_argument("--warmup", type=int, default=1)
-    bs.add_argument("--threads", type=int, default=1)
+    bs.add_argument("--prompt-len", type=POSITIVE, default=128)
+    bs.add_argument("--new-tokens", type=POSITIVE, default=32)
+    bs.add_argument("--repeats", type=POSITIVE, default=5)
+    bs.add_argument("--warmup", type=NONNEGATIVE, default=1)
+    bs.add_argument("--threads", type=_threads, default=1)
     bs.add_argument("--json", help="also write the rows as JSON to this file")
+    bs.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bs.set_defaults(fn=_cmd_bench_speed)
     bl = bsub.add_parser("layers", help="ms per call of each packed layer type on one layer shape, 1 and 128 rows")
-    bl.add_argument("--out-features", type=int, default=1536)
-    bl.add_argument("--in-features", type=int, default=576)
-    bl.add_argument("--repeats", type=int, default=20)
-    bl.add_argument("--threads", type=int, default=1)
+    bl.add_argument("--out-features", type=POSITIVE, default=1536)
+    bl.add_argument("--in-features", type=POSITIVE, default=576)
+    bl.add_argument("--repeats", type=POSITIVE, default=20)
+    bl.add_argument("--threads", type=_threads, default=1)
+    bl.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bl.set_defaults(fn=_cmd_bench_layers)
+    bp = bsub.add_parser("sparse", help="ms per call of a pruned layer: CSR at 50-90%% unstructured vs dense (and 2:4 "
+                                        "semi-structured vs dense on a CUDA GPU)")
+    bp.add_argument("--out-features", type=int, default=1536)
+    bp.add_argument("--in-features", type=int, default=576)
+    bp.add_argument("--repeats", type=int, default=20)
+    bp.add_argument("--threads", type=int, default=1)
+    bp.set_defaults(fn=_cmd_bench_sparse)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
+    s.add_argument("--quiet", action="store_true", help="no progress or informational output")
     s.set_defaults(fn=_cmd_steps)
     return p
 
 
+def _on_signal(signum, _frame):
+    """SIGTERM (like SIGINT) unwinds the command, so every staging folder is removed on the way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The command was stopped by a signal; carries its number for the exit code."""
+
+
+def _log_handler(quiet: bool) -> logging.Handler:
+    """Informational lines (lowbit's log) go to stderr unless --quiet; errors are printed by `main`."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.CRITICAL + 1 if quiet else logging.INFO)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("lowbit").setLevel(logging.INFO)
+    logging.raiseExceptions = False  # a full disk must not turn a log line into a traceback
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, code 2) or --help (code 0)
+        return exc.code if isinstance(exc.code, int) else 0
+    handler = _log_handler(args.quiet)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # names and paths that are not valid UTF-8
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    stderr = sys.stderr
+    try:  # with --quiet, libraries' progress bars and notices are dropped; lowbit's own error line is not
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO() if args.quiet else stderr):
+            if args.quiet:
+                warnings.simplefilter("ignore")
+            return _dispatch(args, stderr)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _one_line(message) -> str:
+    """Messages quoted from libraries may span lines; the user gets one."""
+    return " ".join(str(message).split())
+
+
+def _dispatch(args: argparse.Namespace, stderr) -> int:
+    """Run the command; every expected failure becomes one line on `stderr` and an exit code."""
     try:
         args.fn(args)
+    except CheckFailed as exc:
+        print(f"lowbit: check failed: {_one_line(exc)}", file=stderr)
+        return 1
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        print(f"lowbit: error: {_one_line(exc)}", file=stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # the environment failed (disk, permissions) where no step expected it
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lowbit: error: {_one_line(exc.strerror or exc)}{where}: check free space and permissions there",
+              file=stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"lowbit: interrupted by {signal.Signals(signum).name}; unfinished output removed", file=stderr)
+        return 128 + signum
     return 0
 
 

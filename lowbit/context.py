@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
-from lowbit.formats import QuantSpec, fake_quant
+from lowbit.formats import QuantSpec, fake_quant, global_scale, on_scale_grid
 from lowbit.models.base import Adapter
 from lowbit.observers import observe
 from lowbit.state import QuantState, WeightRecord
@@ -54,10 +54,12 @@ class ModelContext:
     calib_ids: torch.Tensor
 
 
-def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A weight rounded to nearest on the observer's range: (dequantized weight, scale, zero)."""
+def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str,
+                     gs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight rounded to nearest on the observer's range: (dequantized weight, scale, zero); `gs`: NVFP4's
+    per-tensor scale when it is shared (default: from `w`)."""
     w = w.detach().float()
-    scale, zero = observe(w, spec, observer)
+    scale, zero = observe(w, spec, observer, gs=gs)
     return fake_quant(w, scale, zero, spec), scale, zero
 
 
@@ -80,6 +82,7 @@ class BlockSnapshot:
 
     params: dict[str, torch.Tensor]
     quantized: set[str]
+    global_scales: dict[str, torch.Tensor]
     weights: dict[str, WeightRecord]
     transforms: dict[str, dict]
     input_quantizers: dict[str, ActQuantizer]
@@ -107,6 +110,7 @@ class BlockContext:
     fp_outputs: torch.Tensor | None = None
     quantized: set[str] = field(default_factory=set)
     rounds: bool = True
+    global_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # NVFP4 per-tensor scales, by rel
 
     @property
     def adapter(self) -> Adapter:
@@ -123,6 +127,10 @@ class BlockContext:
     @property
     def name(self) -> str:
         return self.adapter.block_name(self.index)
+
+    @property
+    def head_dim(self) -> int:
+        return self.adapter.head_dim(self.model_ctx.model)
 
     def full_name(self, rel: str) -> str:
         return f"{self.name}.{rel}"
@@ -141,6 +149,21 @@ class BlockContext:
         return [r for r in (self.linears() if rels is None else rels)
                 if self.weight_spec(r) is not None and not self.is_quantized(r)]
 
+    def global_scale(self, rel: str) -> torch.Tensor | None:
+        """NVFP4's per-tensor scale of a linear (None for other formats), shared by the linears that read the same
+        input with the same format: engines fuse q/k/v and gate/up and run each fusion with one scale. Fixed from
+        their weights the first time one of them asks."""
+        spec = self.weight_spec(rel)
+        if spec is None or spec.scale_format != "e4m3":
+            return None
+        if rel not in self.global_scales:
+            group = next((g for g in self.adapter.input_groups() if rel in g), (rel,))
+            fused = [r for r in group if self.weight_spec(r) == spec]
+            amax = torch.stack([self.block.get_submodule(r).weight.detach().float().abs().max() for r in fused]).max()
+            for r in fused:
+                self.global_scales[r] = global_scale(amax, spec)
+        return self.global_scales[rel]
+
     def set_quantized_weight(self, rel: str, weight: torch.Tensor, spec: QuantSpec,
                              scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Store a solver's dequantized weight in the block and record its quantization parameters."""
@@ -148,16 +171,21 @@ class BlockContext:
         if not torch.isfinite(weight).all():
             raise LowbitError(f"quantizing {self.full_name(rel)} produced non-finite weights: raise the solver's "
                               f"damping or use a different observer")
+        gs = self.global_scale(rel) if spec.scale_format == "e4m3" else None
+        if not on_scale_grid(scale, spec, gs):
+            raise LowbitError(f"the block scales of {self.full_name(rel)} are not {spec.scale_format} values (under its "
+                              f"shared per-tensor scale, for nvfp4): quantize {spec.describe()} weights with rtn or gptq")
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
-                                                               zero.detach().float().cpu())
+                                                               zero.detach().float().cpu(),
+                                                               None if gs is None else gs.detach().float().cpu())
         self.quantized.add(rel)
 
     def round_to_nearest(self, rel: str, observer: str | None = None) -> None:
         """Solve one linear by rounding to nearest (observer default: the plan's)."""
         spec = self.weight_spec(rel)
         w, scale, zero = round_to_nearest(self.block.get_submodule(rel).weight, spec,
-                                          observer or self.plan.weight_observer)
+                                          observer or self.plan.weight_observer, self.global_scale(rel))
         self.set_quantized_weight(rel, w, spec, scale, zero)
 
     @contextlib.contextmanager
@@ -213,7 +241,7 @@ class BlockContext:
         st = self.state
         return BlockSnapshot(
             {k: v.detach().clone() for k, v in self.block.state_dict().items()}, set(self.quantized),
-            mine(st.weights), {n: dict(c) for n, c in mine(st.transforms).items()}, mine(st.input_quantizers),
+            dict(self.global_scales), mine(st.weights), {n: dict(c) for n, c in mine(st.transforms).items()}, mine(st.input_quantizers),
             mine(st.output_quantizers),
             [(q, None if q.scale is None else nn.Parameter(q.scale.detach().clone(), requires_grad=False),
               None if q.zero is None else q.zero.clone()) for q in st.quantizers(prefix)])
@@ -224,6 +252,7 @@ class BlockContext:
         self.block.load_state_dict(snap.params)
         self.quantized.clear()
         self.quantized.update(snap.quantized)
+        self.global_scales = dict(snap.global_scales)
         st = self.state
         for table, saved in ((st.weights, snap.weights), (st.transforms, snap.transforms),
                              (st.input_quantizers, snap.input_quantizers),

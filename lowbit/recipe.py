@@ -1,6 +1,7 @@
 """Recipes as data: YAML -> validated `Recipe`. Unknown keys and wrong types are errors naming the key."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -11,37 +12,65 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings, select_scheme
-from lowbit.formats import QuantSpec
+from lowbit.formats import NAMED_FORMATS, QuantSpec
 from lowbit.loading import EMBEDDED
+from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_NAMED_NOTES = {"mxfp4": "fp4 e2m1 in groups of 32 with E8M0 scales", "nvfp4": "fp4 e2m1 in groups of 16 with "
+                "FP8 e4m3 scales and an FP32 per-tensor scale", "mxfp8": "fp8 e4m3 in groups of 32 with E8M0 scales"}
+_FORMAT_FIELDS = ("bits", "symmetric", "granularity", "group_size", "fp_variant", "block")
+
+
 class FormatConfig(_Strict):
-    """A number format (see `lowbit.formats.QuantSpec`) plus the observer that picks its range."""
+    """A number format (see `lowbit.formats.QuantSpec`) plus the observer that picks its range.
+
+    `format` is int, fp, or a named microscaling format (mxfp4, nvfp4, mxfp8) that fixes every other format field.
+    """
 
     bits: int = 4
-    format: Literal["int", "fp"] = "int"
+    format: Literal["int", "fp", "mxfp4", "nvfp4", "mxfp8"] = "int"
     symmetric: bool = True
-    granularity: Literal["tensor", "channel", "group", "token"] = "channel"
+    granularity: Literal["tensor", "channel", "group", "token", "block"] = "channel"
     group_size: int | None = None
+    block: tuple[int, int] | None = None  # 2-D weight tiles [rows, columns] sharing one scale, e.g. [128, 128]
     dynamic: bool = False
     fp_variant: Literal["e4m3", "e5m2", "e2m1"] | None = None
     observer: Literal["minmax", "mse", "percentile"] = "minmax"
     clip_ratio: float = Field(1.0, gt=0, le=1)  # dynamic activations only: shrink each token's range (QuaRot: 0.9)
 
     @model_validator(mode="after")
-    def _group_size_implies_group(self) -> "FormatConfig":
-        if self.group_size is not None and self.granularity == "channel":
-            self.granularity = "group"
+    def _consistent(self) -> "FormatConfig":
+        given = self.model_fields_set
+        if self.format in NAMED_FORMATS:
+            extra = [k for k in _FORMAT_FIELDS if k in given]
+            if extra:
+                raise ValueError(f"{extra[0]} does not apply to format {self.format} ({_NAMED_NOTES[self.format]}); "
+                                 f"remove it")
+            return self
+        if self.fp_variant is not None and self.format != "fp":
+            raise ValueError(f"fp_variant: {self.fp_variant} contradicts format: {self.format} (a variant names an FP "
+                             f"format): set format: fp or remove fp_variant")
+        if self.format == "fp" and "symmetric" in given and not self.symmetric:
+            raise ValueError("symmetric: false contradicts format: fp (FP formats are symmetric): remove one of them")
+        if self.group_size is not None and "granularity" in given and self.granularity not in ("group", "channel"):
+            raise ValueError(f"group_size: {self.group_size} contradicts granularity: {self.granularity}: "
+                             f"use granularity: group or remove group_size")
         return self
 
     def spec(self) -> QuantSpec:
+        if self.format in NAMED_FORMATS:
+            return QuantSpec.named(self.format, dynamic=self.dynamic)
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
-                         group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant)
+                         group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant, block=self.block)
 
 
 _FORMAT_NAME = re.compile(r"w([2-8])(?:g(\d+))?(?:-(sym|asym))?")
@@ -50,7 +79,7 @@ DEFAULT_CANDIDATES = ["w2g64", "w3g64", "w4g64", "w8"]
 
 
 def format_from_name(name: str, base: FormatConfig | None) -> FormatConfig:
-    """A candidate weight format from its short name (w4g64, w8, w3g128-sym, fp8, q4_0, q8_0); symmetry and
+    """A candidate weight format from its short name (w4g64, w8, w3g128-sym, fp8, mxfp4, q4_0, ...); symmetry and
     observer default to the recipe's weights."""
     base = base or FormatConfig(symmetric=False)
     common = {"observer": base.observer}
@@ -58,10 +87,12 @@ def format_from_name(name: str, base: FormatConfig | None) -> FormatConfig:
         return FormatConfig(bits=_GGUF_NAMES[name], symmetric=True, group_size=32, **common)
     if name == "fp8":
         return FormatConfig(bits=8, format="fp", **common)
+    if name in NAMED_FORMATS:
+        return FormatConfig(format=name, **common)
     m = _FORMAT_NAME.fullmatch(name)
     if m is None:
         raise LowbitError(f"unknown format name {name!r}: use w<bits>[g<group>][-sym|-asym] with bits 2-8 "
-                          f"(e.g. w4g64, w8, w3g128-sym), fp8, q4_0 or q8_0")
+                          f"(e.g. w4g64, w8, w3g128-sym), fp8, {', '.join(NAMED_FORMATS)}, q4_0 or q8_0")
     bits, group, sym = m.groups()
     symmetric = base.symmetric if base.format == "int" and sym is None else sym == "sym"
     return FormatConfig(bits=int(bits), symmetric=symmetric, group_size=int(group) if group else None, **common)
@@ -114,7 +145,7 @@ class Recipe(_Strict):
     name: str = "run"
     model: str = EMBEDDED
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(None, gt=0)
+    threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     seed: int = 0
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
     activations: FormatConfig | None = None
@@ -125,6 +156,13 @@ class Recipe(_Strict):
     save: bool = True
     target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
     budget: BudgetConfig | None = None  # choose `layers` automatically (replaced by the chosen map when run)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        """Run names become folder names: keep letters, digits, '.', '_', '+', '-'; no path separators, no '..'."""
+        safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", value).strip(".-")[:100]
+        return safe or "run"
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -146,6 +184,11 @@ class Recipe(_Strict):
     def plan(self) -> FormatPlan:
         """The run's formats plan; refuses format combinations no step can honour."""
         acts = self.activations.spec() if self.activations else None
+        if acts is not None and acts.granularity == "block":
+            raise LowbitError("activations cannot use 2-D blocks: use per-token groups (group_size: 128, dynamic: true)")
+        if acts is not None and acts.scale_format == "e4m3":
+            raise LowbitError("activations: nvfp4 needs a calibrated per-tensor scale, which lowbit does not implement; "
+                              "use mxfp4 or mxfp8 (dynamic: true) or fp8")
         if acts is not None and not acts.dynamic and acts.granularity != "tensor":
             raise LowbitError("static activation quantization is per-tensor: set activations.granularity: tensor, "
                               "or dynamic: true for per-token")
@@ -169,14 +212,16 @@ class Recipe(_Strict):
         )
 
     def build_steps(self) -> list[Step]:
-        return [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
+        steps = [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]
+        validate_order(steps)
+        return steps
 
 
 def _format_validation(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"recipe error at {where or 'top level'}: {err['msg']}{more}"
+    return f"recipe error at {where or 'top level'}: {err['msg'].removeprefix('Value error, ')}{more}"
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -185,7 +230,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise LowbitError(f"--set expects key=value (e.g. weights.bits=3), got {item!r}")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise LowbitError(f"--set {key}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc}): "
+                              f"quote it or fix it") from None
         parts = key.split(".")
         node: Any = data
         for part in parts[:-1]:
@@ -219,7 +268,7 @@ def parse_recipe(data: dict) -> Recipe:
     except TypeError as exc:
         raise LowbitError(f"recipe error: {exc}") from None
     plan = recipe.plan()
-    recipe.build_steps()
+    _check_solvers(plan, recipe.build_steps())
     if recipe.target is not None:
         check_settings(recipe.target, plan)
     if recipe.budget is not None:
@@ -245,13 +294,26 @@ def candidate_formats(recipe: Recipe, names: list[str] | None = None) -> dict[st
     return out
 
 
+def _check_solvers(plan: FormatPlan, steps: list[Step]) -> None:
+    """NVFP4's per-tensor scale is shared by fused linears; only rtn and gptq solve with it (else: error, up front)."""
+    specs = [plan.weights, *(spec for _, spec in plan.overrides)]
+    if any(spec is not None and spec.scale_format == "e4m3" for spec in specs):
+        other = next((s.name for s in steps if s.solves_weights and s.name not in ("rtn", "gptq")), None)
+        if other is not None:
+            raise LowbitError(f"step {other} cannot solve nvfp4 weights (their per-tensor scale is shared by fused "
+                              f"linears): use rtn or gptq, or another weight format")
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a YAML recipe; every problem is a one-line LowbitError."""
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"recipe file {path} does not exist: give the path to a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise LowbitError(f"recipe {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -36,15 +36,14 @@ _ZETA, _GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid: h = clip(sigmoid(
 class ReconArgs(BaseModel):
     """Settings shared by the reconstruction steps (a StepArgs, spelled out because lowbit.steps imports us).
 
-    Defaults fit a 2-core CPU: BRECQ on the embedded model with 16 x 128-token calibration windows took 17 minutes
-    on one thread of a shared machine (few steps, so a large learning rate; docs/results.md). With a GPU use the
-    papers' settings: iters=20000, batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2,
+    Defaults fit a 2-core CPU: few steps, so a large learning rate (run times in docs/results.md). With a GPU use
+    the papers' settings: iters=20000, batch_size=32, lr=1e-3 (BRECQ/QDrop), lam=0.01, beta 20 -> 2, warmup=0.2,
     act_lr=4e-5, 1024 samples."""
 
     model_config = ConfigDict(extra="forbid")
 
-    iters: int = Field(200, ge=0)  # optimizer steps per reconstructed unit (a linear or a block); at 50, a third of
-    # the rounding variables were still soft when hardened (docs/reconstruction.md)
+    iters: int = Field(200, ge=0)  # optimizer steps per reconstructed unit (a linear or a block); too few leave
+    # rounding variables soft at hardening (logged per block; docs/reconstruction.md)
     batch_size: int = Field(1, gt=0)  # calibration windows per step
     lr: float = Field(0.05, gt=0)  # Adam learning rate of the rounding variables V
     lam: float = Field(0.01, ge=0)  # weight of the rounding regularizer
@@ -89,13 +88,13 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
 
 
 class SoftRounding(nn.Module):
-    """Parametrization of a linear weight: floor codes plus a learned rounding offset h(V) in [0, 1].
+    """Parametrization of a linear weight: floor(W / scale) plus a learned rounding offset h(V) in [0, 1].
 
     `initial_h` defaults to the fractional part of W / scale, so the soft weight starts at W (up to clipping).
     """
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor,
-                 initial_h: torch.Tensor | None = None):
+                 initial_h: torch.Tensor | None = None, pruned: torch.Tensor | None = None):
         super().__init__()
         if spec.format != "int":
             raise LowbitError(f"learned rounding needs an integer weight format, got {spec.describe()}")
@@ -107,13 +106,16 @@ class SoftRounding(nn.Module):
         self.register_buffer("floor", torch.floor(scaled))
         h0 = scaled - self.floor if initial_h is None else group_view(initial_h.float(), spec)
         self.v = nn.Parameter(inverse_rectified_sigmoid(h0))
+        # pruned weights (sparsity mask) stay exactly zero whatever their rounding variable does
+        self.register_buffer("keep", None if pruned is None else ~pruned)
 
     def h(self) -> torch.Tensor:
         return rectified_sigmoid(self.v)
 
     def _weight(self, offset: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(self.floor + offset + self.zero, self.spec.qmin, self.spec.qmax)
-        return ((q - self.zero) * self.scale).reshape(self.shape)
+        w = ((q - self.zero) * self.scale).reshape(self.shape)
+        return w if self.keep is None else w * self.keep
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
         return self._weight(self.h()).to(original.dtype)
@@ -139,7 +141,7 @@ class SoftRounding(nn.Module):
 
 
 @torch.no_grad()
-def solver_codes(ctx: BlockContext, solver: Step, rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+def solver_rounding(ctx: BlockContext, solver: Step, rels: list[str]) -> dict[str, tuple[torch.Tensor, ...]]:
     """Run a weight-solving step (e.g. GPTQ) on the block as a trial and return, per linear, its offsets over
     floor(W / scale) as an initial h (0.1 / 0.9, clamped to floor or ceil) with the solver's scale and zero.
     The block and its quant state are rolled back afterwards, so reconstruction starts from the FP block."""
@@ -152,8 +154,8 @@ def solver_codes(ctx: BlockContext, solver: Step, rels: list[str]) -> dict[str, 
             rec = ctx.state.weights[ctx.full_name(rel)]
             w_fp = group_view(fp[rel], rec.spec)
             s, z = rec.scale.reshape(w_fp.shape[0], -1), rec.zero.reshape(w_fp.shape[0], -1)
-            codes = torch.round(group_view(linears[rel].weight.data.float(), rec.spec) / s)
-            up = (codes - torch.floor(w_fp / s)) >= 1
+            steps = torch.round(group_view(linears[rel].weight.data.float(), rec.spec) / s)  # codes - zero
+            up = (steps - torch.floor(w_fp / s)) >= 1
             out[rel] = (torch.where(up, 0.9, 0.1).reshape(fp[rel].shape), rec.scale, rec.zero)
     return out
 
@@ -175,7 +177,7 @@ def soft_rounded(ctx: BlockContext, rels: list[str], args: ReconArgs,
                     h0, scale, zero = initial[rel]
                 else:
                     (scale, zero), h0 = observe(w.float(), spec, args.observer or ctx.plan.weight_observer), None
-                mods[rel] = SoftRounding(w, spec, scale, zero, h0)
+                mods[rel] = SoftRounding(w, spec, scale, zero, h0, ctx.state.masks.get(ctx.full_name(rel)))
                 parametrize.register_parametrization(linears[rel], "weight", mods[rel], unsafe=True)
             yield mods
         finally:
@@ -200,7 +202,7 @@ def report_undecided(where: str, mods: list[SoftRounding], iters: int) -> float:
 
 def initial_rounding(ctx: BlockContext, rels: list[str], init: "Step | None") -> dict[str, tuple[torch.Tensor, ...]]:
     """Starting point of the rounding: empty for "fractional" (no init step), else the init step's solution."""
-    return {} if init is None or not rels else solver_codes(ctx, init, rels)
+    return {} if init is None or not rels else solver_rounding(ctx, init, rels)
 
 
 def optimize(mods: list[SoftRounding], batch_loss: Callable[[torch.Generator], torch.Tensor], args: ReconArgs,
@@ -232,9 +234,9 @@ def output_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     """Squared error summed over features (optionally weighted element-wise), averaged over tokens; with
     `token_relative`, each token's error is divided by its target's squared norm first.
 
-    Why relative: from block 12 of SmolLM2-135M on, the first token of every window (an attention sink) has a hidden
-    state ~100x larger than the others and carries 99% of the block output's squared norm, so a plain MSE fits the
-    rounding to that one token and wrecks the rest (docs/results.md, issue 5). Default of BRECQ and QDrop."""
+    Why relative: in trained LLMs the first token of a window (an attention sink) can carry almost all of a block
+    output's squared norm, so a plain MSE fits the rounding to that one token and wrecks the rest (docs/results.md
+    measures it on the embedded model). Default of BRECQ and QDrop."""
     err = (pred.float() - target.float()).pow(2)
     if weight is not None:
         err = err * weight

@@ -1,23 +1,16 @@
 """Size accounting and the side-by-side results table."""
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
-from lowbit.formats import QuantSpec, bits_per_weight
+from lowbit.formats import storage_bits
 from lowbit.state import QuantState
 
 
-def weight_bits(spec: QuantSpec, shape: tuple[int, ...]) -> int:
-    """Bits stored for one quantized weight of `shape`: codes, 16-bit scales and zero points; the one count
-    behind the size column and the mixed-precision budget."""
-    return round(math.prod(shape) * bits_per_weight(spec, shape[-1]))
-
-
 def model_size(model: nn.Module, state: QuantState | None) -> float:
-    """Bytes to store the weights: quantized linears at their bit width (scales, zero points included),
-    every other parameter at 16 bits; tied parameters counted once."""
+    """Bytes to store the weights: quantized linears with their codes and every scale and zero point (16-bit
+    scales, 8-bit e8m0 / e4m3 block scales, NVFP4's 32-bit tensor scale), every other parameter at 16 bits;
+    tied parameters counted once."""
     records = state.weights if state else {}
     seen, total_bits = set(), 0.0
     for name, module in model.named_modules():
@@ -26,7 +19,7 @@ def model_size(model: nn.Module, state: QuantState | None) -> float:
                 continue
             seen.add(id(p))
             rec = records.get(name) if pname == "weight" else None
-            total_bits += weight_bits(rec.spec, tuple(p.shape)) if rec else p.numel() * 16
+            total_bits += storage_bits(rec.spec, tuple(p.shape)) if rec else p.numel() * 16
     return total_bits / 8
 
 
@@ -35,14 +28,17 @@ def _ppl(m: dict, key: str) -> str:
 
 
 def results_table(rows: list[dict]) -> str:
-    """Markdown table of runs: method, formats, perplexity (FP and compressed), size, time, peak memory."""
+    """Markdown table of runs: method, formats, perplexity (FP and compressed), size, time, peak memory, and the
+    achieved sparsity of block linears when any run prunes."""
+    sparse = any("sparsity" in m for m in rows)
     head = ("| method | weights | activations | ppl FP | ppl | Δppl | size MB (FP16) | quant time s | "
-            "peak RSS GB | eval tokens |")
+            "peak RSS GB | eval tokens |" + (" sparsity |" if sparse else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in rows:
         delta = f"{m['ppl']['ppl'] - m['ppl_fp']['ppl']:+.3f}" if "ppl" in m and "ppl_fp" in m else "-"
         tokens = m.get("ppl", m.get("ppl_fp", {})).get("tokens", "-")
         lines.append(f"| {'+'.join(m['steps'])} | {m['weights']} | {m['activations']} | {_ppl(m, 'ppl_fp')} | "
                      f"{_ppl(m, 'ppl')} | {delta} | {m['size_mb']:.1f} ({m['size_fp16_mb']:.1f}) | "
-                     f"{m['quant_time_s']:.1f} | {m['peak_rss_gb']:.2f} | {tokens} |")
+                     f"{m['quant_time_s']:.1f} | {m['peak_rss_gb']:.2f} | {tokens} |"
+                     + (f" {m['sparsity']['overall']:.2%} |" if "sparsity" in m else " - |" if sparse else ""))
     return "\n".join(lines)

@@ -4,16 +4,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
@@ -22,12 +21,14 @@ from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
-from lowbit.loading import cache_dir, load_model, resolve_model_path
+from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
+from lowbit.loading import cache_dir, empty_model, load_model, resolve_model_path
 from lowbit.models import get_adapter
-from lowbit.pipeline import check_finite, compress
+from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
-from lowbit.runfolder import save_run, write_atomic
+from lowbit.runfolder import new_run_id, save_run, seal_run
+from lowbit.sparsity import sparsity_report
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
@@ -72,13 +73,19 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
     """Perplexity of the uncompressed model, cached on disk since it is the same for every recipe."""
     cache = cache_dir() / "baselines"
     key_file = cache / f"{_baseline_key(model_path, recipe)}.json"
-    if key_file.exists():
-        result = json.loads(key_file.read_text())
-        result["cached"] = True
-        return result
+    try:
+        result = json.loads(key_file.read_text(encoding="utf-8"))
+        if isinstance(result, dict) and "ppl" in result:
+            return {**result, "cached": True}
+    except (OSError, ValueError):
+        pass  # missing or damaged: evaluate again and rewrite it
     result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    write_atomic(key_file, json.dumps(result))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(cache)
+        write_atomic(key_file, json.dumps(result))
+    except OSError as exc:
+        log.warning("could not cache the FP perplexity in %s (%s)", cache, exc.strerror or exc)
     return {**result, "cached": False}
 
 
@@ -86,30 +93,60 @@ def default_out_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
+    """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
+    empty = empty_model(recipe.model, DTYPES[recipe.dtype])
+    validate(empty, get_adapter(empty), plan)
+    params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
+    return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
+
+
+def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
+    """Create the hidden folder a run writes into, after checking the target and its free space."""
+    check_utf8_path(out_dir, "output folder")
+    if explicit and (out_dir.exists() or out_dir.is_symlink()):
+        raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(out_dir.parent)
+        staging = staging_path(out_dir)
+        staging.mkdir()
+        free = shutil.disk_usage(out_dir.parent).free
+    except OSError as exc:
+        raise LowbitError(f"cannot write the output folder {out_dir}: {exc.strerror or exc} "
+                          f"({exc.filename or out_dir.parent}): choose a writable --out") from None
+    if free < need_bytes:
+        staging.rmdir()
+        raise LowbitError(f"{out_dir.parent} has {free / 1e6:.0f} MB free but the run needs about "
+                          f"{need_bytes / 1e6:.0f} MB: free some space or choose another --out")
+    return staging
+
+
 def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
-    """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically."""
+    """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically.
+
+    Without an explicit `out_dir` the folder is runs/NAME-TIMESTAMP, suffixed -2, -3, ... if a concurrent run
+    took that name first. An interrupted run leaves at most a hidden staging folder that names its process."""
     plan = recipe.plan()
     steps = recipe.build_steps()
+    need_bytes = check_before_loading(recipe, plan)
+    staging = None
     if recipe.save:
-        out_dir = Path(out_dir or default_out_dir(recipe))
-        if out_dir.exists():
-            raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    else:
-        tmp_dir = None
-    handler = _log_to(tmp_dir)
+        explicit = out_dir is not None
+        out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
+        staging = _staging_folder(out_dir, explicit, need_bytes)
+    handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, tmp_dir, progress)
-        if tmp_dir is not None:
+        result = _run(recipe, plan, steps, staging, progress)
+        if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
-            os.replace(tmp_dir, out_dir)
-            result.out_dir = out_dir
+            seal_run(staging, result.metrics["run_id"])
+            result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
     except BaseException:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         if handler is not None:
@@ -138,7 +175,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, pr
     model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype])
     adapter = get_adapter(model)
     log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
-    metrics: dict = {"name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
+    metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
                      "weights": plan.weights.describe() if plan.weights else "fp",
                      "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
@@ -162,11 +199,20 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, pr
     metrics["peak_rss_gb"] = peak_rss_gb()
     check_finite(model)
     metrics["size_mb"] = model_size(model, state) / 1e6
+    sparsity = sparsity_report(model, adapter, state)
+    if sparsity is not None:
+        metrics["sparsity"] = sparsity
+        log.info("sparsity %.4f%% of %d block weights; per layer %s", 100 * sparsity["overall"], sparsity["weights"],
+                 sparsity["layers"])
     log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
 
     if recipe.evaluation:
         metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress)
         log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
     if tmp_dir is not None:
-        save_run(tmp_dir, recipe_to_yaml(recipe), metrics, model, tokenizer, state)
+        try:
+            save_run(tmp_dir, recipe_to_yaml(recipe), metrics, model, tokenizer, state)
+        except (OSError, SafetensorError) as exc:
+            raise LowbitError(f"writing the run failed: {write_error(exc)} (in {tmp_dir.parent}): free some space "
+                              f"or choose another --out; nothing was saved") from None
     return RunResult(metrics, None, model, state)

@@ -250,18 +250,11 @@ def heldout_windows(tokens: torch.Tensor, n_cal: int, seq_len: int, n: int, seed
                       f"calibration windows: lower the held-out windows or calibration.n_samples")
 
 
-def most_sensitive(table: SensitivityTable, k: int = 10) -> list[tuple[str, dict[str, float]]]:
-    """The k linears with the largest loss increase (hessian error if loss was not measured) in the narrowest
-    candidate format."""
+def most_sensitive(table: SensitivityTable, fmt: str, k: int = 10) -> list[tuple[str, dict[str, float]]]:
+    """The k linears with the largest loss increase in format `fmt` (hessian error if loss was not measured)."""
     metric = "loss" if "loss" in table.metrics() else "hessian"
-    narrowest = min(table.formats, key=lambda f: _bits(table.formats[f]))
-    rows = sorted(table.layers.items(), key=lambda kv: -kv[1][metric][narrowest])
-    return [(name, {m: row[m][narrowest] for m in METRICS if m in row}) for name, row in rows[:k]]
-
-
-def _bits(key: str) -> int:
-    kind = key.split()[0]  # "int4", "fp8-e4m3"
-    return int(kind.split("-")[0].lstrip("intfp"))
+    rows = sorted(table.layers.items(), key=lambda kv: -kv[1][metric][fmt])
+    return [(name, {m: row[m][fmt] for m in METRICS if m in row}) for name, row in rows[:k]]
 
 
 def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:

@@ -2,7 +2,7 @@
 
 Weights are stored dequantized in the model itself, so the model saves as a plain transformers checkpoint;
 `QuantState` keeps each quantized linear's format and parameters (needed for export and packing), the
-activation quantizers, and online input transforms (e.g. a Hadamard transform before a down projection),
+activation quantizers, sparsity masks, and online input transforms (e.g. a Hadamard transform before a down projection),
 attached through one forward pre-hook per module. `lowbit.runfolder` saves and loads it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
-from lowbit.formats import QuantSpec
+from lowbit.formats import QuantSpec, recover_codes
 
 # name -> factory(config, module) -> function applied to the module's input; steps register theirs
 INPUT_TRANSFORMS: dict[str, Callable[[dict, nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = {}
@@ -30,11 +30,20 @@ def register_input_transform(kind: str):
 
 @dataclass
 class WeightRecord:
-    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero."""
+    """Format and parameters a linear's weight was quantized with; codes = round(w / scale) + zero.
+
+    `scale` is the effective float32 scale; NVFP4 also records its per-tensor `global_scale` (stored block
+    scales are scale * global_scale, exactly e4m3 values).
+    """
 
     spec: QuantSpec
     scale: torch.Tensor
     zero: torch.Tensor
+    global_scale: torch.Tensor | None = None
+
+    def codes(self, weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+        """The codes of this record's dequantized `weight` (see `formats.recover_codes`)."""
+        return recover_codes(weight, self.scale, self.zero, self.spec, name)
 
 
 @dataclass
@@ -45,6 +54,7 @@ class QuantState:
     input_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     output_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
     transforms: dict[str, dict] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned weights (True = exactly zero), by linear
     _handles: list = field(default_factory=list)
 
     def install(self, model: nn.Module, prefix: str = "") -> None:

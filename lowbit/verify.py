@@ -81,12 +81,35 @@ def load_exported(path: str | Path) -> nn.Module:
                       f"'lowbit export'")
 
 
+def check_provenance(run_dir: str | Path, export_path: str | Path) -> None:
+    """Refuse an export that records another run (or another quantization state) than `run_dir`."""
+    from lowbit.export.base import export_provenance
+    from lowbit.runfolder import check_run_folder, provenance
+
+    check_run_folder(Path(run_dir))
+    if not Path(export_path).exists():
+        raise LowbitError(f"export {export_path} does not exist: give the path 'lowbit export' printed")
+    recorded = export_provenance(Path(export_path))
+    if recorded is None:
+        raise LowbitError(f"{export_path} records no lowbit provenance (not written by this lowbit version's "
+                          f"'lowbit export'): export the run again")
+    run = provenance(Path(run_dir))
+    for key in ("quant_state_sha256", "run_id"):
+        if recorded.get(key) != run[key]:
+            raise LowbitError(f"{export_path} was exported from run {recorded.get('run_id')} (quant state "
+                              f"{str(recorded.get('quant_state_sha256'))[:12]}), not from {run_dir} (run "
+                              f"{run['run_id']}, quant state {run['quant_state_sha256'][:12]}): verify a run "
+                              f"with its own export")
+
+
 def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2", split: str = "test",
            seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False) -> Comparison:
-    """Compare a run's simulated model with its export on the same token windows."""
+    """Compare a run's simulated model with its export on the same token windows (after checking that the
+    export was written from this run)."""
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.runfolder import load_run
 
+    check_provenance(run_dir, export_path)
     simulated, tokenizer, _ = load_run(run_dir)
     exported = load_exported(export_path)
     windows = eval_windows(tokenize(tokenizer, load_text(data, split)), seq_len, max_tokens)

@@ -52,7 +52,7 @@ def test_adaround_beats_rtn_on_a_real_layer_with_floor_or_ceil_codes():
     ctx = context()
     reconstruct_layers(ctx, ReconArgs(iters=30, batch_size=1, seed=0))
     ada_mse = output_mse()
-    assert ada_mse < 0.95 * rtn_mse  # measured: 3.26 vs 3.89 (sum over outputs)
+    assert ada_mse < 0.95 * rtn_mse
 
     rec = ctx.state.weights[f"model.layers.0.{rel}"]
     scaled, codes, s, z = _codes(linear.weight.data, rec.scale, rec.zero, spec)

@@ -58,3 +58,20 @@ def test_backends_command_prints_every_target(capsys):
     assert out.strip() == backends_table()
     for name in ("| compressed-tensors |", "| gguf-q8_0 |", "| gguf-q4_0 |", "int8 dynamic per-token"):
         assert name in out
+
+
+BLOCK_FP8 = QuantSpec(8, format="fp", block=(128, 64))
+
+
+def test_microscaling_and_block_schemes():
+    ct = "compressed-tensors"
+    assert select_scheme(ct, QuantSpec.named("mxfp4"), None).name == "mxfp4-pack-quantized"
+    assert select_scheme(ct, QuantSpec.named("nvfp4"), None).name == "nvfp4-pack-quantized"
+    assert select_scheme(ct, QuantSpec.named("mxfp8"), None).name == "mxfp8-quantized"
+    assert select_scheme(ct, BLOCK_FP8, QuantSpec(8, format="fp", group_size=64, dynamic=True)).name == "float-quantized"
+    with pytest.raises(LowbitError, match=r"must be per-token groups of the weight block's width 64 \(set"):
+        select_scheme(ct, BLOCK_FP8, QuantSpec(8, format="fp", group_size=128, dynamic=True), "recipe")
+    with pytest.raises(LowbitError, match="weights fp4-e2m1 .* no export target supports it"):
+        select_scheme(ct, QuantSpec(4, format="fp", group_size=32), None)
+    with pytest.raises(LowbitError, match="weights mxfp4 .* targets that support it: compressed-tensors"):
+        parse_recipe({"model": "no/such-model", "weights": {"format": "mxfp4"}, "target": "gguf-q4_0"})

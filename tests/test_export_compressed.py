@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export import export_run
-from lowbit.export.base import run_codes
 from lowbit.runfolder import load_run, load_state, save_state
 from lowbit.verify import compare, load_exported
 
@@ -36,7 +35,7 @@ def test_asymmetric_w4_float32_export_is_bit_exact(make_run, tmp_path, text_wind
     name = "model.layers.1.mlp.down_proj"
     weight = simulated.get_submodule(name).weight
     codes = unpack_from_int32(tensors[f"{name}.weight_packed"], 4, weight.shape)
-    assert torch.equal(codes.float(), run_codes(name, weight, state.weights[name]) - 8)
+    assert torch.equal(codes.float(), state.weights[name].codes(weight) - 8)
     comparison = compare(simulated, load_exported(out), text_windows)
     assert comparison.max_logit_diff < 1e-4 and comparison.top1_agreement == 1.0
 
@@ -85,6 +84,7 @@ def test_online_transform_is_refused(make_run, tmp_path):
         if f.is_file():
             (copy / f.name).write_bytes(f.read_bytes())
     (copy / "model").symlink_to(run / "model")
+    (copy / "manifest.json").unlink()  # a hand-edited folder: no manifest to contradict
     meta = json.loads((copy / "quant_state.json").read_text())
     meta["transforms"] = {"model.layers.0.mlp.down_proj": {"kind": "hadamard"}}
     (copy / "quant_state.json").write_text(json.dumps(meta))
@@ -105,7 +105,7 @@ def test_failure_while_writing_leaves_nothing(make_run, tmp_path):
     state.weights[name].scale = state.weights[name].scale * 1.37
     save_state(state, bad)
     (bad / "model").symlink_to(run / "model")
-    with pytest.raises(LowbitError, match=f"weight {name} is not on the grid"):
+    with pytest.raises(LowbitError, match=f"the weight of {name} is off its quantization grid"):
         export_run(bad, "compressed-tensors", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 

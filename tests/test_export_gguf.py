@@ -7,7 +7,6 @@ from transformers import AutoTokenizer
 
 from lowbit.errors import LowbitError
 from lowbit.export import export_run
-from lowbit.export.base import run_codes
 from lowbit.export.gguf_llama import exact_grid, rope_row_order
 from lowbit.formats import QuantSpec
 from lowbit.runfolder import load_run
@@ -25,7 +24,7 @@ def _expected(run, name, rows=None):
     simulated, _, state = load_run(run)
     rec = state.weights[name]
     weight = simulated.get_submodule(name).weight
-    codes = run_codes(name, weight, rec)
+    codes = rec.codes(weight)
     scale = rec.scale.half().float().reshape(weight.shape[0], -1)
     expected = (codes.reshape(weight.shape[0], scale.shape[1], -1) * scale[..., None]).reshape(weight.shape)
     return expected if rows is None else expected[rows]

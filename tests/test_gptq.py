@@ -10,7 +10,8 @@ from lowbit.steps.gptq import GPTQ, accumulate_hessians, gptq_quantize
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
 SPECS = [QuantSpec(4, symmetric=False, group_size=32), QuantSpec(3), QuantSpec(4, granularity="tensor"),
-         QuantSpec(4, format="fp"), QuantSpec(8, format="fp", group_size=32)]
+         QuantSpec(4, format="fp"), QuantSpec(8, format="fp", group_size=32), QuantSpec.named("mxfp4"),
+         QuantSpec.named("nvfp4"), QuantSpec.named("mxfp8"), QuantSpec(8, format="fp", block=(32, 32))]
 
 
 def _data(cols=128, rows=48, seed=0):
@@ -113,3 +114,22 @@ def test_true_sequential_uses_quantized_inputs():
     after = accumulate_hessians(ctx, [("self_attn.o_proj",)])["self_attn.o_proj"]
     assert not torch.allclose(before, after)
     assert ctx.is_quantized("self_attn.v_proj") and not ctx.is_quantized("self_attn.o_proj")
+
+
+def test_nvfp4_fused_linears_share_one_tensor_scale_and_off_grid_scales_are_refused():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 16))
+    ctx = next(block_contexts(model, QuantSpec.named("nvfp4"), ids))
+    GPTQ().on_block(ctx)
+    recs = {r: ctx.state.weights[ctx.full_name(r)] for r in ctx.linears()}
+    qkv = [recs[f"self_attn.{p}_proj"].global_scale for p in "qkv"]
+    amax = max(ctx.block.get_submodule(f"self_attn.{p}_proj").weight.abs().max() for p in "qkv")
+    assert torch.equal(qkv[0], qkv[1]) and torch.equal(qkv[0], qkv[2])
+    assert not torch.equal(qkv[0], recs["self_attn.o_proj"].global_scale)  # o_proj reads another input
+    # gs = 448 * 6 / fused amax (the largest weight lands exactly on 6 x a block scale of code 448, so it survives)
+    torch.testing.assert_close(qkv[0], 448 * 6 / amax.reshape(1), rtol=1e-6, atol=0)
+    mx = next(block_contexts(tiny_llama(), QuantSpec.named("mxfp4"), ids))
+    w = mx.block.get_submodule("self_attn.o_proj").weight.data
+    scale, zero = observe(w, QuantSpec.named("mxfp4"))
+    with pytest.raises(LowbitError, match="are not e8m0 values"):
+        mx.set_quantized_weight("self_attn.o_proj", w, QuantSpec.named("mxfp4"), scale * 1.1, zero)

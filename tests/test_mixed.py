@@ -11,12 +11,13 @@ import yaml
 
 from lowbit.allocate import allocate, solve_mck
 from lowbit.cli import main
+from lowbit.formats import storage_bits
 from lowbit.data import calibration_windows, load_text, tokenize
 from lowbit.export import export_run
 from lowbit.loading import load_model
 from lowbit.models import get_adapter
 from lowbit.recipe import BudgetConfig, format_from_name, load_recipe, parse_recipe
-from lowbit.report import model_size, weight_bits
+from lowbit.report import model_size
 from lowbit.run import run_recipe
 from lowbit.runfolder import load_run
 from lowbit.sensitivity import Candidate, heldout_windows, measure, solve_weight
@@ -75,7 +76,7 @@ def test_allocation_is_optimal_and_meets_the_budget_as_the_size_column_counts(ti
     model, _, table, cands, linears, _, _ = _tiny_table(tiny_llama, ["w2g32", "w4g32"])
     names = list(linears)
     values = table.values("hessian", names, list(cands))
-    costs = np.array([[weight_bits(cands[f].spec, tuple(linears[n].weight.shape)) for f in cands] for n in names])
+    costs = np.array([[storage_bits(cands[f].spec, tuple(linears[n].weight.shape)) for f in cands] for n in names])
     for avg in (2.6, 3.3, 4.0):
         alloc = allocate(table, cands, linears, model, BudgetConfig(avg_bits=avg), "hessian")
         n_weights = sum(m.weight.numel() for m in linears.values())
@@ -119,7 +120,7 @@ def test_budget_run_resolves_to_a_layers_map_that_reruns_identically(tiny_llama,
     result = run_recipe(recipe, tmp_path / "run", progress=False)
     alloc = result.metrics["allocation"]
     assert alloc["avg_bits"] <= 3.2 and len(set(alloc["formats"].values())) > 1
-    counted = sum(weight_bits(rec.spec, tuple(result.model.get_submodule(n).weight.shape))
+    counted = sum(storage_bits(rec.spec, tuple(result.model.get_submodule(n).weight.shape))
                   for n, rec in result.state.weights.items())
     assert counted == alloc["bits"]
     assert result.metrics["size_mb"] == pytest.approx(model_size(result.model, result.state) / 1e6)

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import make_tiny
+from lowbit.context import BlockContext, FormatPlan, ModelContext
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
-from lowbit.pipeline import BlockContext, FormatPlan, ModelContext, capture_block_inputs, compress
+from lowbit.pipeline import capture_block_inputs, compress, install_act_quantizers
 from lowbit.state import QuantState
 from lowbit.steps import Step, get_step
 
@@ -137,3 +138,38 @@ def test_collect_stop_early_skips_the_rest_of_the_block(calib_ids):
         assert torch.equal(torch.cat(full[r]), torch.cat(early[r]))
     for h in hooks:
         h.remove()
+
+
+def test_trial_rolls_back_the_block_and_its_quant_state(calib_ids):
+    """Whatever a candidate changes inside `trial` (weights, norms, solved records, transforms, activation ranges,
+    hooks) is as before afterwards, so the block computes exactly what it did."""
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    plan = FormatPlan(weights=QuantSpec(bits=4), activations=QuantSpec(bits=8, granularity="tensor", dynamic=False))
+    mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids)
+    ctx = BlockContext(mctx, 0, adapter.blocks(model)[0], inputs, args, kwargs)
+    install_act_quantizers(ctx)
+    mctx.state.install(model, ctx.name + ".")
+    ctx.round_to_nearest("self_attn.q_proj")
+    ctx.calibrate_activations()
+    before_out = ctx.forward()
+    before_params = {n: p.clone() for n, p in ctx.block.named_parameters()}
+    before_ranges = {n: q.scale.clone() for n, q in mctx.state.input_quantizers.items()}
+    before_records = dict(mctx.state.weights)
+    with ctx.trial():
+        ctx.block.input_layernorm.weight.data.mul_(3)
+        for rel in ctx.pending():
+            ctx.round_to_nearest(rel)
+        mctx.state.transforms[ctx.full_name("mlp.down_proj")] = {"kind": "hadamard", "size": 128}
+        mctx.state.install(model, ctx.name + ".")
+        for q in ctx.act_quantizers().values():
+            q.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+        assert not torch.equal(ctx.forward(), before_out)
+    assert ctx.quantized == {"self_attn.q_proj"} and mctx.state.weights == before_records
+    assert not mctx.state.transforms
+    for n, p in ctx.block.named_parameters():
+        assert torch.equal(p, before_params[n]), n
+    for n, q in mctx.state.input_quantizers.items():
+        assert torch.equal(q.scale, before_ranges[n]), n
+    assert torch.equal(ctx.forward(), before_out)

@@ -5,7 +5,8 @@ import yaml
 
 from lowbit.cli import main
 from lowbit.errors import LowbitError
-from lowbit.recipe import apply_overrides, load_recipe, parse_recipe
+from lowbit.formats import QuantSpec
+from lowbit.recipe import apply_overrides, load_recipe, parse_recipe, recipe_to_yaml
 
 
 def _write(tmp_path, data) -> str:
@@ -17,7 +18,7 @@ def _write(tmp_path, data) -> str:
 def test_steps_shapes_and_overrides(tmp_path):
     path = _write(tmp_path, {"steps": ["rtn"], "weights": {"bits": 4, "group_size": 64}})
     recipe = load_recipe(path, ["weights.bits=3", "calibration.n_samples=8", "evaluation=null"])
-    assert recipe.weights.bits == 3 and recipe.weights.granularity == "group"
+    assert recipe.weights.bits == 3 and recipe.plan().weights.granularity == "group"
     assert recipe.calibration.n_samples == 8 and recipe.evaluation is None
     assert [s.name for s in recipe.steps] == ["rtn"]
     assert recipe.plan().weights.group_size == 64
@@ -115,3 +116,26 @@ def test_failed_run_leaves_no_folder(capsys, tiny_dirs, tmp_path):
 def test_report_table(capsys, tmp_path):
     code, err = _cli(capsys, "report", str(tmp_path))
     assert code == 2 and "has no metrics.json" in err
+
+
+@pytest.mark.parametrize("weights, activations, steps, words", [
+    ({"format": "mxfp4", "group_size": 16}, None, ["rtn"], "weights: Value error, group_size does not apply to format mxfp4"),
+    ({"format": "fp", "bits": 8, "block": [128]}, None, ["rtn"], "weights.block.1"),
+    ({"format": "fp", "bits": 8, "block": [128, 128]}, {"format": "fp", "bits": 8, "block": [1, 128]}, ["rtn"],
+     "activations cannot use 2-D blocks"),
+    ({"format": "nvfp4"}, {"format": "nvfp4", "dynamic": True}, ["rtn"], "activations: nvfp4 needs a calibrated"),
+    ({"format": "nvfp4"}, None, ["awq"], "step awq cannot solve nvfp4 weights"),
+])
+def test_microscaling_recipe_errors_are_one_line(weights, activations, steps, words):
+    with pytest.raises(LowbitError) as err:
+        parse_recipe({"weights": weights, "activations": activations, "steps": steps})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_named_formats_and_blocks_parse():
+    recipe = parse_recipe({"weights": {"format": "nvfp4", "observer": "mse"}, "steps": ["gptq"]})
+    assert recipe.plan().weights == QuantSpec.named("nvfp4") and recipe.plan().weight_observer == "mse"
+    recipe = parse_recipe({"weights": {"format": "fp", "bits": 8, "block": [128, 64]},
+                           "activations": {"format": "fp", "bits": 8, "group_size": 64, "dynamic": True}})
+    assert recipe.plan().weights.describe() == "fp8-e4m3 block 128x64"
+    assert parse_recipe(yaml.safe_load(recipe_to_yaml(recipe))).plan() == recipe.plan()

@@ -20,18 +20,24 @@ def load_text(source: str, split: str = "test") -> str:
             raise LowbitError(f"wikitext2 has splits test and validation, not {split!r}")
         return (WIKITEXT2 / _SPLITS[split]).read_text(encoding="utf-8")
     path = Path(source).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".json") or path.exists():
+    looks_local = source.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.exists())
+    if path.suffix in (".txt", ".jsonl", ".json") or path.exists() or looks_local:
         if not path.is_file():
             raise LowbitError(f"text file {source} does not exist: give a .txt or .jsonl file, or 'wikitext2'")
-        if path.suffix in (".jsonl", ".json"):
-            return _read_jsonl(path)
-        return path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise LowbitError(f"text file {source} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                              f"{exc.start}): convert it to UTF-8") from None
+        except OSError as exc:
+            raise LowbitError(f"cannot read text file {source}: {exc.strerror or exc}") from None
+        return _read_jsonl(path, text) if path.suffix in (".jsonl", ".json") else text
     return _load_hf_dataset(source, split)
 
 
-def _read_jsonl(path: Path) -> str:
+def _read_jsonl(path: Path, content: str) -> str:
     texts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(content.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -55,7 +61,10 @@ def _load_hf_dataset(source: str, split: str) -> str:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # the datasets library raises many unrelated types for a missing dataset
         raise LowbitError(f"could not load dataset {source!r} split {split!r}: {str(exc).splitlines()[0]}") from exc
-    return "\n\n".join(ds["text"])
+    if "text" not in ds.column_names:
+        raise LowbitError(f"dataset {source!r} has no 'text' column (it has {', '.join(ds.column_names)}): give a "
+                          f"dataset with a text column, or a .txt/.jsonl file")
+    return "\n\n".join(str(t) for t in ds["text"])
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

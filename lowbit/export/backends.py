@@ -26,9 +26,10 @@ class Scheme:
     note: str = ""
 
     def accepts(self, prop: str, value: str) -> bool:
+        """True if `value` is allowed; an allowed entry ending in '*' accepts any value with that prefix."""
         allowed = {"weights": self.weights, "weight symmetry": self.symmetry,
                    "weight granularity": self.granularity, "activations": self.activations}[prop]
-        return allowed is ANY or value in allowed
+        return allowed is ANY or any(value == a or (a.endswith("*") and value.startswith(a[:-1])) for a in allowed)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         Scheme("pack-quantized", ("int4", "int8"), ("symmetric", "asymmetric"), ("per-channel", *_GROUPS), ("none",),
                "W4A16 / W8A16"),
         Scheme("int-quantized", ("int8",), ("symmetric",), ("per-channel", "per-tensor"), _INT8_ACTS, "W8A8"),
-        Scheme("float-quantized", ("fp8-e4m3",), ANY, ("per-channel", "per-tensor"), ("none", *_FP8_ACTS), "FP8"),
+        Scheme("float-quantized", ("fp8-e4m3",), ANY, ("per-channel", "per-tensor", "block *"),
+               ("none", *_FP8_ACTS, "fp8-e4m3 dynamic group *"),
+               "FP8; block weights (DeepSeek-style) with per-token-group activations of the block's width"),
+        Scheme("mxfp4-pack-quantized", ("mxfp4",), ANY, ANY, ("none",), "W4A16 MXFP4"),
+        Scheme("nvfp4-pack-quantized", ("nvfp4",), ANY, ANY, ("none",),
+               "W4A16 NVFP4; one per-tensor scale per fused q/k/v and gate/up"),
+        Scheme("mxfp8-quantized", ("mxfp8",), ANY, ANY, ("none",), "W8A16 MXFP8"),
     )),
     Target("gguf-q8_0", "llama.cpp", (Scheme("Q8_0", ("int8",), ANY, ANY, ("none",), _GGUF_NOTE),)),
     Target("gguf-q4_0", "llama.cpp", (Scheme("Q4_0", ("int4",), ANY, ANY, ("none",), _GGUF_NOTE),)),
@@ -58,18 +65,15 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 
 
 def weight_key(spec: QuantSpec) -> str:
-    return f"fp{spec.bits}-{spec.fp_variant}" if spec.format == "fp" else f"int{spec.bits}"
-
-
-def granularity_key(spec: QuantSpec) -> str:
-    return f"group {spec.group_size}" if spec.granularity == "group" else f"per-{spec.granularity}"
+    """A named microscaling format (mxfp4, ...) or the element type (int4, fp8-e4m3, ...)."""
+    return spec.name or spec.element_key
 
 
 def act_key(spec: QuantSpec | None) -> str:
     """'none', or e.g. 'int8 dynamic per-token' (' asymmetric' appended when it is)."""
     if spec is None:
         return "none"
-    key = f"{weight_key(spec)} {'dynamic' if spec.dynamic else 'static'} {granularity_key(spec)}"
+    key = f"{weight_key(spec)} {'dynamic' if spec.dynamic else 'static'} {spec.granularity_key}"
     return key if spec.symmetric or spec.format == "fp" else f"{key} asymmetric"
 
 
@@ -77,7 +81,7 @@ def layer_properties(weights: QuantSpec, acts: QuantSpec | None) -> list[tuple[s
     props = [("weights", weight_key(weights))]
     if weights.format == "int":
         props.append(("weight symmetry", "symmetric" if weights.symmetric else "asymmetric"))
-    props += [("weight granularity", granularity_key(weights)), ("activations", act_key(acts))]
+    props += [("weight granularity", weights.granularity_key), ("activations", act_key(acts))]
     return props
 
 
@@ -108,6 +112,7 @@ def select_scheme(target: str, weights: QuantSpec | None, acts: QuantSpec | None
     for scheme in tgt.schemes:
         missing = [(p, v) for p, v in props if not scheme.accepts(p, v)]
         if not missing:
+            _check_block_acts(target, weights, acts, at)
             return scheme
         # report against the closest scheme, preferring one that runs the layer's activation format
         candidates.append((len(missing), not scheme.accepts("activations", act_key(acts)), missing, scheme))
@@ -121,6 +126,14 @@ def select_scheme(target: str, weights: QuantSpec | None, acts: QuantSpec | None
                       f"{' | '.join(allowed)}); {support}")
 
 
+def _check_block_acts(target: str, weights: QuantSpec, acts: QuantSpec | None, at: str) -> None:
+    """Engines quantize the activations of a block-scaled FP8 linear in per-token groups of the block's width."""
+    if weights.granularity == "block" and acts is not None and acts.group_size != weights.block[1]:
+        raise LowbitError(f"cannot export to {target}: activations {act_key(acts)}{at} must be per-token groups of "
+                          f"the weight block's width {weights.block[1]} (set activations.group_size: "
+                          f"{weights.block[1]}, dynamic: true)")
+
+
 def check_transforms(target: str, transforms: dict[str, dict]) -> None:
     """Online transforms would have to run inside the engine; no target here can declare ours, so refuse."""
     for name, cfg in transforms.items():
@@ -128,8 +141,18 @@ def check_transforms(target: str, transforms: dict[str, dict]) -> None:
                           f"supported by any export target; use a recipe whose transforms fold into the weights")
 
 
+SPARSE_TARGETS = {"compressed-tensors": "sparsity_config (format dense: zeros stored in place, structure recorded)"}
+
+
+def check_sparsity(target: str, masks: dict) -> None:
+    """A sparse run exports only where the format records its sparsity; GGUF has no notion of it."""
+    if masks and target not in SPARSE_TARGETS:
+        raise LowbitError(f"cannot export to {target}: sparsity ({len(masks)} pruned linears) is not representable "
+                          f"in {target}; targets that support it: {', '.join(SPARSE_TARGETS)}")
+
+
 def check_settings(target: str, settings) -> None:
-    """Validate a recipe's formats (`pipeline.Settings`) against `target` before any work starts."""
+    """Validate a recipe's formats (`context.FormatPlan`) against `target` before any work starts."""
     for spec in [settings.weights] + [spec for _, spec in settings.overrides]:
         select_scheme(target, spec, settings.activations, "recipe")
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import LoadedRun, register_exporter, run_codes, stored_scale
+from lowbit.export.base import LoadedRun, register_exporter, stored_scale
 from lowbit.formats import QuantSpec
 
 BLOCK = 32
@@ -86,7 +86,7 @@ def quantized_tensor(name: str, linear: nn.Linear, run: LoadedRun, qtype, bits: 
     if not exact_grid(rec.spec, bits):
         w = w if row_order is None else w[row_order]
         return gguf.quants.quantize(w.numpy(), qtype), False
-    codes = run_codes(name, w, rec)
+    codes = rec.codes(w, name)
     d = _block_scales(rec, rows, cols)
     if row_order is not None:
         codes, d = codes[row_order], d[row_order]
@@ -180,6 +180,9 @@ def write_gguf(run: LoadedRun, path: Path) -> list[str]:
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{types.most_common(1)[0][0]}"])
     add_tokenizer(writer, run.tokenizer, config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in run.provenance.items():
+        if value is not None:
+            writer.add_string(f"lowbit.{key}", value)
     heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
     exact, refit, kept = 0, [], []
     for pname, param in model.named_parameters():

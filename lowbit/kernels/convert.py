@@ -16,13 +16,10 @@ from torch import nn
 
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
-from lowbit.formats import QuantSpec, dequantize, group_view, quantize
+from lowbit.formats import QuantSpec, expand_params
 from lowbit.kernels.linear import (INT4_GROUPS, INT4_N_MULTIPLE, DequantLinear, Int4WeightLinear, Int8WeightLinear,
                                    W8A8Linear)
 from lowbit.state import QuantState, WeightRecord
-
-GRID_TOLERANCE = 0.01  # largest allowed |w - dequantized code| in units of the scale
-
 
 @dataclass(frozen=True)
 class LayerKernel:
@@ -34,25 +31,6 @@ class LayerKernel:
     activations: str
     compute: str
     note: str = ""
-
-
-def per_weight(p: torch.Tensor, spec: QuantSpec, shape: torch.Size) -> torch.Tensor:
-    """A per-group parameter (scale or zero point) broadcast to one value per weight."""
-    rows, length = group_view(torch.empty(shape, device="meta"), spec).shape
-    return p.reshape(rows, 1).expand(rows, length).reshape(shape)
-
-
-def weight_codes(name: str, weight: torch.Tensor, rec: WeightRecord) -> torch.Tensor:
-    """Integer codes (as float) of a dequantized weight; refuses weights that are not on their grid."""
-    w = weight.detach().float()
-    scale, zero = rec.scale.float(), rec.zero.float()
-    with torch.no_grad():
-        q = quantize(w, scale, zero, rec.spec)
-        err = ((dequantize(q, scale, zero, rec.spec) - w).abs() / per_weight(scale, rec.spec, w.shape)).max()
-    if err > GRID_TOLERANCE:
-        raise LowbitError(f"the weight of {name} is off its quantization grid by {err:.3f} steps: the model was "
-                          f"changed after quantization or loaded in a lower precision; load the run in float32")
-    return q
 
 
 def int8_activations(act: ActQuantizer | None) -> bool:
@@ -74,8 +52,8 @@ def int4_group(spec: QuantSpec, in_features: int) -> int | None:
 
 def _row_params(rec: WeightRecord, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel scale and zero point [out] of a per-channel or per-tensor weight."""
-    scale = per_weight(rec.scale.float(), rec.spec, shape)[:, 0]
-    zero = per_weight(rec.zero.float(), rec.spec, shape)[:, 0]
+    scale = expand_params(rec.scale.float(), rec.spec, shape)[:, 0]
+    zero = expand_params(rec.zero.float(), rec.spec, shape)[:, 0]
     return scale, zero
 
 
@@ -92,8 +70,8 @@ def build_int4(q: torch.Tensor, rec: WeightRecord, group: int, dtype: torch.dtyp
     w = (q - z) * s = (u - 8) * s + (8 - shift - z) * s: the kernel's scale s and additive zero (8 - shift - z) * s."""
     n, k = q.shape
     shift = 8 if rec.spec.symmetric else 0
-    scale = per_weight(rec.scale.float(), rec.spec, q.shape)[:, ::group]
-    zero = per_weight(rec.zero.float(), rec.spec, q.shape)[:, ::group]
+    scale = expand_params(rec.scale.float(), rec.spec, q.shape)[:, ::group]
+    zero = expand_params(rec.zero.float(), rec.spec, q.shape)[:, ::group]
     u = (q + shift).to(torch.int32)
     pad = -n % INT4_N_MULTIPLE
     if pad:
@@ -124,7 +102,7 @@ def real_linear(name: str, linear: nn.Linear, rec: WeightRecord, act: ActQuantiz
     if spec.format != "int":
         return linear, LayerKernel(name, "dense (unchanged)", spec.describe(), act_desc + " (simulated)",
                                    _dtype_name(dtype), "no integer kernel for minifloat weights")
-    q = weight_codes(name, linear.weight, rec)
+    q = rec.codes(linear.weight, name)
     per_row = spec.granularity in ("channel", "tensor")
     centered_int8 = spec.symmetric or spec.bits <= 7
     if per_row and centered_int8 and int8_activations(act):

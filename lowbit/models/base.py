@@ -50,6 +50,7 @@ class Adapter:
     attn_out: str  # the attention's output projection (with mlp_out, the linears writing the residual stream)
     kv_linears: tuple[str, ...]  # the key and value projections (their outputs are what a KV cache stores)
     linear_order: tuple[str, ...] = field(default=())  # block linears in execution order
+    pre_norm_flag: str | None = None  # config key that is false when blocks normalize after the residual add
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -70,6 +71,27 @@ class Adapter:
         """Channels per attention head, from the transformers config."""
         config = model.config
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def hidden_size(self, model: nn.Module) -> int:
+        """Width of the residual stream."""
+        return model.config.hidden_size
+
+    def pre_norm(self, model: nn.Module) -> bool:
+        """Whether each block normalizes its input before attention and MLP (rather than after the residual add)."""
+        return self.pre_norm_flag is None or bool(getattr(model.config, self.pre_norm_flag, True))
+
+    def tied_head(self, model: nn.Module) -> bool:
+        """Whether the head shares its weight with an input embedding."""
+        return any(self.head(model).weight is e.weight for e in self.embeddings(model))
+
+    def untie_head(self, model: nn.Module) -> None:
+        """Give the head its own copy of the weight and record that in the config, so the checkpoint keeps both."""
+        head = self.head(model)
+        if self.tied_head(model):
+            head.weight = nn.Parameter(head.weight.data.clone())
+        model.config.tie_word_embeddings = False
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text.tie_word_embeddings = False
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """The block's linear layers in execution order, by relative name."""

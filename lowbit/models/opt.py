@@ -21,4 +21,5 @@ OPT = register_adapter(Adapter(
     kv_linears=("self_attn.k_proj", "self_attn.v_proj"),
     mlp_out="fc2",
     linear_order=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    pre_norm_flag="do_layer_norm_before",  # False for OPT-350m
 ))

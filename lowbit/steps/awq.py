@@ -9,11 +9,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lowbit.context import BlockContext
+from lowbit.context import BlockContext, round_to_nearest
 from lowbit.fold import pair_expand, pair_reduce, scale_norm_group, scale_pair
 from lowbit.formats import QuantSpec, fake_quant, group_view, qparams_from_range
 from lowbit.models.base import LinearPair, NormGroup
-from lowbit.observers import observe
 from lowbit.steps.base import Step, StepArgs, register_step
 
 
@@ -53,22 +52,20 @@ def fold_scale(ctx: BlockContext, unit: ScaleUnit, s: torch.Tensor) -> None:
     if unit.group is not None:
         scale_norm_group(ctx.block, unit.group, s)
     else:
-        scale_pair(ctx.block, ctx.adapter, unit.pair, pair_reduce(ctx.block, ctx.adapter, unit.pair, s))
+        scale_pair(ctx.block, unit.pair, pair_reduce(ctx.block, unit.pair, s, ctx.head_dim), ctx.head_dim)
 
 
 def _tie_heads(ctx: BlockContext, unit: ScaleUnit, stat: torch.Tensor) -> torch.Tensor:
     """Average a per-o_proj-input statistic over the heads sharing one KV head, so scales can fold into v_proj."""
     if unit.pair is None:
         return stat
-    mean = pair_reduce(ctx.block, ctx.adapter, unit.pair, stat, "mean")
-    return pair_expand(ctx.block, ctx.adapter, unit.pair, mean)
+    mean = pair_reduce(ctx.block, unit.pair, stat, ctx.head_dim, "mean")
+    return pair_expand(ctx.block, unit.pair, mean, ctx.head_dim)
 
 
 def quantize_scaled(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Q(W·diag(s))·diag(s)⁻¹ with min-max parameters: what W computes once s is folded and W·s quantized."""
-    ws = w * s
-    scale, zero = observe(ws, spec, "minmax")
-    return fake_quant(ws, scale, zero, spec) / s
+    return round_to_nearest(w * s, spec, "minmax")[0] / s
 
 
 class _Replay:
@@ -149,7 +146,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, grid: int, ma
     gw = group_view(w, spec).reshape(w.shape[0], -1, group_view(w, spec).shape[-1])  # [out, ng, g]
     xg = x.reshape(x.shape[0], gw.shape[1], gw.shape[2]).transpose(0, 1)  # [ng, t, g]
     lo0, hi0 = gw.amin(-1), gw.amax(-1)
-    row_spec = spec.with_(granularity="channel", group_size=None)
+    row_spec = spec.row_spec()
     best = torch.full_like(lo0, float("inf"))
     best_r = torch.ones_like(lo0)
     for i in range(int(max_shrink * grid) + 1):

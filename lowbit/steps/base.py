@@ -37,6 +37,7 @@ class Step:
     solves_weights: bool = False  # can produce the final rounding of pending weights (else the pipeline rounds)
     defers_rounding: bool = False  # rounds only if no later step solves weights (else leaves them FP for it)
     transforms_block: bool = False  # changes block parameters other than the weights it rounds
+    keeps_zeros: bool = True  # zero weights stay zero (False: mixes input channels; refused after pruning)
 
     def __init__(self, args: BaseModel | None = None):
         self.args = args if args is not None else self.Args()

@@ -72,4 +72,8 @@ class BRECQ(Step):
 
     def on_block(self, ctx: BlockContext) -> None:
         reconstruct_block(ctx, self.args, self.init, quantize_acts=ctx.plan.activations is not None,
-                          fisher=None if self.fisher is None else self.fisher[ctx.index])
+                          drop=self.drop(), fisher=None if self.fisher is None else self.fisher[ctx.index])
+
+    def drop(self) -> float | None:
+        """Probability of replacing a quantized activation by its FP value during training (None: never; QDrop)."""
+        return None

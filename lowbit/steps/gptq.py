@@ -3,17 +3,27 @@ quantized through the inverse Hessian of the layer's calibration inputs (H = 2 X
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from pydantic import Field
 
 from lowbit.context import BlockContext
-from lowbit.formats import QuantSpec, fake_quant, params_shape
+from lowbit.errors import LowbitError
+from lowbit.formats import QuantSpec, fake_quant, global_scale, params_shape
 from lowbit.observers import observe
 from lowbit.steps.base import Step, StepArgs, register_step
 
 log = logging.getLogger("lowbit")
+
+
+class Selector(Protocol):
+    """Chooses which weights to prune every `every` columns, from the compensated weights and the inverse
+    Hessian's Cholesky diagonal of those columns; returns their mask (True = prune)."""
+
+    every: int
+
+    def __call__(self, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor: ...
 
 
 class GPTQArgs(StepArgs):
@@ -46,37 +56,57 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise AssertionError("Cholesky failed even with damp=1e3; the Hessian is not finite")
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: str = "minmax", damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, observer: str = "minmax",
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                  gs: torch.Tensor | None = None, mask: torch.Tensor | None = None, select: Selector | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Quantize `w` [out, in] given the Hessian `h` [in, in] of its inputs; returns (dequantized w, scale, zero).
 
     Scale and zero are shaped like `params_shape(w, spec)`. Columns with H_ii = 0 never see any input:
     they are set to zero. Per-channel and per-tensor parameters come from the whole (original) weight;
     per-group parameters from each group's columns as they are reached, or from the original weight if
-    `static_groups` (forced by `act_order`, so groups stay contiguous in the original column order).
+    `static_groups` (forced by `act_order`, so groups stay contiguous in the original column order); 2-D blocks
+    always from the original weight. `gs`: NVFP4's per-tensor scale (shared across fused linears).
+
+    Sparsity (SparseGPT, Frantar & Alistarh 2023): weights where `mask` [out, in] is True become exactly zero
+    and their error is compensated like a rounding error. `select` fills `mask` in place as columns are
+    reached, from the compensated weights (adaptive mask selection). `spec` None prunes without quantizing.
     """
     w = w.detach().float().clone()
     h = h.detach().float().clone()
     rows, cols = w.shape
+    if select is not None and (act_order or block_size % select.every):
+        raise LowbitError(f"mask selection every {select.every} columns needs act_order off and a block_size that "
+                          f"is a multiple of {select.every}")
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    col_spec = spec.with_(granularity="channel", group_size=None)
-    grouped = spec.granularity == "group"
-    static = not grouped or static_groups or act_order
-    if static:
-        scale, zero = observe(w, spec, observer)
-        if spec.granularity == "tensor":
-            row_scale, row_zero = scale.expand(rows, 1), zero.expand(rows, 1)
+    if mask is not None:
+        w.masked_fill_(mask, 0)
+    grouped = spec is not None and spec.granularity in ("group", "block")
+    static = spec is None or spec.granularity != "group" or static_groups or act_order
+    scale = zero = None
+    if spec is not None:
+        if gs is None:  # every group's FP8 scale must sit under the same tensor scale
+            gs = global_scale(w.abs().max(), spec)
+        col_spec = spec.row_spec()
+        width = spec.block[1] if spec.granularity == "block" else spec.group_size
+        if static:
+            scale, zero = observe(w, spec, observer, gs=gs)
+            if spec.granularity == "tensor":
+                row_scale, row_zero = scale.expand(rows, 1), zero.expand(rows, 1)
+            elif spec.granularity == "block":  # one row of block scales per weight row
+                row_scale = scale.repeat_interleave(spec.block[0], 0)[:rows]
+                row_zero = zero.repeat_interleave(spec.block[0], 0)[:rows]
+            else:
+                row_scale, row_zero = scale.reshape(rows, -1), zero.reshape(rows, -1)
         else:
-            row_scale, row_zero = scale.reshape(rows, -1), zero.reshape(rows, -1)
-    else:
-        row_scale = torch.empty(rows, cols // spec.group_size)
-        row_zero = torch.empty_like(row_scale)
+            row_scale = torch.empty(rows, cols // spec.group_size)
+            row_zero = torch.empty_like(row_scale)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // spec.group_size if grouped else torch.zeros(cols, dtype=torch.long)
+    pmask = mask[:, perm] if mask is not None and act_order else mask
+    group_of = perm // width if grouped else torch.zeros(cols, dtype=torch.long)
     u = robust_inverse_cholesky(h, damp)
     q = torch.empty_like(w)
     for i1 in range(0, cols, block_size):
@@ -85,13 +115,20 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, observer: s
         err = torch.empty_like(w1)
         for i in range(i2 - i1):
             c = i1 + i
+            if select is not None and i % select.every == 0:
+                n = min(select.every, i2 - c)
+                pmask[:, c:c + n] = select(w1[:, i:i + n], u1.diagonal()[i:i + n])
             if not static and c % spec.group_size == 0:
                 chunk = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :spec.group_size]
-                s, z = observe(chunk, col_spec, observer)
+                if pmask is not None:
+                    chunk = chunk.masked_fill(pmask[:, c:c + spec.group_size], 0)
+                s, z = observe(chunk, col_spec, observer, gs=gs)
                 row_scale[:, c // spec.group_size], row_zero[:, c // spec.group_size] = s[:, 0], z[:, 0]
-            g = group_of[c]
             col = w1[:, i]
-            qc = _round_column(col, row_scale[:, g], row_zero[:, g], col_spec)
+            qc = col if spec is None else _round_column(col, row_scale[:, group_of[c]], row_zero[:, group_of[c]],
+                                                        col_spec)
+            if pmask is not None:
+                qc = qc.masked_fill(pmask[:, c], 0)
             q[:, c] = qc
             e = (col - qc) / u1[i, i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
@@ -134,7 +171,7 @@ class GPTQ(Step):
 
     By default all Hessians come from one pass over the block before any of it is quantized (as llm-compressor
     does); `true_sequential` quantizes q/k/v first, then collects o_proj's inputs through the quantized q/k/v,
-    and so on: one more partial block forward per group, for no measured gain on the embedded model.
+    and so on: one more partial block forward per group (docs/results.md compares both).
     """
 
     name = "gptq"
@@ -160,16 +197,19 @@ class GPTQ(Step):
         batches: dict[QuantSpec, list[str]] = {}
         for rel in group:
             spec = ctx.weight_spec(rel)
-            key = spec if spec.granularity != "tensor" else (spec, rel)
+            key = spec if spec.granularity not in ("tensor", "block") else (spec, rel)
             batches.setdefault(key, []).append(rel)
         for rels in batches.values():
             spec = ctx.weight_spec(rels[0])
             weights = [ctx.block.get_submodule(r).weight.data for r in rels]
+            masks = [ctx.state.masks.get(ctx.full_name(r)) for r in rels]
+            mask = None if all(m is None for m in masks) else torch.cat(
+                [torch.zeros_like(wt, dtype=torch.bool) if m is None else m for m, wt in zip(masks, weights)])
             q, scale, zero = gptq_quantize(torch.cat(weights), h, spec, observer, a.damp, a.block_size,
-                                           a.act_order, a.static_groups)
+                                           a.act_order, a.static_groups, gs=ctx.global_scale(rels[0]), mask=mask)
             start = 0
             for rel, weight in zip(rels, weights):
                 end = start + weight.shape[0]
-                s, z = (scale, zero) if spec.granularity == "tensor" else (scale[start:end], zero[start:end])
+                s, z = (scale, zero) if spec.granularity in ("tensor", "block") else (scale[start:end], zero[start:end])
                 ctx.set_quantized_weight(rel, q[start:end], spec, s, z)
                 start = end

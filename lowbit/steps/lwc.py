@@ -14,15 +14,15 @@ from lowbit.steps.base import Step, StepArgs, register_step
 
 
 class LWCArgs(StepArgs):
-    """CPU defaults: 5 epochs of batch 1 (80 Adam steps per block with 16 windows); measured on the embedded model,
-    2 epochs of batch 4 at OmniQuant's lr 5e-3 (8 steps) barely moves the clipping (docs/results.md). OmniQuant's
-    GPU setting: 20 epochs over 128 windows of 2048 tokens, lr 5e-3."""
+    """CPU defaults: 5 epochs of batch 1 (80 Adam steps per block with 16 windows), since a few steps at OmniQuant's
+    lr hardly move the clipping (docs/results.md compares them). OmniQuant's GPU setting: 20 epochs over 128 windows
+    of 2048 tokens, lr 5e-3."""
 
     epochs: int = Field(5, ge=0)
     lr: float = Field(0.05, gt=0)
     batch_size: int = Field(1, gt=0)
     init: float = 4.0  # initial logit of both factors: sigmoid(4) ≈ 0.982 of the (possibly AWQ-clipped) range
-    loss: Loss = "mse"  # OmniQuant's; "token_relative" measured worse for LWC at W4 g64 (22.578 vs 22.015)
+    loss: Loss = "mse"  # OmniQuant's; docs/results.md compares it with "token_relative"
 
 
 def clipped_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,10 +81,10 @@ class OutlierSuppressionPlus(Step):
                 shift_norm_group(block, group, z)
             self._scale(ctx, x, group.linears, lo, hi, z, lambda s, g=group: scale_norm_group(block, g, s))
         for pair in pairs:
-            lo = pair_reduce(block, adapter, pair, ranges[pair.nexts[0]][0], "amin")
-            hi = pair_reduce(block, adapter, pair, ranges[pair.nexts[0]][1], "amax")
+            lo = pair_reduce(block, pair, ranges[pair.nexts[0]][0], ctx.head_dim, "amin")
+            hi = pair_reduce(block, pair, ranges[pair.nexts[0]][1], ctx.head_dim, "amax")
             self._scale(ctx, x, (pair.prev, *pair.nexts), lo, hi, torch.zeros_like(lo),
-                        lambda s, p=pair: scale_pair(block, adapter, p, s))
+                        lambda s, p=pair: scale_pair(block, p, s, ctx.head_dim))
 
     def _scale(self, ctx: BlockContext, x: torch.Tensor, rels: tuple[str, ...], lo: torch.Tensor, hi: torch.Tensor,
                z: torch.Tensor, apply: Callable[[torch.Tensor], None]) -> None:

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -39,7 +40,7 @@ log = logging.getLogger("lowbit")
 class QLLMArgs(StepArgs):
     channel_ratio: float = 0.05  # largest number of extra (disassembled) channels, as a fraction of the width
     candidates: int = 5  # budgets tried, evenly spaced from 0 to channel_ratio
-    samples: int = 4  # calibration windows for channel statistics and for scoring thresholds
+    search_samples: int = Field(4, gt=0)  # calibration windows for channel statistics and for scoring thresholds
     lora_rank: int = 0  # rank of the low-rank error correction (0: none)
     epochs: int = 0
     lr: float = 1e-3
@@ -207,7 +208,7 @@ def _group_stats(ctx: BlockContext, first: str, n: int) -> tuple[torch.Tensor, t
 def reassemble_block(ctx: BlockContext, args: QLLMArgs) -> dict[str, float]:
     """Choose and apply a channel reassembly for each norm output of the block; returns the chosen thresholds."""
     chosen = {}
-    n = min(args.samples, ctx.q_inputs.shape[0])
+    n = min(args.search_samples, ctx.q_inputs.shape[0])
     for group in ctx.adapter.norm_groups:
         names = [ctx.full_name(r) for r in group.linears]
         if any(nm in ctx.state.transforms for nm in names):
@@ -250,6 +251,7 @@ class QLLM(Step):
     name = "qllm"
     Args = QLLMArgs
     needs_fp_targets = True
+    keeps_zeros = False
 
     def on_block(self, ctx: BlockContext) -> None:
         chosen = reassemble_block(ctx, self.args)

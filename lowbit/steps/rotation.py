@@ -96,20 +96,10 @@ def fuse_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
         norm.bias.data.copy_((beta / gamma).to(norm.bias.dtype))
 
 
-def untie_head(model: nn.Module, adapter: Adapter) -> None:
-    """Give the head its own weight (it is rotated differently from a tied embedding) and record it in the config."""
-    head = adapter.head(model)
-    if any(head.weight is e.weight for e in adapter.embeddings(model)):
-        head.weight = nn.Parameter(head.weight.data.clone())
-    model.config.tie_word_embeddings = False
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    text.tie_word_embeddings = False
-
-
 def check_supported(model: nn.Module, adapter: Adapter) -> None:
-    if not getattr(model.config, "do_layer_norm_before", True):
+    if not adapter.pre_norm(model):
         raise LowbitError("rotation needs pre-norm blocks; this model normalizes after the residual add "
-                          "(do_layer_norm_before=False, e.g. OPT-350m)")
+                          f"({adapter.pre_norm_flag}=False, e.g. OPT-350m)")
     for path in adapter.embedding_paths:
         try:
             module = model.get_submodule(path)
@@ -145,14 +135,14 @@ def rotate_model(ctx: ModelContext, args: RotationArgs) -> None:
     """Apply the whole rotation in place and register the online transforms in ctx.state."""
     model, adapter = ctx.model, ctx.adapter
     check_supported(model, adapter)
-    untie_head(model, adapter)
+    adapter.untie_head(model)
     blocks = adapter.blocks(model)
     for block in blocks:
         for group in adapter.norm_groups:
             fuse_norm(block.get_submodule(group.norm), [block.get_submodule(r) for r in group.linears])
     fuse_norm(adapter.final_norm(model), [adapter.head(model)])
 
-    d = model.config.hidden_size
+    d = adapter.hidden_size(model)
     q = residual_rotation(d, args.seed, keep_mean=adapter.norm_kind == "layernorm")
     for emb in adapter.embeddings(model):
         emb.weight.data.copy_((emb.weight.data.float() @ q.float()).to(emb.weight.dtype))
@@ -183,6 +173,7 @@ class Rotation(Step):
 
     name = "rotate"
     Args = RotationArgs
+    keeps_zeros = False
 
     def before_blocks(self, ctx: ModelContext) -> None:
         rotate_model(ctx, self.args)

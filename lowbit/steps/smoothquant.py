@@ -55,7 +55,7 @@ class SmoothQuant(Step):
         sites = [(g.linears, g.linears[0], lambda s, g=g: scale_norm_group(block, g, s), None)
                  for g in adapter.norm_groups]
         if self.args.pairs:
-            sites += [((p.prev, *p.nexts), p.nexts[0], lambda s, p=p: scale_pair(block, adapter, p, s), p)
+            sites += [((p.prev, *p.nexts), p.nexts[0], lambda s, p=p: scale_pair(block, p, s, ctx.head_dim), p)
                       for p in adapter.linear_pairs]
         x = ctx.q_inputs[: self.args.search_samples]
         target = scope_output(ctx, x, None) if self.args.alpha_grid else None
@@ -67,8 +67,8 @@ class SmoothQuant(Step):
             readers = pair.nexts if pair else rels
             w_max = torch.stack([block.get_submodule(r).weight.detach().float().abs().amax(0) for r in readers]).amax(0)
             if pair is not None:
-                act_max = pair_reduce(block, adapter, pair, act_max)
-                w_max = pair_reduce(block, adapter, pair, w_max)
+                act_max = pair_reduce(block, pair, act_max, ctx.head_dim)
+                w_max = pair_reduce(block, pair, w_max, ctx.head_dim)
             alpha = self.args.alpha
             if self.args.alpha_grid:
                 alpha = self._search(ctx, x, target, rels, apply, act_max, w_max)
