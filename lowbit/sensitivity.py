@@ -125,6 +125,16 @@ def solve_weight(w: torch.Tensor, h: torch.Tensor, cand: Candidate, gptq: GPTQAr
     return fake_quant(w, scale, zero, cand.spec)
 
 
+def _solve_group(weights: dict[str, torch.Tensor], h: torch.Tensor | None, cand: Candidate,
+                 gptq: GPTQArgs | None) -> dict[str, torch.Tensor]:
+    """Linears sharing an input solved as one stacked matrix (rows are independent), as the GPTQ step does;
+    per-tensor formats one by one."""
+    if cand.spec.granularity == "tensor":
+        return {rel: solve_weight(w, h, cand, gptq) for rel, w in weights.items()}
+    q = solve_weight(torch.cat(list(weights.values())), h, cand, gptq)
+    return dict(zip(weights, q.split([w.shape[0] for w in weights.values()])))
+
+
 @torch.no_grad()
 def suffix_loss(model: nn.Module, adapter: Adapter, start: int, hidden: torch.Tensor, ids: torch.Tensor,
                 args: tuple, kwargs: dict, batch_size: int) -> float:
@@ -167,15 +177,16 @@ class _Probe(Step):
         solved: dict[str, dict[str, torch.Tensor]] = {}
         block_h = {f: 0.0 for f in self.candidates}
         for group in groups:
-            for rel in group:
-                w = ctx.block.get_submodule(rel).weight.data.float()
-                row = self.table.layers[ctx.full_name(rel)] = {"shape": list(w.shape), "hessian": {}}
+            weights = {rel: ctx.block.get_submodule(rel).weight.data.float() for rel in group}
+            h = h_ho[group[0]].double()
+            for rel, w in weights.items():
+                self.table.layers[ctx.full_name(rel)] = {"shape": list(w.shape), "hessian": {}}
                 solved[rel] = {}
-                for fname, cand in self.candidates.items():
-                    q = solve_weight(w, h_cal.get(group[0]), cand, self.gptq)
-                    d = (w - q).double()
-                    err = float(((d @ h_ho[group[0]].double()) * d).sum())
-                    row["hessian"][fname] = err
+            for fname, cand in self.candidates.items():
+                for rel, q in _solve_group(weights, h_cal.get(group[0]), cand, self.gptq).items():
+                    d = (weights[rel] - q).double()
+                    err = float(((d @ h) * d).sum())
+                    self.table.layers[ctx.full_name(rel)]["hessian"][fname] = err
                     block_h[fname] += err
                     solved[rel][fname] = q
         self.table.blocks[ctx.name] = {"hessian": block_h}

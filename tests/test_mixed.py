@@ -229,3 +229,18 @@ def test_embedded_sensitivity_orders_formats_and_allocation_beats_uniform_predic
     uniform = sum(row["hessian"]["w3g64"] for row in table.layers.values())
     assert alloc.exact and alloc.avg_bits <= w3_bits and alloc.predicted <= uniform
     assert len(set(alloc.formats.values())) > 1
+
+
+def test_stacked_group_solve_equals_each_linear_alone():
+    from lowbit.sensitivity import _solve_group
+    from lowbit.steps.gptq import GPTQArgs
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen) * torch.linspace(0.2, 3, 64)
+    h = 2 * x.T @ x / 256
+    weights = {"q": torch.randn(64, 64, generator=gen), "k": torch.randn(32, 64, generator=gen)}
+    args = GPTQArgs(act_order=True, observer="mse")
+    cand = Candidate("w3g32", format_from_name("w3g32", None).spec(), "mse")
+    stacked = _solve_group(weights, h, cand, args)
+    for rel, w in weights.items():
+        torch.testing.assert_close(stacked[rel], solve_weight(w, h, cand, args), rtol=0, atol=1e-5)
