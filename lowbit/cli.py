@@ -1,4 +1,4 @@
-"""Command line: lowbit run | sensitivity | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
+"""Command line: lowbit run | sensitivity | plan | synth | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -21,13 +22,43 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from lowbit.report import results_table
     from lowbit.run import run_recipe
 
-    recipe = load_recipe(args.recipe, (args.set or []) + [f"budget.{b}" for b in args.budget or []])
+    recipe = load_recipe(args.recipe, _placement(args) + [f"budget.{b}" for b in args.budget or []])
     if args.no_save:
         recipe = recipe.model_copy(update={"save": False})
-    result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet)
+    if args.dry_run:
+        from lowbit.plan import plan_run, plan_table
+
+        print(plan_table(plan_run(recipe, probe=not args.no_probe, progress=not args.quiet)))
+        return
+    result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet,
+                        resume=Path(args.resume) if args.resume else None)
     print(results_table([result.metrics]))
     if result.out_dir:
         print(f"saved to {result.out_dir}")
+
+
+def _placement(args: argparse.Namespace) -> list[str]:
+    """--set overrides plus the placement flags (--device, --max-memory, --stream) as overrides."""
+    sets = list(args.set or [])
+    for flag in ("device", "max_memory", "stream"):
+        if getattr(args, flag, None) is not None:
+            sets.append(f"{flag}={getattr(args, flag)}")
+    return sets
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from lowbit.plan import plan_run, plan_table
+    from lowbit.recipe import load_recipe
+
+    print(plan_table(plan_run(load_recipe(args.recipe, _placement(args)), probe=not args.no_probe,
+                              progress=not args.quiet)))
+
+
+def _add_placement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (overrides the recipe's device)")
+    parser.add_argument("--max-memory", help="memory budget, e.g. 4GB or cpu=8GB,cuda:0=20GB")
+    parser.add_argument("--stream", choices=["auto", "true", "false"],
+                        help="one block in memory at a time, read from and written to disk")
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -113,7 +144,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = Path(args.model)
-    if is_run_folder(path):
+    is_run = is_run_folder(path)
+    if args.real_kernels and not is_run:
+        raise LowbitError(f"--real-kernels needs a run folder written by 'lowbit run' or 'lowbit quantize', "
+                          f"not {args.model}")
+    if args.tasks is not None:
+        return _eval_tasks(args, path if is_run else None)
+    if is_run:
         model, tokenizer, _ = load_run(path)
     else:
         model, tokenizer = load_model(args.model)
@@ -123,11 +160,68 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps({"model": args.model, **result.to_dict()}, indent=2))
 
 
+def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
+    """Task accuracy through lm-eval; a run folder's metrics.json gains the scores under "tasks"."""
+    from lowbit.eval.tasks import evaluate_tasks, resolve_tasks
+    from lowbit.report import tasks_table
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    include = [Path(p) for p in args.include_path or []]
+    if not names:
+        raise LowbitError("--tasks is empty: name at least one task, e.g. --tasks lambada_openai,piqa")
+    if args.limit is not None and args.limit <= 0:
+        raise LowbitError(f"--limit must be a positive number of examples per task, got {args.limit}")
+    resolve_tasks(names, args.task_source, include)  # fail on a bad name before the model loads
+    if run_dir is not None:
+        from lowbit.kernels.runtime import load_for_inference
+
+        model, tokenizer, _ = load_for_inference(run_dir, "real" if args.real_kernels else "simulated")
+    else:
+        from lowbit.loading import load_model
+
+        model, tokenizer = load_model(args.model)
+    if args.quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    scores = evaluate_tasks(model, tokenizer, names, args.limit, args.num_fewshot, args.batch_size,
+                            args.task_source, include)
+    kernels = "real" if args.real_kernels else "simulated"
+    for row in scores.values():
+        row["kernels"] = kernels
+    print(tasks_table(scores))
+    if run_dir is not None:
+        from lowbit.runfolder import read_metrics, update_metrics
+
+        metrics = read_metrics(run_dir)
+        key = "tasks" if kernels == "simulated" else "tasks_real_kernels"
+        metrics[key] = {**metrics.get(key, {}), **scores}
+        update_metrics(run_dir, metrics)
+        print(f"saved to {run_dir / 'metrics.json'}")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
+    from lowbit.diagnostics import blocks_table, read_blocks
     from lowbit.report import results_table
     from lowbit.runfolder import read_metrics
 
-    print(results_table([read_metrics(Path(run_dir)) for run_dir in args.runs]))
+    if args.blocks:
+        for run in args.runs:
+            if len(args.runs) > 1:
+                print(f"\n{run}")
+            print(blocks_table(read_blocks(run)))
+        return
+    rows = [read_metrics(Path(run_dir)) for run_dir in args.runs]
+    print(results_table(rows))
+    if args.plot or args.html:
+        from lowbit.plots import comparison_figure, write_html
+
+        runs = [Path(r) for r in args.runs]
+        fig = comparison_figure(runs, rows)
+        if args.plot:
+            fig.savefig(args.plot, dpi=120)
+            print(f"plot written to {args.plot}")
+        if args.html:
+            write_html(Path(args.html), results_table(rows), fig, runs)
+            print(f"page written to {args.html}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -221,8 +315,8 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     result = verify(args.run, args.export, args.data, args.split, args.seq_len, args.max_tokens or None,
-                    progress=not args.quiet)
-    print(json.dumps({"run": args.run, "export": args.export, **result.to_dict()}, indent=2))
+                    progress=not args.quiet, engine=args.engine, threads=args.threads or 2)
+    print(json.dumps({"run": args.run, "export": args.export, "engine": args.engine, **result.to_dict()}, indent=2))
     failed = []
     if result.top1_agreement < args.min_top1:
         failed.append(f"top-1 agreement {result.top1_agreement:.4f} < --min-top1 {args.min_top1}")
@@ -240,6 +334,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_at_least(low: int):
+    """An argparse type: a whole number >= `low` (hostile values fail at parsing, before any work)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -252,6 +347,7 @@ def _int_at_least(low: int):
 
 
 def _threads(text: str) -> int:
+    """A thread count from 1 to 4 x the CPUs (more only thrashes; 100000 would hang thread creation)."""
     from lowbit.recipe import MAX_THREADS
 
     value = _int_at_least(1)(text)
@@ -261,6 +357,7 @@ def _threads(text: str) -> int:
 
 
 def _bits(text: str) -> int:
+    """A bit width the formats support (2 to 8), or 16 for "keep FP"."""
     value = _int_at_least(0)(text)
     if not (2 <= value <= 8 or value == 16):
         raise argparse.ArgumentTypeError(f"must be 2 to 8, or 16 to keep FP, got {value}")
@@ -268,6 +365,7 @@ def _bits(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
+    """A number in [0, 1] (NaN refused)."""
     try:
         value = float(text)
     except ValueError:
@@ -278,6 +376,7 @@ def _fraction(text: str) -> float:
 
 
 def _tolerance(text: str) -> float:
+    """A finite number >= 0 (NaN and infinity refused)."""
     try:
         value = float(text)
     except ValueError:
@@ -300,6 +399,16 @@ def _text_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _cmd_synth(args: argparse.Namespace) -> None:
+    import torch
+
+    from lowbit.synth import synth_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"wrote {synth_model(args.shape, args.out, args.seed, layers=args.layers)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description="Post-training compression of LLMs, block by block.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -310,10 +419,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default runs/NAME-TIMESTAMP)")
     r.add_argument("--no-save", action="store_true", help="evaluate only, write nothing")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its .partial folder)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (memory, disk, time) and stop")
+    r.add_argument("--no-probe", action="store_true", help="with --dry-run: no timed probe, no time estimate")
     r.add_argument("--budget", action="append", metavar="KEY=VALUE",
                    help="mixed precision under a budget: avg_bits=3.5 or size_mb=60 (also formats=[w3g64,w4g64], "
                         "metric=loss, sensitivity=TABLE.json)")
+    _add_placement(r)
     r.set_defaults(fn=_cmd_run)
+
+    pl = sub.add_parser("plan", help="peak memory per device, disk and estimated time of a recipe, before running")
+    pl.add_argument("recipe")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    pl.add_argument("--no-probe", action="store_true", help="no timed probe, no time estimate")
+    pl.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_placement(pl)
+    pl.set_defaults(fn=_cmd_plan)
 
     se = sub.add_parser("sensitivity", help="per-linear error of candidate formats: JSON table, heatmap, top ten")
     se.add_argument("recipe")
@@ -349,19 +470,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(fn=_cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a local HF model folder or a lowbit run folder")
+    sy = sub.add_parser("synth", help="write a random-weight model of a real shape (bf16 shards) for memory/time tests")
+    sy.add_argument("shape", choices=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
+    sy.add_argument("out", help="folder to create")
+    sy.add_argument("--layers", type=int, help="fewer decoder blocks than the real model")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--threads", type=int)
+    sy.set_defaults(fn=_cmd_synth)
+
+    e = sub.add_parser("eval", help="perplexity, or task accuracy (--tasks, via lm-eval), of a model or run folder")
     e.add_argument("model")
+    e.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. lambada_openai,piqa,winogrande,boolq,"
+                   "hellaswag_text (offline copies: see tasks/README.md); without it, perplexity")
+    e.add_argument("--limit", type=int, help="examples per task (default all); report the standard error with it")
+    e.add_argument("--num-fewshot", type=int, help="few-shot examples (default the task's, 0 for these)")
+    e.add_argument("--real-kernels", action="store_true", help="score a run on its packed low-bit kernels")
+    e.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
+                   help="standard names: local copies when offline (auto), always (local), or lm-eval's (hub)")
+    e.add_argument("--include-path", action="append", metavar="DIR", help="another folder of task YAMLs")
+    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
     _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 
     rp = sub.add_parser("report", help="side-by-side table of saved runs (their metrics.json)")
     rp.add_argument("runs", nargs="+")
-    rp.add_argument("--quiet", action="store_true", help="no progress or informational output")
+    rp.add_argument("--blocks", action="store_true", help="per-block diagnostics (blocks.jsonl) instead")
+    rp.add_argument("--plot", metavar="OUT.png", help="figure: quality vs size per method, block errors, time, memory")
+    rp.add_argument("--html", metavar="OUT.html", help="a page with the table and the figure")
     rp.set_defaults(fn=_cmd_report)
 
     x = sub.add_parser("export", help="write a run in a serving engine's format (compressed-tensors, GGUF)")
     x.add_argument("run")
-    x.add_argument("--format", required=True, help="compressed-tensors, gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
+    x.add_argument("--format", required=True, help="compressed-tensors, gguf (each linear in the GGUF type the run "
+                   "solved it on), gguf-q8_0 or gguf-q4_0 (see lowbit backends)")
     x.add_argument("--out", help="output folder or .gguf file (default: inside the run folder)")
     x.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of stored scales and unquantized tensors where the format leaves a choice")
@@ -369,13 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("backends", help="which formats and granularities each export target executes")
-    b.add_argument("--quiet", action="store_true", help="no progress or informational output")
     b.set_defaults(fn=_cmd_backends)
 
     v = sub.add_parser("verify", help="compare a run's simulated model with its export: logits and perplexity")
     v.add_argument("run")
     v.add_argument("export")
     _text_arguments(v, max_tokens=16384)
+    v.add_argument("--engine", choices=["transformers", "llama.cpp"], default="transformers",
+                   help="what runs the export: transformers (loaded back in PyTorch) or llama.cpp (a .gguf file)")
     v.add_argument("--min-top1", type=_fraction, default=0.85,
                    help="fail (exit 1) if top-1 agreement is lower (default 0.85)")
     v.add_argument("--max-ppl-diff", type=_tolerance, default=0.02,
@@ -403,7 +545,6 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-tokens", type=NONNEGATIVE, default=4096)
     k.add_argument("--compute-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     k.add_argument("--threads", type=_threads)
-    k.add_argument("--quiet", action="store_true", help="no progress or informational output")
     k.set_defaults(fn=_cmd_kernels)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -417,27 +558,37 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--warmup", type=NONNEGATIVE, default=1)
     bs.add_argument("--threads", type=_threads, default=1)
     bs.add_argument("--json", help="also write the rows as JSON to this file")
-    bs.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bs.set_defaults(fn=_cmd_bench_speed)
     bl = bsub.add_parser("layers", help="ms per call of each packed layer type on one layer shape, 1 and 128 rows")
     bl.add_argument("--out-features", type=POSITIVE, default=1536)
     bl.add_argument("--in-features", type=POSITIVE, default=576)
     bl.add_argument("--repeats", type=POSITIVE, default=20)
     bl.add_argument("--threads", type=_threads, default=1)
-    bl.add_argument("--quiet", action="store_true", help="no progress or informational output")
     bl.set_defaults(fn=_cmd_bench_layers)
     bp = bsub.add_parser("sparse", help="ms per call of a pruned layer: CSR at 50-90%% unstructured vs dense (and 2:4 "
                                         "semi-structured vs dense on a CUDA GPU)")
-    bp.add_argument("--out-features", type=int, default=1536)
-    bp.add_argument("--in-features", type=int, default=576)
-    bp.add_argument("--repeats", type=int, default=20)
-    bp.add_argument("--threads", type=int, default=1)
+    bp.add_argument("--out-features", type=POSITIVE, default=1536)
+    bp.add_argument("--in-features", type=POSITIVE, default=576)
+    bp.add_argument("--repeats", type=POSITIVE, default=20)
+    bp.add_argument("--threads", type=_threads, default=1)
     bp.set_defaults(fn=_cmd_bench_sparse)
 
     s = sub.add_parser("steps", help="list the registered compression steps")
-    s.add_argument("--quiet", action="store_true", help="no progress or informational output")
     s.set_defaults(fn=_cmd_steps)
+    for command in commands(p).values():
+        if "--quiet" not in command.format_usage():
+            command.add_argument("--quiet", action="store_true", help="no progress or informational output")
     return p
+
+
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf subcommand ("run", "bench speed", ...) by its full name, so options apply to all of them."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(commands(sub, f"{prefix}{name} ") or {f"{prefix}{name}": sub})
+    return found
 
 
 def _on_signal(signum, _frame):
@@ -504,6 +655,9 @@ def _dispatch(args: argparse.Namespace, stderr) -> int:
     except LowbitError as exc:
         print(f"lowbit: error: {_one_line(exc)}", file=stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (e.g. `lowbit backends | head`): not an error
+        sys.stdout = open(os.devnull, "w")  # so the interpreter's final flush does not fail again
+        return 0
     except OSError as exc:  # the environment failed (disk, permissions) where no step expected it
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"lowbit: error: {_one_line(exc.strerror or exc)}{where}: check free space and permissions there",
@@ -511,7 +665,9 @@ def _dispatch(args: argparse.Namespace, stderr) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"lowbit: interrupted by {signal.Signals(signum).name}; unfinished output removed", file=stderr)
+        kept = getattr(exc, "resumable", None)
+        outcome = f"continue it with --resume {kept}" if kept else "unfinished output removed"
+        print(f"lowbit: interrupted by {signal.Signals(signum).name}; {outcome}", file=stderr)
         return 128 + signum
     return 0
 

@@ -18,6 +18,7 @@ from torch import nn
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, on_scale_grid
+from lowbit.gguf_types import resolve, type_spec
 from lowbit.models.base import Adapter
 from lowbit.observers import observe
 from lowbit.state import QuantState, WeightRecord
@@ -25,7 +26,7 @@ from lowbit.state import QuantState, WeightRecord
 
 @dataclass(frozen=True)
 class FormatPlan:
-    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (or None: keep FP)."""
+    """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (None: keep FP)."""
 
     weights: QuantSpec | None = None
     weight_observer: str = "minmax"
@@ -41,6 +42,15 @@ class FormatPlan:
             if fnmatch.fnmatchcase(name, pattern):
                 spec = override
         return spec
+
+    def linear_spec(self, adapter: Adapter, model: nn.Module, layer: int, rel: str,
+                    linear: nn.Linear) -> QuantSpec | None:
+        """One block linear's weight format: the plan's, with a GGUF type or mix resolved for this tensor."""
+        spec = self.weight_spec_for(f"{adapter.block_name(layer)}.{rel}")
+        if spec is None or spec.gguf is None:
+            return spec
+        gguf_name = adapter.gguf_block_name(rel) or rel
+        return type_spec(resolve(spec.gguf, gguf_name, layer, len(adapter.blocks(model)), linear.in_features))
 
 
 @dataclass
@@ -110,6 +120,7 @@ class BlockContext:
     fp_outputs: torch.Tensor | None = None
     quantized: set[str] = field(default_factory=set)
     rounds: bool = True
+    fp_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # each linear's weight before quantization
     global_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # NVFP4 per-tensor scales, by rel
 
     @property
@@ -139,7 +150,7 @@ class BlockContext:
         return self.adapter.linears(self.block)
 
     def weight_spec(self, rel: str) -> QuantSpec | None:
-        return self.plan.weight_spec_for(self.full_name(rel))
+        return self.plan.linear_spec(self.adapter, self.model_ctx.model, self.index, rel, self.block.get_submodule(rel))
 
     def is_quantized(self, rel: str) -> bool:
         return rel in self.quantized
@@ -175,6 +186,7 @@ class BlockContext:
         if not on_scale_grid(scale, spec, gs):
             raise LowbitError(f"the block scales of {self.full_name(rel)} are not {spec.scale_format} values (under its "
                               f"shared per-tensor scale, for nvfp4): quantize {spec.describe()} weights with rtn or gptq")
+        self.fp_weights.setdefault(rel, linear.weight.detach().float().clone())
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
                                                                zero.detach().float().cpu(),

@@ -16,13 +16,13 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable
 
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
 MANIFEST = "manifest.json"
 _STAGING = re.compile(r"^\.(?P<final>.+)\.lowbit-partial\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]+$")
+_OLD_STAGING = re.compile(r"^\..+\.tmp-\w+$")  # lowbit before owner-named staging: no owner to check
 
 
 def _process_start(pid: int) -> int | None:
@@ -35,6 +35,7 @@ def _process_start(pid: int) -> int | None:
 
 
 def _owner_alive(pid: int, start: int) -> bool:
+    """Whether the process that created a staging path still runs (same pid and start time: pids are reused)."""
     if Path("/proc/self/stat").exists():
         return _process_start(pid) == start
     try:
@@ -62,24 +63,39 @@ def staging_path(final: Path) -> Path:
     return final.parent / f".{final.name}.lowbit-partial.{pid}.{start}.{secrets.token_hex(3)}"
 
 
-def sweep_leftovers(folder: Path) -> list[Path]:
-    """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them."""
+def sweep_leftovers(folder: Path, keep: tuple[str, ...] = ()) -> list[Path]:
+    """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them.
+
+    Files named in `keep` (e.g. diagnostics) are first moved out of a dead staging folder to FINAL.NAME. A staging
+    folder holding a block checkpoint (see lowbit.checkpoint) is kept: `lowbit run --resume` continues it."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
     except OSError:
         return removed
     for path in entries:
+        if _OLD_STAGING.match(path.name):
+            log.warning("%s looks like an unfinished result of an older lowbit; remove it if no lowbit is running",
+                        path)
         m = _STAGING.match(path.name)
-        if m is None or _owner_alive(int(m["pid"]), int(m["start"])):
+        if m is None or _owner_alive(int(m["pid"]), int(m["start"])) or resumable(path):
             continue
         if path.is_dir() and not path.is_symlink():
+            for name in keep:
+                if (path / name).is_file():
+                    kept = publish(path / name, path.parent / f"{m['final']}.{name}", unique=True)
+                    log.warning("kept %s from an interrupted lowbit process (pid %s)", kept, m["pid"])
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         log.warning("removed %s, left by an interrupted lowbit process (pid %s)", path, m["pid"])
         removed.append(path)
     return removed
+
+
+def resumable(path: Path) -> bool:
+    """True for a run folder with a complete block checkpoint in it."""
+    return path.is_dir() and any((path / "checkpoint").glob("block-*/manifest.json"))
 
 
 def fsync_tree(path: Path) -> None:
@@ -105,14 +121,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write `data` to `path` via a staging file, fsync and rename: readers see the old file or the new one."""
-    write_file_atomic(path, lambda tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data))
-
-
-def write_file_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Let `write(tmp)` create a file at a staging path, then fsync it and rename it to `path`."""
     tmp = staging_path(path)
     try:
-        write(tmp)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         fsync_tree(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -58,7 +58,7 @@ NAMED_FORMATS: dict[str, dict] = {
     "mxfp8": dict(bits=8, format="fp", fp_variant="e4m3", granularity="group", group_size=32, scale_format="e8m0"),
 }
 _SPEC_FIELDS = ("bits", "format", "symmetric", "granularity", "group_size", "dynamic", "fp_variant", "block",
-                "scale_format")
+                "scale_format", "gguf")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,12 @@ class QuantSpec:
     fp_variant: str | None = None
     block: tuple[int, int] | None = None  # 2-D tile (rows, columns) sharing one scale; implies granularity "block"
     scale_format: ScaleFormat | None = None  # None: scales kept at the export dtype (bf16 / fp16)
+    gguf: str | None = None  # a llama.cpp block type or mix ("q4_k", "q4_k_m"): see lowbit.gguf_types
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            from lowbit.gguf_types import apply_type
+            apply_type(self)
         if self.format not in ("int", "fp"):
             raise LowbitError(f"unknown number format {self.format!r}: use 'int', 'fp' or one of {', '.join(NAMED_FORMATS)}")
         if self.format == "int" and not 2 <= self.bits <= 8:
@@ -153,7 +157,9 @@ class QuantSpec:
         return replace(self, granularity="channel", group_size=None, block=None)
 
     def describe(self) -> str:
-        """One short line naming the format, e.g. 'int4 g64 asym', 'mxfp4', 'fp8-e4m3 block 128x128'."""
+        """One short line naming the format, e.g. 'int4 g64 asym', 'mxfp4', 'fp8-e4m3 block 128x128', 'gguf Q4_K'."""
+        if self.gguf is not None:
+            return f"gguf {self.gguf.upper()}"
         if self.name is not None:
             return self.name + (" dynamic" if self.dynamic else "")
         gran = {"group": f"g{self.group_size}", "block": f"block {self.block[0]}x{self.block[1]}" if self.block else ""
@@ -315,7 +321,7 @@ def round_minifloat(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
 def _to_grid(v: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.format == "fp":
         return round_minifloat(v, spec.fp)
-    return torch.clamp(round_ste(v) + z, spec.qmin, spec.qmax)
+    return torch.clamp(round_ste(v + z) if spec.gguf else round_ste(v) + z, spec.qmin, spec.qmax)  # GGUF: real zeros
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, group_view, params_shape, qparams_from_range
+from lowbit.gguf_types import block_params, grid_type
 
 Observer = Literal["minmax", "mse", "percentile"]
 
@@ -38,8 +39,10 @@ def observe(x: torch.Tensor, spec: QuantSpec, method: Observer = "minmax", *, gr
         lo, hi = _mse_range(g, spec, grid, max_shrink, norm, gs)
     else:
         raise LowbitError(f"unknown observer {method!r}: use minmax, mse or percentile")
-    scale, zero = qparams_from_range(lo, hi, spec, gs)
     shape = params_shape(x, spec)
+    if spec.gguf is not None and spec.granularity == "group":
+        return block_params(lo.reshape(shape), hi.reshape(shape), grid_type(spec))
+    scale, zero = qparams_from_range(lo, hi, spec, gs)
     return scale.reshape(shape), zero.reshape(shape)
 
 

@@ -1,20 +1,24 @@
 """The blockwise compression pipeline.
 
 Calibration windows are embedded and the inputs of the first decoder block captured; then, block by
-block, the recipe's steps run on that block alone, any weight no solver handled is rounded to nearest,
+block, the recipe's steps run on that block alone (which of them rounds the weights follows from what each
+declares: `rounding_plan`), any weight no solver handled is rounded to nearest,
 static activation quantizers are calibrated, and the now-quantized block's output becomes the next
 block's input. Only one block's activations are held at a time (two when a step needs the FP path).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.actquant import ActQuantizer
+from lowbit.blockio import BlockIO
+from lowbit.diagnostics import DIAG_WINDOWS, BlockReport, block_report
 from lowbit.context import BlockContext, FormatPlan, ModelContext, StopForward
 from lowbit.errors import LowbitError
 from lowbit.formats import check_shape
@@ -28,7 +32,7 @@ def validate(model: nn.Module, adapter: Adapter, plan: FormatPlan) -> None:
     for i, block in enumerate(adapter.blocks(model)):
         for rel, linear in adapter.linears(block).items():
             name = f"{adapter.block_name(i)}.{rel}"
-            spec = plan.weight_spec_for(name)
+            spec = plan.linear_spec(adapter, model, i, rel, linear)
             if spec is not None:
                 check_shape(linear.weight.shape, spec, name)
             if plan.activations is not None and plan.activations.granularity == "group":
@@ -99,23 +103,43 @@ def install_act_quantizers(ctx: BlockContext) -> None:
 
 
 def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequence[Step],
-             calib_ids: torch.Tensor, progress: bool = True) -> QuantState:
-    """Run `steps` over the model block by block; returns what was added beyond the weights."""
+             calib_ids: torch.Tensor, progress: bool = True, io: BlockIO | None = None,
+             on_block_done: Callable[[BlockReport], None] | None = None) -> QuantState:
+    """Run `steps` over the model block by block; returns what was added beyond the weights.
+
+    `io` decides where blocks live (device, streamed from disk) and checkpoints finished ones.
+    `on_block_done` receives each finished block's diagnostics. Their output error reuses the FP path when a
+    step keeps it, else runs the FP blocks on the first DIAG_WINDOWS calibration windows only."""
     from lowbit.sparsity import check_masks, validate_order
 
     validate_order(steps)
+    io = io or BlockIO()
     validate(model, adapter, plan)
     mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids)
     rounds = rounding_plan(steps)
     for step in steps:
         step.before_blocks(mctx)
-    inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    acts = plan.activations
+    calibrate = (any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
+                 or on_block_done is not None)  # diagnostics measure the block output error
+    if calibrate:
+        inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    else:  # nothing reads activations: skip every forward pass
+        inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
+    start, inputs, fp_inputs, args, kwargs = io.begin(mctx, inputs, fp_inputs, args, kwargs)
+    # (after a resume the diagnostics' FP path restarts from the resumed block's inputs)
+    diag_fp = inputs[:DIAG_WINDOWS] if on_block_done is not None and fp_inputs is None else None
     blocks = adapter.blocks(model)
-    for i in tqdm(range(len(blocks)), desc="compressing blocks", disable=not progress):
+    for i in tqdm(range(start, len(blocks)), desc="compressing blocks", disable=not progress,
+                  initial=start, total=len(blocks)):
+        began = time.perf_counter()
+        io.load(mctx, i)
         ctx = BlockContext(mctx, i, blocks[i], inputs, args, kwargs, fp_inputs=fp_inputs)
         if fp_inputs is not None:
             ctx.fp_outputs = ctx.forward(fp_inputs)
+        elif diag_fp is not None:
+            diag_fp = ctx.forward(diag_fp)
         install_act_quantizers(ctx)
         mctx.state.install(model, ctx.name + ".")
         for step, r in zip(steps, rounds):
@@ -126,8 +150,13 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
             ctx.round_to_nearest(rel)
         check_masks(ctx, "rtn")
         ctx.calibrate_activations()
-        inputs = ctx.forward()
+        inputs = ctx.forward() if calibrate else inputs
         fp_inputs = ctx.fp_outputs
+        if on_block_done is not None:
+            weights = {rel: lin.weight.data for rel, lin in ctx.linears().items()}
+            on_block_done(block_report(i, ctx.name, inputs, diag_fp if fp_inputs is None else fp_inputs, weights,
+                                       ctx.fp_weights, time.perf_counter() - began))
+        io.done(ctx, inputs, fp_inputs)
     for step in steps:
         step.after_blocks(mctx)
     mctx.state.install(model)
@@ -135,7 +164,8 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
 
 
 def check_finite(model: nn.Module) -> None:
-    """Refuse to save a model with NaN or infinite parameters, naming the first offender."""
+    """Refuse to save a model with NaN or infinite parameters, naming the first offender (streamed-out blocks,
+    left on the meta device, were checked when written)."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not p.is_meta and not torch.isfinite(p).all():
             raise LowbitError(f"parameter {name} has non-finite values after compression; not saving it")

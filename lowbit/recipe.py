@@ -13,6 +13,8 @@ from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
 from lowbit.export.backends import check_settings, select_scheme
 from lowbit.formats import NAMED_FORMATS, QuantSpec
+from lowbit.gguf_types import TYPES
+from lowbit.devices import DEVICE_PATTERN
 from lowbit.loading import EMBEDDED
 from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
@@ -37,7 +39,8 @@ class FormatConfig(_Strict):
     """
 
     bits: int = 4
-    format: Literal["int", "fp", "mxfp4", "nvfp4", "mxfp8"] = "int"
+    format: Literal["int", "fp", "mxfp4", "nvfp4", "mxfp8", "gguf"] = "int"
+    type: str | None = None  # format gguf: a llama.cpp type or mix (q4_0, q4_k, q6_k, q4_k_m, ...; see lowbit.gguf_types)
     symmetric: bool = True
     granularity: Literal["tensor", "channel", "group", "token", "block"] = "channel"
     group_size: int | None = None
@@ -67,6 +70,14 @@ class FormatConfig(_Strict):
         return self
 
     def spec(self) -> QuantSpec:
+        if self.format == "gguf" or self.type is not None:
+            if self.format != "gguf" or self.type is None:
+                raise LowbitError("a GGUF format is written {format: gguf, type: q4_k} (both keys): e.g. type q4_0, "
+                                  "q8_0, q4_k, q6_k or the mix q4_k_m")
+            fixed = sorted(self.model_fields_set & {"bits", "symmetric", "fp_variant", "block"})
+            if fixed:
+                raise LowbitError(f"a GGUF format takes {', '.join(fixed)} from its type {self.type!r}: remove them")
+            return QuantSpec(gguf=self.type, granularity="group", group_size=self.group_size)
         if self.format in NAMED_FORMATS:
             return QuantSpec.named(self.format, dynamic=self.dynamic)
         return QuantSpec(bits=self.bits, format=self.format, symmetric=self.symmetric, granularity=self.granularity,
@@ -74,7 +85,6 @@ class FormatConfig(_Strict):
 
 
 _FORMAT_NAME = re.compile(r"w([2-8])(?:g(\d+))?(?:-(sym|asym))?")
-_GGUF_NAMES = {"q4_0": 4, "q8_0": 8}  # llama.cpp block types: symmetric, one fp16 scale per 32 weights
 DEFAULT_CANDIDATES = ["w2g64", "w3g64", "w4g64", "w8"]
 
 
@@ -83,8 +93,8 @@ def format_from_name(name: str, base: FormatConfig | None) -> FormatConfig:
     observer default to the recipe's weights."""
     base = base or FormatConfig(symmetric=False)
     common = {"observer": base.observer}
-    if name in _GGUF_NAMES:
-        return FormatConfig(bits=_GGUF_NAMES[name], symmetric=True, group_size=32, **common)
+    if name in TYPES:  # one llama.cpp block type per tensor (q4_0, q8_0, q4_k, q6_k, ...)
+        return FormatConfig(format="gguf", type=name)
     if name == "fp8":
         return FormatConfig(bits=8, format="fp", **common)
     if name in NAMED_FORMATS:
@@ -92,7 +102,7 @@ def format_from_name(name: str, base: FormatConfig | None) -> FormatConfig:
     m = _FORMAT_NAME.fullmatch(name)
     if m is None:
         raise LowbitError(f"unknown format name {name!r}: use w<bits>[g<group>][-sym|-asym] with bits 2-8 "
-                          f"(e.g. w4g64, w8, w3g128-sym), fp8, {', '.join(NAMED_FORMATS)}, q4_0 or q8_0")
+                          f"(e.g. w4g64, w8, w3g128-sym), fp8, {', '.join(NAMED_FORMATS)} or a GGUF type ({', '.join(TYPES)})")
     bits, group, sym = m.groups()
     symmetric = base.symmetric if base.format == "int" and sym is None else sym == "sym"
     return FormatConfig(bits=int(bits), symmetric=symmetric, group_size=int(group) if group else None, **common)
@@ -144,7 +154,10 @@ class StepConfig(_Strict):
 class Recipe(_Strict):
     name: str = "run"
     model: str = EMBEDDED
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's own
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto: the first GPU if any, else cpu
+    stream: bool | Literal["auto"] = "auto"  # one block in memory at a time, from and to disk (auto: if too big)
+    max_memory: str | None = None  # budget per device, e.g. "4GB" or "cpu=8GB,cuda:0=20GB" (see lowbit.plan)
     threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     seed: int = 0
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
@@ -184,6 +197,9 @@ class Recipe(_Strict):
     def plan(self) -> FormatPlan:
         """The run's formats plan; refuses format combinations no step can honour."""
         acts = self.activations.spec() if self.activations else None
+        if acts is not None and acts.gguf is not None:
+            raise LowbitError("GGUF types are weight formats (llama.cpp quantizes activations itself): remove "
+                              "activations.format: gguf")
         if acts is not None and acts.granularity == "block":
             raise LowbitError("activations cannot use 2-D blocks: use per-token groups (group_size: 128, dynamic: true)")
         if acts is not None and acts.scale_format == "e4m3":

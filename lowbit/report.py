@@ -33,12 +33,37 @@ def results_table(rows: list[dict]) -> str:
     sparse = any("sparsity" in m for m in rows)
     head = ("| method | weights | activations | ppl FP | ppl | Δppl | size MB (FP16) | quant time s | "
             "peak RSS GB | eval tokens |" + (" sparsity |" if sparse else ""))
+    tasks = list(dict.fromkeys(name for m in rows for name in m.get("tasks", {})))
+    head += "".join(f" {name} |" for name in tasks)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in rows:
         delta = f"{m['ppl']['ppl'] - m['ppl_fp']['ppl']:+.3f}" if "ppl" in m and "ppl_fp" in m else "-"
         tokens = m.get("ppl", m.get("ppl_fp", {})).get("tokens", "-")
+        cells = "".join(f" {_task_cell(m['tasks'][t]) if t in m.get('tasks', {}) else '-'} |" for t in tasks)
         lines.append(f"| {'+'.join(m['steps'])} | {m['weights']} | {m['activations']} | {_ppl(m, 'ppl_fp')} | "
                      f"{_ppl(m, 'ppl')} | {delta} | {m['size_mb']:.1f} ({m['size_fp16_mb']:.1f}) | "
                      f"{m['quant_time_s']:.1f} | {m['peak_rss_gb']:.2f} | {tokens} |"
-                     + (f" {m['sparsity']['overall']:.2%} |" if "sparsity" in m else " - |" if sparse else ""))
+                     + (f" {m['sparsity']['overall']:.2%} |" if "sparsity" in m else " - |" if sparse else "") + cells)
+    return "\n".join(lines)
+
+
+def _task_cell(row: dict) -> str:
+    """'acc 41.2 ± 3.5 (n=200)': the task's headline metric in percent with its standard error."""
+    from lowbit.eval.tasks import main_metric
+
+    key, value, stderr = main_metric(row)
+    scale = 100 if key.startswith("acc") else 1
+    err = f" ± {stderr * scale:.1f}" if stderr is not None else ""
+    return f"{key} {value * scale:.1f}{err} (n={row['samples']})"
+
+
+def tasks_table(scores: dict[str, dict]) -> str:
+    """Markdown table of one model's task scores: every metric with its standard error."""
+    lines = ["| task | lm-eval task | source | n | metric | value | stderr |", "|---|---|---|---|---|---|---|"]
+    for name, row in scores.items():
+        for key, value in row.items():
+            if isinstance(value, float) and not key.endswith("_stderr"):
+                err = row.get(f"{key}_stderr")
+                lines.append(f"| {name} | {row['task']} | {row['source']} | {row['samples']} | {key} | "
+                             f"{value:.4f} | {'-' if err is None else f'{err:.4f}'} |")
     return "\n".join(lines)

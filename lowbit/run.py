@@ -4,9 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
-import resource
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,17 @@ from lowbit import __version__
 from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
+from lowbit import streaming
+from lowbit.blockio import BlockIO
+from lowbit.checkpoint import Checkpoints
+from lowbit.devices import resolve_device, resolve_dtype
+from lowbit.diagnostics import BlockLog, peak_rss_gb
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
-from lowbit.files import check_utf8_path, publish, staging_path, sweep_leftovers, write_atomic, write_error
-from lowbit.loading import cache_dir, empty_model, load_model, resolve_model_path
+from lowbit.eval.streamed import streamed_perplexity
+from lowbit.files import (_STAGING, check_utf8_path, publish, resumable, staging_path, sweep_leftovers, write_atomic,
+                          write_error)
+from lowbit.loading import cache_dir, empty_model, load_model, load_skeleton, resolve_model_path
 from lowbit.models import get_adapter
 from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
@@ -32,7 +40,6 @@ from lowbit.sparsity import sparsity_report
 from lowbit.state import QuantState
 
 log = logging.getLogger("lowbit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -43,14 +50,23 @@ class RunResult:
     state: QuantState
 
 
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+@dataclass
+class Streamed:
+    """A model evaluated block by block from shards (`reader`) instead of from memory."""
+
+    reader: streaming.ShardReader
+    dtype: torch.dtype
+    device: torch.device
+    state: QuantState | None = None
 
 
-def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True) -> dict:
+def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True,
+                 streamed: Streamed | None = None) -> dict:
     tokens = tokenize(tokenizer, load_text(cfg.data, cfg.split))
     windows = eval_windows(tokens, cfg.seq_len, cfg.max_tokens)
+    if streamed is not None:
+        return streamed_perplexity(model, get_adapter(model), streamed.reader, windows, streamed.dtype,
+                                   streamed.device, cfg.batch_size, streamed.state, progress, desc).to_dict()
     return perplexity(model, windows, cfg.batch_size, progress=progress, desc=desc).to_dict()
 
 
@@ -69,7 +85,8 @@ def _baseline_key(model_path: str, recipe: Recipe) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, progress: bool) -> dict:
+def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, progress: bool,
+                 streamed: Streamed | None = None) -> dict:
     """Perplexity of the uncompressed model, cached on disk since it is the same for every recipe."""
     cache = cache_dir() / "baselines"
     key_file = cache / f"{_baseline_key(model_path, recipe)}.json"
@@ -79,7 +96,7 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
             return {**result, "cached": True}
     except (OSError, ValueError):
         pass  # missing or damaged: evaluate again and rewrite it
-    result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress)
+    result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress, streamed)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(cache)
@@ -95,7 +112,7 @@ def default_out_dir(recipe: Recipe) -> Path:
 
 def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
-    empty = empty_model(recipe.model, DTYPES[recipe.dtype])
+    empty = empty_model(recipe.model, resolve_dtype(recipe.dtype, resolve_model_path(recipe.model)))
     validate(empty, get_adapter(empty), plan)
     params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
@@ -108,7 +125,7 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
         raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(out_dir.parent)
+        sweep_leftovers(out_dir.parent, keep=("blocks.jsonl",))
         staging = staging_path(out_dir)
         staging.mkdir()
         free = shutil.disk_usage(out_dir.parent).free
@@ -122,36 +139,86 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
     return staging
 
 
-def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True) -> RunResult:
+def blocks_log_path(out_dir: Path) -> Path:
+    """Where an interrupted run's block diagnostics are kept: OUT.blocks.jsonl next to the output folder (while
+    it runs they are in its own staging folder, so concurrent runs of one recipe never share the file)."""
+    return out_dir.with_name(out_dir.name + ".blocks.jsonl")
+
+
+def _resume_folder(path: Path) -> tuple[Path, Path]:
+    """(staging folder now owned by this process, final folder) of an interrupted run.
+
+    `path` is the staging folder the interrupted run named, or the output folder it was writing."""
+    match = _STAGING.match(path.name)
+    if match:
+        candidates, out = [path], path.with_name(match["final"])
+    else:
+        candidates, out = sorted(path.parent.glob(f".{path.name}.lowbit-partial.*")), path
+    candidates = [c for c in candidates if resumable(c)]
+    if not candidates:
+        raise LowbitError(f"no interrupted run with a checkpoint at {path}: give the folder that 'lowbit run' named "
+                          f"when it was interrupted, or start the run again")
+    if out.exists():
+        raise LowbitError(f"{out} already exists, so the interrupted run cannot finish there: move it away")
+    mine = staging_path(out)
+    os.rename(max(candidates, key=lambda c: c.stat().st_mtime), mine)  # no sweep may take it while it runs
+    return mine, out
+
+
+def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = True,
+               resume: Path | None = None) -> RunResult:
     """Compress and evaluate per `recipe`; if `recipe.save`, write everything into `out_dir` atomically.
 
     Without an explicit `out_dir` the folder is runs/NAME-TIMESTAMP, suffixed -2, -3, ... if a concurrent run
-    took that name first. An interrupted run leaves at most a hidden staging folder that names its process."""
+    took that name first. An interrupted run leaves at most a hidden staging folder that names its process; if it
+    holds a block checkpoint (and the run was interrupted or crashed, not refused with an error), `resume` (that
+    folder or the output folder) continues it from there."""
+    device = resolve_device(recipe.device)
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
-    staging = None
-    if recipe.save:
-        explicit = out_dir is not None
+    if recipe.max_memory:
+        from lowbit.plan import plan_run
+
+        plan_run(recipe, probe=False)  # refuses a budget the run cannot meet, before anything loads
+    staging, block_log = None, None
+    explicit = out_dir is not None
+    if resume is not None:
+        staging, out_dir = _resume_folder(Path(resume))
+        explicit = True
+    elif recipe.save:
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
+    if staging is not None:
+        block_log = BlockLog(staging / "blocks.jsonl")
     handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, staging, progress)
+        result = _run(recipe, plan, steps, staging, progress, device, resume is not None, block_log)
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+            block_log.close()
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
-    except BaseException:
+    except BaseException as exc:
         if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+            block_log.close()
+            if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)):
+                # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
+                log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
+                exc.resumable = str(staging)
+            else:
+                if block_log.path.exists():  # the finished blocks' diagnostics outlive the run
+                    publish(block_log.path, blocks_log_path(out_dir), unique=True)
+                shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         if handler is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
+        if block_log is not None:
+            block_log.close()
 
 
 def _log_to(directory: Path | None) -> logging.Handler | None:
@@ -165,54 +232,106 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
     return handler
 
 
-def _run(recipe: Recipe, plan: FormatPlan, steps: list, tmp_dir: Path | None, progress: bool) -> RunResult:
+def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: list) -> bool:
+    """Stream blocks from disk when asked, or (auto) when the weights would take over half the CPU budget."""
+    from lowbit.plan import memory_budget
+
+    whole = [s.name for s in steps if s.needs_whole_model()]
+    if recipe.stream is True:
+        if whole:
+            raise LowbitError(f"step {whole[0]} changes every block at once and cannot run one block in memory at "
+                              f"a time: set stream: false (the whole model is then loaded)")
+        streaming.ShardReader(model_path)
+        return True
+    path = Path(model_path)
+    local = (path / streaming.INDEX).is_file() or (path / "model.safetensors").is_file()
+    if recipe.stream is False or whole or not local:
+        return False
+    size = sum(streaming.ShardReader(model_path).nbytes(dtype).values())
+    return size > memory_budget(recipe.max_memory, torch.device("cpu")) / 2
+
+
+def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the compressed weights."""
+    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory"})
+    return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, progress: bool,
+         device: torch.device, resume: bool, block_log: BlockLog | None = None) -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     log.info("lowbit %s, torch %s, %s, %d threads", __version__, torch.__version__, platform.machine(),
              torch.get_num_threads())
     model_path = resolve_model_path(recipe.model)
-    model, tokenizer = load_model(recipe.model, DTYPES[recipe.dtype])
+    dtype = resolve_dtype(recipe.dtype, model_path)
+    stream = use_streaming(recipe, model_path, dtype, steps)
+    reader = streaming.ShardReader(model_path) if stream else None
+    if stream:
+        model, tokenizer = load_skeleton(recipe.model, dtype)
+        streaming.load_rest(model, get_adapter(model), reader, dtype, with_head=recipe.evaluation is not None)
+    else:
+        model, tokenizer = load_model(recipe.model, dtype)
     adapter = get_adapter(model)
-    log.info("model %s (%s adapter), %d blocks", recipe.model, adapter.name, len(adapter.blocks(model)))
+    log.info("model %s (%s adapter), %d blocks, %s on %s%s", recipe.model, adapter.name, len(adapter.blocks(model)),
+             str(dtype).removeprefix("torch."), device, ", streamed from disk" if stream else "")
     metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
                      "weights": plan.weights.describe() if plan.weights else "fp",
                      "activations": plan.activations.describe() if plan.activations else "fp",
-                     "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6}
+                     "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6,
+                     "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream}
     if recipe.evaluation and recipe.evaluation.baseline:
-        metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress)
+        source = Streamed(reader, dtype, device) if stream else None
+        metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress, source)
         log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
 
     cal = recipe.calibration
     cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
     calib_ids = calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed)
     if recipe.budget is not None:
+        if stream:
+            raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
+                              "streaming (stream: false)")
         recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
         plan = recipe.plan()
         metrics["weights"] = allocation.describe()
         metrics["allocation"] = allocation.to_dict()
         log.info("allocated %s (predicted %s %.4g, %s)", allocation.describe(), allocation.metric,
                  allocation.predicted, "exact" if allocation.exact else f"costs rounded to {allocation.unit_bits} bits")
-    start = time.perf_counter()
-    state = compress(model, adapter, plan, steps, calib_ids, progress=progress)
-    metrics["quant_time_s"] = time.perf_counter() - start
-    metrics["peak_rss_gb"] = peak_rss_gb()
-    check_finite(model)
-    metrics["size_mb"] = model_size(model, state) / 1e6
-    sparsity = sparsity_report(model, adapter, state)
-    if sparsity is not None:
-        metrics["sparsity"] = sparsity
-        log.info("sparsity %.4f%% of %d block weights; per layer %s", 100 * sparsity["overall"], sparsity["weights"],
-                 sparsity["layers"])
-    log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
+    with tempfile.TemporaryDirectory(prefix="lowbit-stream-") as scratch:
+        out_model = (staging if staging is not None else Path(scratch)) / "model"
+        if stream:
+            out_model.mkdir(exist_ok=True)
+        checkpoints = Checkpoints(staging, fingerprint(recipe, model_path, stream)) if staging is not None else None
+        io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
+        start = time.perf_counter()
+        state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
+        io.finish(model, adapter)
+        if checkpoints is not None:  # every block is in the output now; the folder seals without them
+            checkpoints.remove()
+        metrics["quant_time_s"] = time.perf_counter() - start
+        metrics["peak_rss_gb"] = peak_rss_gb()
+        if device.type == "cuda":
+            metrics["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        check_finite(model)
+        metrics["size_mb"] = model_size(model, state) / 1e6
+        sparsity = None if stream else sparsity_report(model, adapter, state)
+        if sparsity is not None:
+            metrics["sparsity"] = sparsity
+            log.info("sparsity %.4f%% of %d block weights; per layer %s", 100 * sparsity["overall"],
+                     sparsity["weights"], sparsity["layers"])
+        log.info("compressed in %.1f s, peak RSS %.2f GB", metrics["quant_time_s"], metrics["peak_rss_gb"])
 
-    if recipe.evaluation:
-        metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress)
-        log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
-    if tmp_dir is not None:
+        if recipe.evaluation:
+            source = Streamed(streaming.ShardReader(out_model), dtype, device, state) if stream else None
+            metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress,
+                                          source)
+            log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
+    if staging is not None:
         try:
-            save_run(tmp_dir, recipe_to_yaml(recipe), metrics, model, tokenizer, state)
+            save_run(staging, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
         except (OSError, SafetensorError) as exc:
-            raise LowbitError(f"writing the run failed: {write_error(exc)} (in {tmp_dir.parent}): free some space "
+            raise LowbitError(f"writing the run failed: {write_error(exc)} (in {staging.parent}): free some space "
                               f"or choose another --out; nothing was saved") from None
     return RunResult(metrics, None, model, state)

@@ -28,7 +28,13 @@ from lowbit.state import QuantState, WeightRecord
 
 
 def save_state(state: QuantState, directory: Path) -> None:
-    """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters)."""
+    """The run folder's quantization state files (see `write_state`)."""
+    write_state(state, directory)
+
+
+def write_state(state: QuantState, directory: Path) -> None:
+    """Write quant_state.json (formats, transforms) and quant_state.safetensors (parameters); block checkpoints
+    use it too."""
     tensors, meta = {}, {"weights": {}, "inputs": {}, "outputs": {}, "transforms": state.transforms,
                          "masks": sorted(state.masks)}
     for name, rec in state.weights.items():
@@ -85,10 +91,17 @@ def new_run_id() -> str:
 
 
 def save_run(directory: Path, recipe_yaml: str, metrics: dict, model: nn.Module, tokenizer,
-             state: QuantState) -> None:
-    """Write a finished run's files into `directory` (a staging folder); `seal_run` adds the manifest last."""
+             state: QuantState, model_written: bool = False) -> None:
+    """Write a finished run's files into `directory` (a staging folder); `seal_run` adds the manifest last.
+
+    `model_written`: the weights are already in model/ (streamed block by block); only the config is added."""
     write_atomic(directory / "recipe.yaml", recipe_yaml)
-    model.save_pretrained(directory / "model")
+    if model_written:
+        model.config.save_pretrained(directory / "model")
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(directory / "model")
+    else:
+        model.save_pretrained(directory / "model")
     tokenizer.save_pretrained(directory / "model")
     save_state(state, directory)
     write_atomic(directory / "metrics.json", json.dumps(metrics, indent=2))
@@ -124,6 +137,18 @@ def read_metrics(run_dir: Path) -> dict:
     if not isinstance(metrics, dict):
         raise LowbitError(f"{path} is damaged (not a JSON object): rerun the recipe to write it again")
     return metrics
+
+
+def update_metrics(run_dir: Path, metrics: dict) -> None:
+    """Rewrite a run's metrics.json (e.g. with task scores added later) and its entry in the manifest."""
+    from lowbit.files import MANIFEST, file_sha256
+
+    path = Path(run_dir) / "metrics.json"
+    write_atomic(path, json.dumps(metrics, indent=2))
+    manifest = read_manifest(Path(run_dir))
+    if manifest is not None:
+        manifest["files"]["metrics.json"] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        write_atomic(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def provenance(run_dir: Path) -> dict:

@@ -6,7 +6,6 @@ mask, every later step must leave those weights at zero; the pipeline checks it 
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -17,12 +16,10 @@ from torch import nn
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
-    from lowbit.models.base import Adapter
     from lowbit.context import BlockContext, ModelContext
+    from lowbit.models.base import Adapter
     from lowbit.state import QuantState
     from lowbit.steps.base import Step
-
-log = logging.getLogger("lowbit")
 
 
 @dataclass(frozen=True)
@@ -93,10 +90,6 @@ def record_mask(ctx: "BlockContext", rel: str, mask: torch.Tensor) -> None:
     linear = ctx.block.get_submodule(rel)
     linear.weight.data.masked_fill_(mask, 0)
     ctx.state.masks[ctx.full_name(rel)] = mask.detach().cpu()
-
-
-def layer_mask(state: "QuantState", name: str) -> torch.Tensor | None:
-    return state.masks.get(name)
 
 
 def check_masks(ctx: "BlockContext", after: str) -> None:

@@ -69,14 +69,20 @@ def load_exported(path: str | Path) -> nn.Module:
     """An exported model on the CPU in float32: a .gguf file (transformers' GGUF loader) or a
     compressed-tensors folder (transformers + compressed-tensors)."""
     from lowbit.export.compressed import load_compressed
-    from lowbit.export.gguf_llama import load_gguf
+    from lowbit.export.gguf_file import load_gguf
+    from lowbit.loading import LOAD_ERRORS
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path)
-    config = path / "config.json"
-    if path.is_dir() and config.exists() and "quantization_config" in json.loads(config.read_text()):
-        return load_compressed(path)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return load_gguf(path)
+        config = path / "config.json"
+        if path.is_dir() and config.exists() and "quantization_config" in json.loads(config.read_text()):
+            return load_compressed(path)
+    except LOAD_ERRORS as exc:
+        text = str(exc).strip()
+        raise LowbitError(f"could not load the export {path} (is a file truncated or corrupt?): "
+                          f"{text.splitlines()[0] if text else type(exc).__name__}; export the run again") from None
     raise LowbitError(f"{path} is not an export: give a .gguf file or a compressed-tensors folder written by "
                       f"'lowbit export'")
 
@@ -102,15 +108,28 @@ def check_provenance(run_dir: str | Path, export_path: str | Path) -> None:
                               f"with its own export")
 
 
+ENGINES = ("transformers", "llama.cpp")
+
+
 def verify(run_dir: str | Path, export_path: str | Path, data: str = "wikitext2", split: str = "test",
-           seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False) -> Comparison:
+           seq_len: int = 2048, max_tokens: int | None = 16384, progress: bool = False,
+           engine: str = "transformers", threads: int = 2) -> Comparison:
     """Compare a run's simulated model with its export on the same token windows (after checking that the
-    export was written from this run)."""
+    export was written from this run), the export run by `engine`: transformers (loaded back in PyTorch) or
+    llama.cpp (a .gguf in llama.cpp's own kernels)."""
     from lowbit.data import eval_windows, load_text, tokenize
     from lowbit.runfolder import load_run
 
+    if engine not in ENGINES:
+        raise LowbitError(f"unknown engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if engine == "llama.cpp" and Path(export_path).suffix != ".gguf":
+        raise LowbitError(f"llama.cpp runs .gguf files, not {export_path}: export with --format gguf")
     check_provenance(run_dir, export_path)
     simulated, tokenizer, _ = load_run(run_dir)
-    exported = load_exported(export_path)
+    if engine == "llama.cpp":
+        from lowbit.llamacpp import LlamaCppLM
+        exported = LlamaCppLM(export_path, n_ctx=seq_len, threads=threads)
+    else:
+        exported = load_exported(export_path)
     windows = eval_windows(tokenize(tokenizer, load_text(data, split)), seq_len, max_tokens)
     return compare(simulated, exported, windows, progress)

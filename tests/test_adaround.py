@@ -232,7 +232,7 @@ def test_init_solver_takes_arguments():
     compress(model_a, get_adapter(model_a), FormatPlan(weights=spec),
              [step(step.Args(iters=0, init={"rtn": {"observer": "mse"}}))], ids, progress=False)
     model_b, _ = _tiny()
-    compress(model_b, get_adapter(model_b), FormatPlan(weights=spec), [get_step("rtn")(get_step("rtn").Args(observer="mse"))],
+    compress(model_b, get_adapter(model_b), FormatPlan(weights=spec), [build_step("rtn", {"observer": "mse"}, "rtn")],
              ids, progress=False)
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(a, b), name
@@ -246,3 +246,13 @@ def test_adaround_reports_once_per_block(caplog):
                  [step(step.Args(iters=0))], ids, progress=False)
     infos = [r.getMessage() for r in caplog.records if "undecided at hardening" in r.getMessage()]
     assert [m.split(":")[0] for m in infos] == ["model.layers.0", "model.layers.1"]
+
+
+def test_init_step_is_prepared_before_the_blocks():
+    """An init step's model-wide preparation runs too: BRECQ as AdaRound's init gets its Fisher weights."""
+    step = build_step("adaround", {"iters": 0, "init": {"brecq": {"iters": 0, "fisher": True}}}, "adaround")
+    assert step.needs_fp_targets  # BRECQ's targets are kept for it
+    model, ids = _tiny()
+    compress(model, get_adapter(model), FormatPlan(weights=QuantSpec(3, symmetric=False, group_size=32)), [step], ids,
+             progress=False)
+    assert [f.shape for f in step.init.fisher] == [(6, 32, 64)] * 2

@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from lowbit.errors import LowbitError
 from lowbit.export import export_run
-from lowbit.export.gguf_llama import exact_grid, rope_row_order
+from lowbit.export.gguf_file import exact_grid, rope_row_order
 from lowbit.formats import QuantSpec
 from lowbit.runfolder import load_run
 from lowbit.verify import compare, load_exported

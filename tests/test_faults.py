@@ -46,10 +46,18 @@ def recipe_file(folder: Path, model: Path, **changes) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every result file under `folder` (hidden staging paths left out), by relative path."""
+    """sha256 of every result file under `folder` by relative path (hidden staging paths and the block
+    diagnostics an interrupted run keeps beside its output left out)."""
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     return {rel: hashlib.sha256(p.read_bytes()).hexdigest() for rel, p in files.items()
-            if not any(part.startswith(".") for part in rel.split("/"))}
+            if not any(part.startswith(".") for part in rel.split("/")) and not rel.endswith(".blocks.jsonl")}
+
+
+def kept_diagnostics(folder: Path) -> list[list[int]]:
+    """Block indices in each OUT.blocks.jsonl an interrupted run left in `folder`."""
+    from lowbit.diagnostics import read_blocks
+
+    return [[row["index"] for row in read_blocks(p)] for p in sorted(folder.glob("*.blocks.jsonl"))]
 
 
 def hidden(folder: Path) -> list[str]:
@@ -128,8 +136,9 @@ def test_sigterm_during_run_removes_staging(tiny_llama, saved_run, tmp_path, sto
     out, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.strip().splitlines() == ["lowbit: interrupted by SIGTERM; unfinished output removed"]
-    assert hidden(runs) == [] and sorted(p.name for p in runs.iterdir()) == ["earlier"]
+    assert hidden(runs) == [] and [p.name for p in runs.iterdir() if p.is_dir()] == ["earlier"]
     assert snapshot(runs) == before
+    assert kept_diagnostics(runs) == ([] if stop.endswith("compress") else [[0, 1]])  # finished blocks' records
 
 
 def test_sigkill_during_run_leaves_recognisable_staging_swept_next_time(tiny_llama, saved_run, tmp_path):
@@ -154,8 +163,10 @@ def test_sigkill_during_run_leaves_recognisable_staging_swept_next_time(tiny_lla
         from lowbit.runfolder import load_run
         load_run(runs / owner["final"])
 
+    assert kept_diagnostics(runs) == []
     after = run_recipe(load_recipe(recipe), runs / "next", progress=False)
     assert after.out_dir == runs / "next" and not left.exists() and hidden(runs) == []
+    assert (runs / f"{owner['final']}.blocks.jsonl").exists() and kept_diagnostics(runs) == [[0, 1]]
     assert snapshot(runs / "earlier") == before
 
 
@@ -275,6 +286,7 @@ def test_full_disk_during_save(tiny_llama, saved_run, tmp_path, monkeypatch, cap
     code, err, _ = cli(capsys, "run", recipe_file(tmp_path, tiny_llama), "--out", root / "new", "--quiet")
     assert code == 2 and err.startswith("lowbit: error: writing the run failed: No space left on device")
     assert hidden(root) == [] and not (root / "new").exists() and snapshot(root) == before
+    assert kept_diagnostics(root) == [[0, 1]]
 
 
 def test_full_disk_during_export(saved_run, tmp_path, monkeypatch, capsys):
@@ -415,6 +427,11 @@ def test_damaged_export_and_verify(saved_run, tmp_path, capsys):
     (tmp_path / "half.gguf").write_bytes(b"GGUF\x03\x00")
     code, err, _ = cli(capsys, "verify", run, tmp_path / "half.gguf", "--quiet")
     assert code == 2 and "is not a readable GGUF file" in err
+    (run / "compressed-tensors" / "lowbit_provenance.json").write_bytes(
+        (saved_run / "compressed-tensors" / "lowbit_provenance.json").read_bytes())
+    _truncate(run / "compressed-tensors" / "model.safetensors")
+    code, err, _ = cli(capsys, "verify", run, run / "compressed-tensors", "--quiet")
+    assert code == 2 and f"could not load the export {run / 'compressed-tensors'} (is a file truncated" in err
 
 
 # --- provenance and verify's verdict ---
@@ -561,3 +578,30 @@ def test_hub_dataset_without_text_column(monkeypatch):
                         lambda *a, **k: datasets.Dataset.from_dict({"content": ["a"], "label": [1]}))
     with pytest.raises(LowbitError, match="dataset 'org/data' has no 'text' column \\(it has content, label\\)"):
         load_text("org/data")
+
+
+def test_sweep_spares_live_owners_and_reports_old_leftovers(tmp_path, caplog):
+    from lowbit.files import staging_path, sweep_leftovers
+
+    mine = staging_path(tmp_path / "result")
+    mine.mkdir()
+    dead = tmp_path / ".result.lowbit-partial.999999999.1.abc123"  # no such pid
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x")
+    old = tmp_path / ".result-20261101-120000.tmp-k2j4"
+    old.mkdir()
+    with caplog.at_level("WARNING", logger="lowbit"):
+        assert sweep_leftovers(tmp_path) == [dead]
+    assert mine.exists() and old.exists() and not dead.exists()
+    assert any(str(old) in r.message and "older lowbit" in r.message for r in caplog.records)
+
+
+def test_every_command_has_quiet_and_checked_numbers():
+    from lowbit.cli import build_parser, commands
+
+    found = commands(build_parser())
+    assert {"run", "quantize", "eval", "export", "verify", "bench speed", "steps"} <= set(found)
+    for name, parser in found.items():
+        assert "--quiet" in parser.format_usage(), name
+        plain = [a.dest for a in parser._actions if a.type in (int, float)]
+        assert plain == [], f"{name}: {plain} accept any number; use a checked type (POSITIVE, NONNEGATIVE, ...)"

@@ -6,6 +6,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec
 from lowbit.models import get_adapter
 from lowbit.pipeline import FormatPlan, compress
+from lowbit.recipe import parse_recipe
 from lowbit.steps.outlier_suppression import OSArgs, OutlierSuppression
 
 STATIC8 = QuantSpec(bits=8, granularity="tensor")
@@ -48,6 +49,5 @@ def test_token_clipping_refuses_dynamic_activations():
     with pytest.raises(LowbitError, match="dynamic per-token"):
         compress(model, get_adapter(model), dyn, [OutlierSuppression(OSArgs(token_clipping=True))],
                  windows(2, 64, 0), progress=False)
-    with pytest.raises(LowbitError, match="quantiles"):
-        compress(model, get_adapter(model), FormatPlan(activations=STATIC8),
-                 [OutlierSuppression(OSArgs(quantiles=[1.5]))], windows(2, 64, 0), progress=False)
+    with pytest.raises(LowbitError, match=r"steps\[0\]\.os\.quantiles\.0: Input should be less than or equal to 1"):
+        parse_recipe({"steps": [{"os": {"quantiles": [1.5]}}]})

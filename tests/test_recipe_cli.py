@@ -119,7 +119,7 @@ def test_report_table(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("weights, activations, steps, words", [
-    ({"format": "mxfp4", "group_size": 16}, None, ["rtn"], "weights: Value error, group_size does not apply to format mxfp4"),
+    ({"format": "mxfp4", "group_size": 16}, None, ["rtn"], "at weights: group_size does not apply to format mxfp4"),
     ({"format": "fp", "bits": 8, "block": [128]}, None, ["rtn"], "weights.block.1"),
     ({"format": "fp", "bits": 8, "block": [128, 128]}, {"format": "fp", "bits": 8, "block": [1, 128]}, ["rtn"],
      "activations cannot use 2-D blocks"),
@@ -139,3 +139,15 @@ def test_named_formats_and_blocks_parse():
                            "activations": {"format": "fp", "bits": 8, "group_size": 64, "dynamic": True}})
     assert recipe.plan().weights.describe() == "fp8-e4m3 block 128x64"
     assert parse_recipe(yaml.safe_load(recipe_to_yaml(recipe))).plan() == recipe.plan()
+
+
+def test_closed_stdout_is_not_an_error():
+    """`lowbit backends | head -1`: the reader leaving early ends the command quietly with exit 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit", "backends"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has imported lowbit and printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "error" not in err and "Traceback" not in err

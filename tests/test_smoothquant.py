@@ -41,7 +41,8 @@ def test_alpha_search_picks_from_grid_and_preserves_fp(caplog):
         caplog.clear()
         with caplog.at_level("INFO", logger="lowbit"):
             state = compress(model, get_adapter(model), FormatPlan(activations=acts),
-                             [SmoothQuant(SmoothQuantArgs(search_samples=2, **args))], windows(4, 64, 0), progress=False)
+                             [SmoothQuant(SmoothQuantArgs(search_samples=2, **args))], windows(4, 64, 0),
+                             progress=False)
         params[name] = {n: p.detach().clone() for n, p in model.named_parameters()}
         if name == "grid":
             chosen = [ast.literal_eval(r.getMessage().split("alpha ", 1)[1]) for r in caplog.records
@@ -61,6 +62,9 @@ def test_alpha_search_picks_from_grid_and_preserves_fp(caplog):
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(LowbitError, match="alpha"):
         parse_recipe({"steps": [{"smoothquant": {"alpha": 1.5}}]})
+    for grid in ([], [0.5, 1.2]):
+        with pytest.raises(LowbitError, match=r"steps\[0\]\.smoothquant\.alpha_grid"):
+            parse_recipe({"steps": [{"smoothquant": {"alpha_grid": grid}}]})
     with pytest.raises(LowbitError, match="activations"):
         SmoothQuant(SmoothQuantArgs(alpha_grid=[0.5])).before_blocks(
             type("Ctx", (), {"plan": FormatPlan()})())

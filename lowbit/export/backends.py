@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
+from lowbit import gguf_types
 from lowbit.formats import QuantSpec
 
 ANY = None  # a scheme field set to ANY accepts every value
@@ -57,15 +58,18 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                "W4A16 NVFP4; one per-tensor scale per fused q/k/v and gate/up"),
         Scheme("mxfp8-quantized", ("mxfp8",), ANY, ANY, ("none",), "W8A16 MXFP8"),
     )),
-    Target("gguf-q8_0", "llama.cpp", (Scheme("Q8_0", ("int8",), ANY, ANY, ("none",), _GGUF_NOTE),)),
-    Target("gguf-q4_0", "llama.cpp", (Scheme("Q4_0", ("int4",), ANY, ANY, ("none",), _GGUF_NOTE),)),
-    Target("gguf", "llama.cpp", (Scheme("Q4_0", ("int4",), ANY, ANY, ("none",), "per tensor: " + _GGUF_NOTE),
-                                 Scheme("Q8_0", ("int8",), ANY, ANY, ("none",), "per tensor (mixed precision)"))),
+    Target("gguf-q8_0", "llama.cpp", (Scheme("Q8_0", ("int8", "gguf-q8_0"), ANY, ANY, ("none",), _GGUF_NOTE),)),
+    Target("gguf-q4_0", "llama.cpp", (Scheme("Q4_0", ("int4", "gguf-q4_0"), ANY, ANY, ("none",), _GGUF_NOTE),)),
+    Target("gguf", "llama.cpp", (Scheme("GGUF types", tuple(f"gguf-{n}" for n in gguf_types.names()), ANY, ANY,
+                                        ("none",), "exact: each tensor in the GGUF type the run solved it on "
+                                                   "(K-quant rows not a multiple of 256 use llama.cpp's fallback)"),)),
 )}
 
 
 def weight_key(spec: QuantSpec) -> str:
-    """A named microscaling format (mxfp4, ...) or the element type (int4, fp8-e4m3, ...)."""
+    """A GGUF type (gguf-q4_k, ...), a named microscaling format (mxfp4, ...) or the element type (int4, fp8-e4m3, ...)."""
+    if spec.gguf is not None:
+        return f"gguf-{spec.gguf}"
     return spec.name or spec.element_key
 
 

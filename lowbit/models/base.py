@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from lowbit.errors import LowbitError
+
 
 @dataclass(frozen=True)
 class NormGroup:
@@ -51,6 +53,13 @@ class Adapter:
     kv_linears: tuple[str, ...]  # the key and value projections (their outputs are what a KV cache stores)
     linear_order: tuple[str, ...] = field(default=())  # block linears in execution order
     pre_norm_flag: str | None = None  # config key that is false when blocks normalize after the residual add
+    # GGUF (llama.cpp) facts: model_type -> llama.cpp architecture; the architectures whose q/k rows llama.cpp
+    # expects with each head's rotary halves interleaved; module path -> GGUF tensor name (block modules
+    # relative to the block, written as blk.{i}.NAME; model modules absolute)
+    gguf_archs: tuple[tuple[str, str], ...] = ()
+    gguf_interleaved_rope: tuple[str, ...] = ()
+    gguf_block_names: tuple[tuple[str, str], ...] = ()
+    gguf_model_names: tuple[tuple[str, str], ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -96,6 +105,29 @@ class Adapter:
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """The block's linear layers in execution order, by relative name."""
         return {name: block.get_submodule(name) for name in self.linear_order}
+
+    def gguf_arch(self, model_type: str) -> str:
+        """llama.cpp's architecture name for a model_type of this family."""
+        archs = dict(self.gguf_archs)
+        if model_type not in archs:
+            raise LowbitError(f"GGUF export has no llama.cpp architecture for {model_type!r}: supported are "
+                              f"{', '.join(archs) or 'none'}; use --format compressed-tensors")
+        return archs[model_type]
+
+    def gguf_tensor_name(self, param: str) -> str:
+        """llama.cpp's name for a transformers parameter (e.g. model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+        module, _, kind = param.rpartition(".")
+        if module in dict(self.gguf_model_names):
+            return f"{dict(self.gguf_model_names)[module]}.{kind}"
+        prefix = self.blocks_path + "."
+        index, _, rel = module[len(prefix):].partition(".") if module.startswith(prefix) else ("", "", "")
+        if not index.isdigit() or rel not in dict(self.gguf_block_names):
+            raise LowbitError(f"parameter {param} has no GGUF counterpart in the {self.name} adapter")
+        return f"blk.{index}.{dict(self.gguf_block_names)[rel]}.{kind}"
+
+    def gguf_block_name(self, rel: str) -> str | None:
+        """GGUF's short name of a block module (e.g. mlp.down_proj -> ffn_down), used by type mixes."""
+        return dict(self.gguf_block_names).get(rel)
 
     def input_groups(self) -> list[tuple[str, ...]]:
         """Block linears grouped by shared input, in execution order (e.g. q/k/v, o, gate/up, down)."""

@@ -2,7 +2,7 @@
 linear's output error. Settings, CPU defaults and paper defaults: `lowbit.reconstruction.ReconArgs`."""
 from __future__ import annotations
 
-from lowbit.context import BlockContext
+from lowbit.context import BlockContext, ModelContext
 from lowbit.reconstruction import Loss, ReconArgs, reconstruct_layers
 from lowbit.steps.base import Step, init_solver, register_step
 
@@ -24,6 +24,10 @@ class AdaRound(Step):
         super().__init__(args)
         self.init = init_solver(self.args.init, f"{self.name}.init")
         self.needs_fp_targets = self.init is not None and self.init.needs_fp_targets
+
+    def before_blocks(self, ctx: ModelContext) -> None:
+        if self.init is not None:
+            self.init.before_blocks(ctx)
 
     def on_block(self, ctx: BlockContext) -> None:
         reconstruct_layers(ctx, self.args, self.init)

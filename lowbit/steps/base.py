@@ -37,10 +37,15 @@ class Step:
     solves_weights: bool = False  # can produce the final rounding of pending weights (else the pipeline rounds)
     defers_rounding: bool = False  # rounds only if no later step solves weights (else leaves them FP for it)
     transforms_block: bool = False  # changes block parameters other than the weights it rounds
+    needs_calibration: bool = True  # reads calibration activations (RTN does not: no forward passes)
     keeps_zeros: bool = True  # zero weights stay zero (False: mixes input channels; refused after pruning)
 
     def __init__(self, args: BaseModel | None = None):
         self.args = args if args is not None else self.Args()
+
+    def needs_whole_model(self) -> bool:
+        """True if the step reads or changes every block at once (it cannot run one block in memory at a time)."""
+        return False
 
     def before_blocks(self, ctx: "ModelContext") -> None:
         """Called once on the whole model before calibration inputs are captured."""

@@ -66,7 +66,12 @@ class BRECQ(Step):
         self.init = init_solver(self.args.init, f"{self.name}.init")
         self.fisher: list[torch.Tensor] | None = None
 
+    def needs_whole_model(self) -> bool:
+        return self.args.fisher
+
     def before_blocks(self, ctx: ModelContext) -> None:
+        if self.init is not None:
+            self.init.before_blocks(ctx)
         if self.args.fisher:
             self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ctx.calib_ids[: self.args.n_samples])
 

@@ -84,7 +84,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     if mask is not None:
         w.masked_fill_(mask, 0)
     grouped = spec is not None and spec.granularity in ("group", "block")
-    static = spec is None or spec.granularity != "group" or static_groups or act_order
+    static = spec is None or spec.granularity != "group" or static_groups or act_order or spec.gguf is not None
     scale = zero = None
     if spec is not None:
         if gs is None:  # every group's FP8 scale must sit under the same tensor scale
@@ -145,7 +145,8 @@ def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sp
     """Fake-quantize one weight column with per-row parameters (inlined for integers: this is the hot loop)."""
     if spec.format == "fp":
         return fake_quant(col[:, None], scale[:, None], zero[:, None], spec)[:, 0]
-    return (torch.clamp(torch.round(col / scale) + zero, spec.qmin, spec.qmax) - zero) * scale
+    codes = torch.round(col / scale + zero) if spec.gguf else torch.round(col / scale) + zero  # GGUF: real zeros
+    return (torch.clamp(codes, spec.qmin, spec.qmax) - zero) * scale
 
 
 def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],

@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lowbit.context import BlockContext, ModelContext
-from lowbit.sparsity import (block_linears, dense_pass, global_rate, input_sq_norms, project_to_target,
-                             round_ratios)
+from lowbit.sparsity import block_linears, dense_pass, global_rate, input_sq_norms, project_to_target, round_ratios
 from lowbit.steps.base import Step, StepArgs, register_step
 
 log = logging.getLogger("lowbit")

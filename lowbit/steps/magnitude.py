@@ -1,17 +1,16 @@
 """Magnitude pruning: zero the weights of smallest absolute value (per row or per layer); no calibration data."""
 from __future__ import annotations
 
-from pydantic import Field
 from typing import Literal
 
 from lowbit.context import BlockContext
 from lowbit.sparsity import prune_mask, record_mask
-from lowbit.steps.pruning import PruneArgs, PruneStep
 from lowbit.steps.base import register_step
+from lowbit.steps.pruning import PruneArgs, PruneStep
 
 
 class MagnitudeArgs(PruneArgs):
-    group: Literal["row", "layer"] = Field("layer")  # the classic baseline compares across the whole layer
+    group: Literal["row", "layer"] = "layer"  # the classic baseline compares across the whole layer
 
 
 @register_step

@@ -14,6 +14,8 @@ refuses `token_clipping: true` (the default turns clipping on only for static ac
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field
 
@@ -27,7 +29,8 @@ from lowbit.steps.base import Step, StepArgs, register_step
 class OSArgs(StepArgs):
     gamma_migration: bool = True
     token_clipping: bool | None = None  # default: on for static activations, off for dynamic per-token
-    quantiles: list[float] = [1.0, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9]  # coarse grid of alpha
+    quantiles: list[Annotated[float, Field(gt=0, le=1)]] = Field([1.0, 0.9999, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9],
+                                                                 min_length=1)  # coarse grid of alpha
     fine_steps: int = Field(8, ge=0)  # alphas tried between the best coarse value's neighbours
     search_samples: int = Field(4, gt=0)  # calibration windows used to score a range
 
@@ -46,8 +49,6 @@ class OutlierSuppression(Step):
             raise LowbitError("os.token_clipping chooses static activation ranges, but the recipe's activations are "
                               f"{'not quantized' if acts is None else 'dynamic per-token'}: set token_clipping: false "
                               "or use static per-tensor activations (dynamic: false, granularity: tensor)")
-        if not self.args.quantiles or any(not 0 < a <= 1 for a in self.args.quantiles):
-            raise LowbitError(f"os.quantiles must be a non-empty list of values in (0, 1], got {self.args.quantiles}")
         self.clip = static if self.args.token_clipping is None else self.args.token_clipping
 
     def on_block(self, ctx: BlockContext) -> None:

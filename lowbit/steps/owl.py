@@ -12,8 +12,8 @@ import logging
 import torch
 from pydantic import Field
 
-from lowbit.errors import LowbitError
 from lowbit.context import BlockContext, ModelContext
+from lowbit.errors import LowbitError
 from lowbit.sparsity import block_linears, dense_pass, global_rate, input_sq_norms, round_ratios
 from lowbit.steps.base import Step, StepArgs, register_step
 

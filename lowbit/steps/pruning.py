@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from lowbit.errors import LowbitError
 from lowbit.context import BlockContext, ModelContext
+from lowbit.errors import LowbitError
 from lowbit.sparsity import check_widths, parse_pattern
 from lowbit.steps.base import Step, StepArgs
 

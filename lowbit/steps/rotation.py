@@ -175,5 +175,8 @@ class Rotation(Step):
     Args = RotationArgs
     keeps_zeros = False
 
+    def needs_whole_model(self) -> bool:
+        return True
+
     def before_blocks(self, ctx: ModelContext) -> None:
         rotate_model(ctx, self.args)

@@ -18,6 +18,7 @@ class RTN(Step):
     name = "rtn"
     Args = RTNArgs
     solves_weights = True
+    needs_calibration = False
 
     def on_block(self, ctx: BlockContext) -> None:
         for rel in ctx.pending():

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from lowbit.errors import LowbitError
 from lowbit.context import BlockContext, ModelContext
-from lowbit.steps.base import Step, StepArgs, register_step
+from lowbit.errors import LowbitError
 from lowbit.sparsity import dense_pass
+from lowbit.steps.base import Step, StepArgs, register_step
 
 log = logging.getLogger("lowbit")
 

@@ -9,6 +9,7 @@ with that group's weights and activations quantized. The FP model is unchanged u
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import torch
 from pydantic import Field
@@ -24,7 +25,8 @@ log = logging.getLogger("lowbit")
 
 class SmoothQuantArgs(StepArgs):
     alpha: float = Field(0.5, ge=0, le=1)  # migration strength: 0 keeps activations, 1 moves all to weights
-    alpha_grid: list[float] | None = None  # search alpha per group on these values (e.g. [0.3, 0.4, ..., 0.9])
+    alpha_grid: list[Annotated[float, Field(ge=0, le=1)]] | None = Field(None, min_length=1)  # search alpha per group
+    # on these values (e.g. [0.3, 0.4, ..., 0.9])
     pairs: bool = False  # also smooth the inputs of o_proj and down_proj through v_proj and up_proj
     search_samples: int = Field(4, gt=0)  # calibration windows used by the alpha search
 
@@ -42,13 +44,9 @@ class SmoothQuant(Step):
     Args = SmoothQuantArgs
 
     def before_blocks(self, ctx: ModelContext) -> None:
-        grid = self.args.alpha_grid
-        if grid is not None:
-            if not grid or any(not 0 <= a <= 1 for a in grid):
-                raise LowbitError(f"smoothquant.alpha_grid must be a non-empty list of values in [0, 1], got {grid}")
-            if ctx.plan.activations is None:
-                raise LowbitError("smoothquant.alpha_grid searches with quantized activations: set `activations` "
-                                  "in the recipe or drop alpha_grid")
+        if self.args.alpha_grid is not None and ctx.plan.activations is None:
+            raise LowbitError("smoothquant.alpha_grid searches with quantized activations: set `activations` "
+                              "in the recipe or drop alpha_grid")
 
     def on_block(self, ctx: BlockContext) -> None:
         block, adapter = ctx.block, ctx.adapter

@@ -15,9 +15,9 @@ from pydantic import Field
 
 from lowbit.context import BlockContext
 from lowbit.sparsity import Pattern, prune_mask
-from lowbit.steps.pruning import PruneArgs, PruneStep
 from lowbit.steps.base import register_step
 from lowbit.steps.gptq import accumulate_hessians, gptq_quantize
+from lowbit.steps.pruning import PruneArgs, PruneStep
 
 
 class SparseGPTArgs(PruneArgs):

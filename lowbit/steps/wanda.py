@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lowbit.context import BlockContext
 from lowbit.sparsity import input_sq_norms, prune_mask, record_mask
-from lowbit.steps.pruning import PruneStep
 from lowbit.steps.base import register_step
+from lowbit.steps.pruning import PruneStep
 
 
 def wanda_score(w, sq_norm):

@@ -1,0 +1,89 @@
+"""GGUF table, scoring: exported runs scored by llama.cpp on the runs' evaluation windows, llama.cpp's own quantizer
+as the anchor, and (--speed) llama.cpp's decode speed of every GGUF next to `lowbit bench speed`, in one sitting.
+
+Usage (under the bench lock, see benchmarks/gguf_runs.sh):
+  python benchmarks/gguf_score.py OUT TYPE...   score OUT/{rtn,gptq}-TYPE/gguf.gguf and llama.cpp's own TYPE (f16: float)
+  python benchmarks/gguf_score.py OUT --speed   decode tokens/s of every scored GGUF, then lowbit bench speed
+Rows accumulate in OUT/scores.json (a GGUF already scored is skipped); speeds go to OUT/speed.json.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+SEQ_LEN, MAX_TOKENS, THREADS = 2048, 8192, 2
+
+
+def decode_speed(path: Path, prompt: list[int], threads: int = THREADS) -> float:
+    """Median llama.cpp decode tokens/s over 3 repeats (after one warm-up): 32 greedy steps after a 128-token prompt."""
+    from lowbit.llamacpp import LlamaCpp
+
+    with LlamaCpp(path, n_ctx=256, threads=threads) as engine:
+        speeds = [engine.decode_speed(prompt, 32) for _ in range(4)][1:]
+    return statistics.median(speeds)
+
+
+def score(out: Path, types: list[str]) -> None:
+    from lowbit.data import eval_windows, load_text, tokenize
+    from lowbit.llamacpp import perplexity, write_llamacpp_quantized
+    from lowbit.loading import load_model
+    from lowbit.verify import verify
+
+    path_rows = out / "scores.json"
+    rows = json.loads(path_rows.read_text()) if path_rows.exists() else []
+    done = {r["gguf"] for r in rows}
+    model, tokenizer = load_model("smollm2-135m")
+    windows = eval_windows(tokenize(tokenizer, load_text("wikitext2", "test")), SEQ_LEN, MAX_TOKENS)
+    for type_name in types:
+        for solver in ("rtn", "gptq"):
+            run = out / f"{solver}-{type_name}"
+            gguf = run / "gguf.gguf"
+            if gguf.exists() and str(gguf) not in done:
+                result = verify(run, gguf, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, engine="llama.cpp", threads=THREADS)
+                rows.append({"gguf": str(gguf), "source": run.name, "simulated_ppl": result.ppl_a,
+                             "llamacpp_ppl": result.ppl_b, "top1_agreement": result.top1_agreement,
+                             "tokens": result.tokens, "size_mb": gguf.stat().st_size / 1e6})
+                print(rows[-1], flush=True)
+                path_rows.write_text(json.dumps(rows, indent=1))
+        anchor = out / "llamacpp-own" / f"{type_name}.gguf"
+        if str(anchor) in done:
+            continue
+        anchor.parent.mkdir(exist_ok=True)
+        types_written = write_llamacpp_quantized(model, tokenizer, anchor, None if type_name == "f16" else type_name)
+        result = perplexity(anchor, windows, threads=THREADS)
+        rows.append({"gguf": str(anchor), "source": f"llama.cpp-{type_name}", "simulated_ppl": None,
+                     "llamacpp_ppl": result.perplexity, "top1_agreement": None, "tokens": result.tokens,
+                     "size_mb": anchor.stat().st_size / 1e6, "types": types_written})
+        print(rows[-1], flush=True)
+        path_rows.write_text(json.dumps(rows, indent=1))
+
+
+def speed(out: Path) -> None:
+    """One sitting: llama.cpp decode speed of every scored GGUF on 2 threads (and 1), then lowbit's packed kernels."""
+    from lowbit.data import load_text, tokenize
+    from lowbit.kernels.bench import bench_speed
+    from lowbit.loading import load_model
+
+    _, tokenizer = load_model("smollm2-135m")
+    prompt = tokenize(tokenizer, load_text("wikitext2", "validation"))[:128].tolist()
+    rows = json.loads((out / "scores.json").read_text())
+    speeds = {}
+    for row in rows:
+        speeds[row["source"]] = {"threads_2": decode_speed(Path(row["gguf"]), prompt),
+                                 "threads_1": decode_speed(Path(row["gguf"]), prompt, threads=1)}
+        print(row["source"], speeds[row["source"]], flush=True)
+    speeds["lowbit bench speed"] = bench_speed(threads=THREADS, repeats=3, warmup=1, prompt_len=128, new_tokens=32)
+    (out / "speed.json").write_text(json.dumps(speeds, indent=1))
+    print(json.dumps(speeds["lowbit bench speed"], indent=1))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(THREADS)
+    if sys.argv[2:] == ["--speed"]:
+        speed(Path(sys.argv[1]))
+    else:
+        score(Path(sys.argv[1]), sys.argv[2:])

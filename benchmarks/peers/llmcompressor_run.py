@@ -1,0 +1,70 @@
+"""llm-compressor's GPTQ, AWQ and SmoothQuant+GPTQ (library defaults otherwise) with lowbit's calibration windows;
+runs in /work/venvs/llmcompressor (benchmarks/peers/venv.sh llmcompressor llmcompressor).
+
+  /work/venvs/llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py MODEL_DIR CALIB.pt OUT_DIR \
+      --method gptq|awq|sq-gptq [--bits 4 --group-size 64 --sym]
+The dequantized weights (compressed-tensors' own fake_quantize of the stored scales / zero points) and any norm
+the smoothing methods changed are copied into the FP checkpoint by common.save_dequantized.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import block_linears, load_windows, save_dequantized
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("calib")
+    p.add_argument("out")
+    p.add_argument("--method", choices=["gptq", "awq", "sq-gptq"], required=True)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    import llmcompressor
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.transform import SmoothQuantModifier
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(a.threads)
+    if not torch.cuda.is_available():  # AWQ pins cached activations, which needs an accelerator; on CPU it is moot
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    ids = load_windows(a.calib)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    scheme = {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": a.bits, "type": "int", "symmetric": a.sym, "strategy": "group", "group_size": a.group_size}}}
+    quant = dict(config_groups=scheme, ignore=["lm_head"])
+    recipe = {"gptq": [GPTQModifier(**quant)], "awq": [AWQModifier(**quant)],
+              "sq-gptq": [SmoothQuantModifier(), GPTQModifier(**quant)]}[a.method]
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    start = time.perf_counter()
+    oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
+    seconds = time.perf_counter() - start
+    params = {k: v for k, v in model.state_dict().items() if "layers." in k and k.endswith(("weight", "bias"))}
+    with torch.no_grad():
+        for name, m in block_linears(model).items():
+            g_idx = getattr(m, "weight_g_idx", None)
+            if g_idx is not None and (g_idx != torch.arange(g_idx.numel()) // a.group_size).any():
+                raise SystemExit(f"{name}: permuted groups (actorder='group') are not supported here")
+            params[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
+                                                     m.quantization_scheme.weights)
+    save_dequantized(a.model, params, a.out, {
+        "tool": f"llmcompressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
+        "group_size": a.group_size, "symmetric": a.sym, "quant_time_s": seconds, "threads": a.threads,
+        "calibration": list(ids.shape)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Where decoder blocks live while the pipeline walks them: device placement, streaming, checkpoints.
+
+`BlockIO` is called by `pipeline.compress` around each block. The default keeps the whole model in memory on
+the CPU. With a device, the block being compressed and the calibration activations live there, the rest on
+the CPU. With a `reader`, blocks are read from the safetensors shards when reached and, once compressed,
+written to `out_dir` as HF shards and freed. With `checkpoints`, every finished block ends in an atomic
+checkpoint, and `begin` continues from the newest one when `resume` is set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lowbit.checkpoint import Checkpoints
+from lowbit.errors import LowbitError
+from lowbit.files import write_error
+from lowbit import streaming
+
+if TYPE_CHECKING:
+    from lowbit.pipeline import BlockContext, ModelContext
+
+
+class ProbeDone(Exception):
+    """Raised after `stop_after` blocks, to time a short probe of the pipeline."""
+
+
+@dataclass
+class BlockIO:
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    reader: streaming.ShardReader | None = None  # stream blocks from these shards
+    out_dir: Path | None = None  # streamed: where finished blocks are written (the output model folder)
+    checkpoints: Checkpoints | None = None
+    resume: bool = False
+    stop_after: int | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.reader is not None
+
+    def begin(self, mctx: "ModelContext", inputs: torch.Tensor, fp_inputs: torch.Tensor | None, args: tuple,
+              kwargs: dict) -> tuple[int, torch.Tensor, torch.Tensor | None, tuple, dict]:
+        """Block to start at and its inputs (from the newest checkpoint when resuming), placed on the device."""
+        start = 0
+        if self.streamed:  # embeddings, norm and head are not needed again until evaluation or `finish`
+            streaming.free_rest(mctx.model, mctx.adapter)
+        if self.resume:
+            resumed = self.checkpoints.load()
+            start = resumed.finished
+            inputs, fp_inputs = resumed.inputs.to(inputs.dtype), resumed.fp_inputs
+            _merge_state(mctx, resumed.state, start)
+            if not self.streamed:
+                for i, path in resumed.block_files.items():
+                    streaming.load_tensors(mctx.model, load_file(str(path)), self.dtype)
+        return (start, to_device(inputs, self.device), to_device(fp_inputs, self.device),
+                to_device(args, self.device), to_device(kwargs, self.device))
+
+    def load(self, mctx: "ModelContext", index: int) -> None:
+        """Make block `index` resident on the device."""
+        if self.streamed:
+            streaming.load_block(mctx.model, mctx.adapter, self.reader, index, self.dtype, self.device)
+        elif self.device.type != "cpu":
+            mctx.adapter.blocks(mctx.model)[index].to(self.device)
+
+    def done(self, ctx: "BlockContext", inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
+        """Block `ctx.index` is compressed and `inputs` are the next block's: write, free, checkpoint."""
+        try:
+            self._write(ctx, inputs, fp_inputs)
+        except (OSError, SafetensorError) as exc:
+            raise LowbitError(f"writing the run failed: {write_error(exc)} (after block {ctx.index}): free some "
+                              f"space or choose another --out") from None
+        if self.stop_after is not None and ctx.index + 1 >= self.stop_after:
+            raise ProbeDone
+
+    def _write(self, ctx: "BlockContext", inputs: torch.Tensor, fp_inputs: torch.Tensor | None) -> None:
+        model, n = ctx.model_ctx.model, len(ctx.adapter.blocks(ctx.model_ctx.model))
+        names = [f"{ctx.name}.{k}" for k in ctx.block.state_dict()]
+        if self.streamed:
+            for name, p in ctx.block.named_parameters():
+                if not torch.isfinite(p).all():
+                    raise LowbitError(f"parameter {ctx.name}.{name} has non-finite values after compression; "
+                                      f"not saving it")
+            file = streaming.write_shard(self.out_dir, ctx.index, n + 1, streaming.module_tensors(model, names))
+            if self.checkpoints is not None:
+                self.checkpoints.record_block(self.out_dir / file)
+            streaming.free(ctx.block)
+        else:
+            if self.device.type != "cpu":
+                ctx.block.to("cpu")
+            if self.checkpoints is not None:
+                directory = self.checkpoints.block_dir()
+                file = streaming.write_shard(directory, ctx.index, n + 1, streaming.module_tensors(model, names))
+                self.checkpoints.record_block(directory / file)
+        if self.checkpoints is not None:
+            self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state)
+
+    def finish(self, model: torch.nn.Module, adapter) -> None:
+        """Streamed: write the tensors outside the blocks (unchanged: streamed steps change only blocks) as the
+        last shard, the index, and load them back into the model for evaluation."""
+        if not self.streamed:
+            return
+        n = len(adapter.blocks(model))
+        names = streaming.rest_names(adapter, self.reader.names())
+        rest = {name: t.to(self.dtype) if t.is_floating_point() else t for name, t in self.reader.read(names).items()}
+        streaming.write_shard(self.out_dir, n, n + 1, rest)
+        del rest
+        streaming.write_index(self.out_dir)
+        streaming.load_rest(model, adapter, self.reader, self.dtype)
+
+
+def _merge_state(mctx: "ModelContext", loaded, finished: int) -> None:
+    """Take the finished blocks' quantization state from a checkpoint, keep the fresh one for the rest."""
+    prefixes = tuple(mctx.adapter.block_name(i) + "." for i in range(finished))
+    state = mctx.state
+    state.weights.update(loaded.weights)
+    state.transforms.update(loaded.transforms)
+    for kind in ("input_quantizers", "output_quantizers"):
+        table = getattr(state, kind)
+        for name, q in getattr(loaded, kind).items():
+            if name.startswith(prefixes):
+                q.enabled = True
+                table[name] = q
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """Move tensors inside (nested) tuples, lists and dicts to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value

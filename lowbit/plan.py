@@ -1,0 +1,201 @@
+"""Plan a run before running it: peak memory per device, disk space and time, against a memory budget.
+
+Memory and disk come from the checkpoint's shard headers and config (nothing is loaded); time comes from a
+short timed probe: the recipe's steps on the first block with a few calibration windows, scaled to all
+blocks and windows.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from lowbit.errors import LowbitError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like `4GB`, `512MiB` or `1e9`."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise LowbitError(f"memory size {text!r} is not understood: write e.g. 4GB, 512MiB or 8e9")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_memory(spec: str | None) -> dict[str, int]:
+    """`4GB` (every device) or `cpu=8GB,cuda:0=20GB` -> bytes per device name (`*` for every device)."""
+    if not spec:
+        return {}
+    out = {}
+    for part in spec.split(","):
+        device, sep, size = part.rpartition("=")
+        out[device.strip() if sep else "*"] = parse_size(size)
+    return out
+
+
+def available(device: torch.device) -> int:
+    """Memory free on a device now: the GPU's free memory, else the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def memory_budget(spec: str | None, device: torch.device) -> int:
+    """The budget for `device` from `--max-memory` (its own entry, else the `*` one), else what is free."""
+    budgets = parse_memory(spec)
+    for key in (str(device), device.type, "*"):
+        if key in budgets:
+            return budgets[key]
+    return available(device)
+
+
+RUNTIME_BYTES = 450 * 10**6  # resident size of a process with torch and transformers imported (measured)
+SOLVERS = ("gptq", "sparsegpt", "wanda")  # steps that hold a float32 Hessian per input group of a block
+
+
+@dataclass
+class Plan:
+    """What a run will need, per device, before it starts."""
+
+    model: str
+    dtype: str
+    device: str
+    streamed: bool
+    blocks: int
+    block_bytes: int  # the largest decoder block, in the run's dtype
+    rest_bytes: int  # embeddings, final norm, head
+    activation_bytes: int  # calibration activations held across a block
+    work_bytes: int  # one batch's forward intermediates plus the solver's float32 state
+    peak: dict[str, int]  # device -> bytes
+    budget: dict[str, int]  # device -> bytes (given or free now)
+    disk_bytes: int
+    probe: dict | None = None  # windows -> seconds for one block
+    estimate_s: float | None = None
+
+
+def plan_run(recipe, probe: bool = True, progress: bool = False) -> Plan:
+    """Peak memory per device, disk and (with `probe`) time of `recipe`; refuses a budget it cannot meet."""
+    from lowbit.devices import resolve_device, resolve_dtype
+    from lowbit.loading import empty_model, resolve_model_path
+    from lowbit.models import get_adapter
+    from lowbit.run import use_streaming
+
+    device = resolve_device(recipe.device)
+    steps = recipe.build_steps()
+    model_path = resolve_model_path(recipe.model)
+    dtype = resolve_dtype(recipe.dtype, model_path)
+    streamed = use_streaming(recipe, model_path, dtype, steps)
+    model = empty_model(recipe.model, dtype)
+    adapter, config = get_adapter(model), model.config.get_text_config()
+    blocks = adapter.blocks(model)
+    item = dtype.itemsize
+    block_bytes = max(sum(p.numel() for p in b.parameters()) for b in blocks) * item
+    unique = {id(p): p.numel() for p in model.parameters()}
+    rest_bytes = sum(unique.values()) * item - len(blocks) * block_bytes
+    cal, hidden = recipe.calibration, config.hidden_size
+    copies = 2 + 2 * any(s.needs_fp_targets for s in steps)
+    activation_bytes = copies * cal.n_samples * cal.seq_len * hidden * item
+    batch = min(cal.batch_size, cal.n_samples)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * hidden)
+    forward = batch * cal.seq_len * (3 * inter + 6 * hidden) * item
+    forward += 2 * batch * config.num_attention_heads * cal.seq_len ** 2 * item
+    linears = adapter.linears(blocks[0])
+    widest = max(lin.in_features for lin in linears.values())
+    largest = max(lin.weight.numel() for lin in linears.values())
+    if any(s.name in SOLVERS for s in steps):
+        solver = sum(linears[g[0]].in_features ** 2 for g in adapter.input_groups()) * 4 + 2 * widest ** 2 * 4
+    else:
+        solver = 0
+    work_bytes = forward + solver + 3 * largest * 4
+    evaluation = 0
+    if recipe.evaluation:
+        ev = recipe.evaluation
+        windows = (ev.max_tokens or 300_000) // ev.seq_len
+        evaluation = ev.batch_size * ev.seq_len * config.vocab_size * 4 * 3
+        if streamed:
+            evaluation += windows * ev.seq_len * hidden * item
+    weights = rest_bytes + (block_bytes if streamed else len(blocks) * block_bytes)
+    compute = activation_bytes + work_bytes + (block_bytes if streamed else 0)  # on the device
+    if streamed:  # phases: capture (embeddings), block loop (rest freed), evaluation (rest + one block)
+        host = max(rest_bytes + activation_bytes, block_bytes, rest_bytes + block_bytes + evaluation)
+    else:
+        host = weights + evaluation
+    on_gpu = device.type != "cpu"
+    peak = {"cpu": RUNTIME_BYTES + (host if on_gpu else max(host, compute + (0 if streamed else weights)))}
+    if on_gpu:
+        peak[str(device)] = compute + (block_bytes if not streamed else 0)
+    budget = {d: memory_budget(recipe.max_memory, torch.device(d)) for d in peak}
+    disk = weights + (len(blocks) - 1) * block_bytes * streamed + 2 * activation_bytes
+    disk += 0 if streamed else len(blocks) * block_bytes  # checkpointed blocks of an in-memory run
+    plan = Plan(recipe.model, str(dtype).removeprefix("torch."), str(device), streamed, len(blocks), block_bytes,
+                rest_bytes, activation_bytes, work_bytes, peak, budget, disk)
+    if recipe.max_memory:
+        for d, need in peak.items():
+            if need > budget[d]:
+                raise LowbitError(f"the run needs about {need / 1e9:.1f} GB on {d} but --max-memory allows "
+                                  f"{budget[d] / 1e9:.1f} GB: set stream: true, fewer calibration samples or a "
+                                  f"smaller calibration.batch_size, or raise the budget")
+    if probe and streamed:
+        plan.probe = {w: probe_block(recipe, w, progress) for w in (1, 2)}
+        slope = plan.probe[2] - plan.probe[1]
+        fixed = max(plan.probe[1] - slope, 0.0)
+        plan.estimate_s = len(blocks) * (fixed + max(slope, 0.0) * cal.n_samples)
+    return plan
+
+
+def probe_block(recipe, windows: int, progress: bool = False) -> float:
+    """Seconds to read, compress and write the first block with `windows` calibration windows."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from lowbit import streaming
+    from lowbit.blockio import BlockIO, ProbeDone
+    from lowbit.data import calibration_windows, load_text, tokenize
+    from lowbit.devices import resolve_device, resolve_dtype
+    from lowbit.loading import load_skeleton, resolve_model_path
+    from lowbit.models import get_adapter
+    from lowbit.pipeline import compress
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    path = resolve_model_path(recipe.model)
+    dtype, device = resolve_dtype(recipe.dtype, path), resolve_device(recipe.device)
+    reader = streaming.ShardReader(path)
+    model, tokenizer = load_skeleton(recipe.model, dtype)
+    adapter = get_adapter(model)
+    streaming.load_rest(model, adapter, reader, dtype, with_head=False)
+    cal = recipe.calibration
+    ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), windows, cal.seq_len, cal.seed)
+    with tempfile.TemporaryDirectory(prefix="lowbit-probe-") as tmp:
+        io = BlockIO(device, dtype, reader, Path(tmp), stop_after=1)
+        start = time.perf_counter()
+        try:
+            compress(model, adapter, recipe.plan(), recipe.build_steps(), ids, progress=progress, io=io)
+        except ProbeDone:
+            pass
+        return time.perf_counter() - start
+
+
+def plan_table(plan: Plan) -> str:
+    """The plan as a short report."""
+    gb = 1e9
+    lines = [f"model {plan.model}: {plan.blocks} blocks of {plan.block_bytes / gb:.2f} GB, embeddings/norm/head "
+             f"{plan.rest_bytes / gb:.2f} GB, {plan.dtype} on {plan.device}, "
+             f"{'one block in memory at a time (streamed)' if plan.streamed else 'whole model in memory'}",
+             f"calibration activations {plan.activation_bytes / gb:.2f} GB, per-block work (forward batch, solver) "
+             f"{plan.work_bytes / gb:.2f} GB",
+             "| device | peak memory GB (estimate) | budget GB |", "|---|---|---|"]
+    for d, need in plan.peak.items():
+        lines.append(f"| {d} | {need / gb:.2f} | {plan.budget[d] / gb:.2f} |")
+    lines.append(f"disk: {plan.disk_bytes / gb:.2f} GB (output model and checkpoints)")
+    if plan.probe:
+        probes = ", ".join(f"{w} window(s) {t:.1f} s" for w, t in plan.probe.items())
+        lines.append(f"probe on block 0: {probes}; estimated compression time {plan.estimate_s / 60:.1f} min")
+    elif not plan.streamed:
+        lines.append("no time probe (it reads one block from safetensors shards: give a local model folder)")
+    return "\n".join(lines)

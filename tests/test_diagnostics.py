@@ -1,0 +1,85 @@
+"""Per-block diagnostics: complete after a run, kept for the finished blocks of an interrupted one, and equal to
+errors computed directly on the models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.cli import main
+from lowbit.data import calibration_windows, load_text, tokenize
+from lowbit.diagnostics import read_blocks
+from lowbit.loading import load_model
+from lowbit.recipe import parse_recipe
+from lowbit.run import blocks_log_path, run_recipe
+from lowbit.steps.rtn import RTN
+
+LINEARS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj"}
+
+
+def _recipe(model, steps=("rtn",), n_samples=4):
+    return parse_recipe({"model": str(model), "weights": {"bits": 3, "granularity": "group", "group_size": 32},
+                         "steps": list(steps), "threads": 1, "evaluation": None,
+                         "calibration": {"n_samples": n_samples, "seq_len": 64}})
+
+
+def _block0_output(model, ids):
+    out = []
+    handle = model.model.layers[0].register_forward_hook(lambda _m, _a, o: out.append(o[0] if isinstance(o, tuple)
+                                                                                      else o))
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    handle.remove()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("steps, n_samples", [(["rtn"], 12), ([{"brecq": {"iters": 2}}], 4)])
+def test_blocks_file_complete_and_matches_models(tiny_llama, tmp_path, capsys, steps, n_samples):
+    """Every block logged; block 0's output error equals the one measured between the saved and the FP model
+    (FP path subset of 8 windows for RTN, the whole FP path kept by BRECQ); weight errors match the weights."""
+    recipe = _recipe(tiny_llama, steps, n_samples)
+    out = tmp_path / "run"
+    run_recipe(recipe, out, progress=False)
+    assert not blocks_log_path(out).exists()
+    rows = read_blocks(out)
+    assert [r["index"] for r in rows] == [0, 1]
+    assert all(set(r["weight_rel_error"]) == LINEARS and r["time_s"] > 0 and r["peak_rss_gb"] > 0 for r in rows)
+    assert rows[0]["windows"] == min(n_samples, 8)
+
+    fp, tokenizer = load_model(str(tiny_llama))
+    q, _ = load_model(str(out / "model"))
+    cal = recipe.calibration
+    ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples, cal.seq_len,
+                              cal.seed)[: rows[0]["windows"]]
+    y_fp, y_q = _block0_output(fp, ids), _block0_output(q, ids)
+    assert rows[0]["output_rel_error"] == pytest.approx(((y_q - y_fp).norm() / y_fp.norm()).item(), rel=1e-4)
+    assert 0 < rows[0]["output_rel_error"] < rows[1]["output_rel_error"] * 10
+    w_fp = fp.model.layers[1].mlp.down_proj.weight
+    w_q = q.model.layers[1].mlp.down_proj.weight
+    assert rows[1]["weight_rel_error"]["mlp.down_proj"] == pytest.approx(
+        ((w_q - w_fp).norm() / w_fp.norm()).item(), rel=1e-4)
+
+    assert main(["report", str(out), "--blocks"]) == 0
+    table = capsys.readouterr().out
+    assert len(table.splitlines()) == 4 and f"{rows[1]['output_rel_error']:.4f}" in table
+
+
+def test_interrupted_run_keeps_finished_blocks(tiny_llama, tmp_path, monkeypatch, capsys):
+    on_block = RTN.on_block
+
+    def stop_at_second_block(self, ctx):
+        if ctx.index == 1:
+            raise KeyboardInterrupt
+        on_block(self, ctx)
+
+    monkeypatch.setattr(RTN, "on_block", stop_at_second_block)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(_recipe(tiny_llama), out, progress=False)
+    assert not out.exists()
+    rows = read_blocks(blocks_log_path(out))
+    assert [r["index"] for r in rows] == [0]
+    assert set(rows[0]["weight_rel_error"]) == LINEARS and rows[0]["output_rel_error"] > 0
+    assert main(["report", str(blocks_log_path(out)), "--blocks"]) == 0
+    assert "| 0 |" in capsys.readouterr().out

@@ -1,0 +1,306 @@
+"""Real model sizes: streamed blocks from bf16 shards, device/dtype handling, checkpoints and resume."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowbit.cli import main
+from lowbit.errors import LowbitError
+from lowbit.recipe import parse_recipe
+from lowbit.run import run_recipe
+from lowbit.streaming import ShardReader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_sharded(path: Path, tokenizer, layers: int = 3, hidden: int = 64, intermediate: int = 128,
+                  dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A random Llama saved in `dtype` as several safetensors shards with an index (HF layout)."""
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0, 0.05)
+                p[:, :2] *= 8
+    model.to(dtype).save_pretrained(path, max_shard_size="200KB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    """A short text file for calibration and evaluation (tokenizing all of WikiText-2 would dominate the tests)."""
+    from lowbit.data import load_text
+
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(load_text("wikitext2", "validation")[:30000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, tokenizer) -> Path:
+    path = write_sharded(tmp_path_factory.mktemp("sharded") / "model", tokenizer)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+TEXT: Path | None = None
+
+
+@pytest.fixture(autouse=True)
+def _short_text(text, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TEXT", text)
+
+
+def recipe(model: Path, **over) -> dict:
+    data = {"model": str(model), "threads": 1, "weights": {"bits": 4, "group_size": 32}, "steps": ["gptq"],
+            "calibration": {"data": str(TEXT), "n_samples": 4, "seq_len": 32, "batch_size": 2},
+            "evaluation": {"data": str(TEXT), "seq_len": 64, "max_tokens": 256, "baseline": False}}
+    data.update(over)
+    return data
+
+
+def tensors(run: Path) -> dict[str, torch.Tensor]:
+    reader = ShardReader(run / "model")
+    return reader.read(reader.names())
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype
+        assert torch.equal(ta[name], tb[name]), name
+
+
+@pytest.mark.parametrize("steps,acts", [(["gptq"], None), (["awq", "rtn"], {"bits": 8, "granularity": "tensor"})])
+def test_streamed_equals_in_memory(sharded, tmp_path, steps, acts):
+    base = recipe(sharded, steps=steps, activations=acts)
+    mem = run_recipe(parse_recipe({**base, "stream": False}), tmp_path / "mem", progress=False)
+    streamed = run_recipe(parse_recipe({**base, "stream": True}), tmp_path / "str", progress=False)
+    assert streamed.metrics["streamed"] and not mem.metrics["streamed"]
+    assert streamed.metrics["dtype"] == "bfloat16"
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert streamed.metrics["ppl"]["ppl"] == mem.metrics["ppl"]["ppl"]
+    index = json.loads((tmp_path / "str" / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 + 1  # one shard per block, one for the rest
+    assert not any(p.is_meta for p in mem.model.parameters())
+    assert all(p.is_meta for p in streamed.model.model.layers.parameters())  # blocks were freed
+
+
+def test_streamed_fp_perplexity_equals_in_memory(sharded, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    base = recipe(sharded, weights=None, steps=[], evaluation={"data": str(TEXT), "seq_len": 64, "max_tokens": 256})
+    mem = run_recipe(parse_recipe({**base, "stream": False, "save": False}), progress=False)
+    (tmp_path / "cache").rename(tmp_path / "cache-mem")
+    streamed = run_recipe(parse_recipe({**base, "stream": True, "save": False}), progress=False)
+    assert not streamed.metrics["ppl_fp"]["cached"]
+    assert streamed.metrics["ppl_fp"]["ppl"] == mem.metrics["ppl_fp"]["ppl"]
+
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from pathlib import Path
+    from lowbit.blockio import BlockIO
+    from lowbit.loading import load_model, load_skeleton
+    from lowbit.models import get_adapter
+    from lowbit.context import FormatPlan
+    from lowbit.pipeline import compress
+    from lowbit.formats import QuantSpec
+    from lowbit.steps import get_step
+    from lowbit import streaming
+    torch.set_num_threads(1)
+
+    def status(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+    path, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    settings = FormatPlan(weights=QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64))
+    if mode == "stream":
+        reader = streaming.ShardReader(path)
+        model, _ = load_skeleton(path, torch.float32)
+        streaming.load_rest(model, get_adapter(model), reader, torch.float32)
+        io = BlockIO(dtype=torch.float32, reader=reader, out_dir=Path(out))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+    before = status("VmRSS")
+    if mode != "stream":
+        model, _ = load_model(path, torch.float32)
+        io = None
+    compress(model, get_adapter(model), settings, [get_step("rtn")()], ids, progress=False, io=io)
+    print(json.dumps({"increase": status("VmHWM") - before}))
+""")
+
+
+def _peak_increase(model: Path, out: Path, mode: str) -> int:
+    """Peak RSS over the RSS before blocks are loaded, in a fresh process (streamed: embeddings already in)."""
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(model), str(out), mode], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["increase"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux peak-RSS reset")
+def test_streamed_peak_memory_is_bounded_by_a_block(tmp_path, tokenizer):
+    """12 blocks of ~12.6 MB (float32): streaming them adds under three blocks' worth to the peak RSS, while
+    loading the whole model adds at least half the blocks' total (so the measurement does see weights)."""
+    layers, hidden, inter = 12, 512, 1536
+    model = write_sharded(tmp_path / "deep", tokenizer, layers=layers, hidden=hidden, intermediate=inter,
+                          dtype=torch.float32)
+    block_bytes = (2 * hidden * hidden + 2 * hidden * hidden // 2 + 3 * hidden * inter + 2 * hidden) * 4
+    streamed = _peak_increase(model, tmp_path / "out", "stream")
+    assert streamed < 3 * block_bytes, (streamed, block_bytes)
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == layers
+    in_memory = _peak_increase(model, tmp_path / "out-mem", "memory")
+    assert in_memory > layers / 2 * block_bytes, (in_memory, block_bytes)
+
+
+def _interrupt_at(monkeypatch, index: int) -> None:
+    from lowbit.blockio import BlockIO
+
+    original = BlockIO.load
+
+    def load(self, mctx, i):
+        if i == index:
+            raise KeyboardInterrupt
+        original(self, mctx, i)
+    monkeypatch.setattr(BlockIO, "load", load)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path, monkeypatch, stream):
+    base = recipe(sharded, stream=stream, activations={"bits": 8, "granularity": "tensor"})
+    full = run_recipe(parse_recipe(base), tmp_path / "full", progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(parse_recipe(base), tmp_path / "cut", progress=False)
+    partial = staging(tmp_path, "cut")
+    assert not (tmp_path / "cut").exists() and not (partial / "metrics.json").exists()
+    assert [p.name for p in (partial / "checkpoint").iterdir() if p.name.startswith("block-")] == ["block-00002"]
+    resumed = run_recipe(parse_recipe(base), progress=False, resume=tmp_path / "cut")
+    assert resumed.out_dir == tmp_path / "cut" and not partial.exists()
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+    assert resumed.metrics["ppl"]["ppl"] == full.metrics["ppl"]["ppl"]
+    for name in ("quant_state.json", "quant_state.safetensors"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+
+
+def staging(folder: Path, name: str) -> Path:
+    """The hidden folder an interrupted run of output `name` left (see lowbit.files.staging_path)."""
+    (path,) = [p for p in folder.iterdir() if p.name.startswith(f".{name}.lowbit-partial.")]
+    return path
+
+
+def _interrupted(sharded, tmp_path, monkeypatch) -> tuple[dict, Path]:
+    base = recipe(sharded, stream=True)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(parse_recipe(base), tmp_path / "cut", progress=False)
+    return base, staging(tmp_path, "cut")
+
+
+def test_corrupted_checkpoint_is_refused(sharded, tmp_path, monkeypatch, capsys):
+    base, partial = _interrupted(sharded, tmp_path, monkeypatch)
+    target = partial / "checkpoint" / "block-00001" / "inputs.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(LowbitError, match="corrupted"):
+        run_recipe(parse_recipe(base), progress=False, resume=partial)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(base))
+    capsys.readouterr()
+    assert main(["run", str(recipe_file), "--resume", str(tmp_path / "cut"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: checkpoint file") and err.count("\n") == 1
+    assert staging(tmp_path, "cut").exists() and not (tmp_path / "cut").exists()
+
+
+def test_foreign_checkpoint_is_refused(sharded, tmp_path, monkeypatch):
+    base, partial = _interrupted(sharded, tmp_path, monkeypatch)
+    other = {**base, "weights": {"bits": 3, "group_size": 32}}
+    with pytest.raises(LowbitError, match="different recipe or model"):
+        run_recipe(parse_recipe(other), progress=False, resume=partial)
+    block = staging(tmp_path, "cut") / "model" / "model-00001-of-00004.safetensors"
+    block.write_bytes(block.read_bytes()[:-8])
+    with pytest.raises(LowbitError, match="corrupted"):
+        run_recipe(parse_recipe(base), progress=False, resume=tmp_path / "cut")
+
+
+def test_resumable_folder_survives_the_sweep_and_resumes(sharded, tmp_path, monkeypatch):
+    """The next run in the same folder sweeps dead staging folders but keeps one holding a checkpoint."""
+    base, partial = _interrupted(sharded, tmp_path, monkeypatch)
+    run_recipe(parse_recipe({**base, "steps": ["rtn"]}), tmp_path / "other", progress=False)
+    assert partial.exists()
+    result = run_recipe(parse_recipe(base), progress=False, resume=partial)
+    assert result.out_dir == tmp_path / "cut" and not partial.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stream", [True, False])
+def test_cpu_low_precision_models(tmp_path, tokenizer, dtype, stream):
+    model = write_sharded(tmp_path / "m", tokenizer, dtype=dtype)
+    result = run_recipe(parse_recipe(recipe(model, stream=stream, device="cpu")), tmp_path / "run", progress=False)
+    assert result.metrics["dtype"] == str(dtype).removeprefix("torch.") and result.metrics["device"] == "cpu"
+    saved = tensors(tmp_path / "run")
+    assert all(t.dtype == dtype for t in saved.values())
+    ref = run_recipe(parse_recipe(recipe(model, stream=stream, dtype="float32", save=False)), progress=False)
+    assert result.metrics["ppl"]["ppl"] == pytest.approx(ref.metrics["ppl"]["ppl"], rel=0.02)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure on a machine without CUDA")
+def test_cuda_request_without_cuda_fails_before_loading(tmp_path, capsys):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps({"model": str(tmp_path / "does-not-exist"), "device": "cuda"}))
+    assert main(["run", str(recipe_file), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: device cuda requested but no CUDA GPU") and err.count("\n") == 1
+    assert main(["run", str(recipe_file), "--device", "cuda:1"]) == 2
+    assert "cuda:1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [recipe_file]
+
+
+def test_stream_refuses_whole_model_steps(sharded):
+    with pytest.raises(LowbitError, match="step rotate changes every block"):
+        run_recipe(parse_recipe(recipe(sharded, stream=True, steps=["rotate", "rtn"], save=False)), progress=False)
+
+
+def test_plan_probes_one_block_and_estimates(sharded, tmp_path, capsys):
+    from lowbit.plan import plan_run
+
+    plan = plan_run(parse_recipe(recipe(sharded, stream=True)), probe=True)
+    assert plan.streamed and plan.blocks == 3 and plan.block_bytes > 0 and plan.rest_bytes > 0
+    assert all(t > 0 for t in plan.probe.values()) and plan.estimate_s > 0
+    assert plan.peak["cpu"] > plan.block_bytes + plan.activation_bytes
+    assert not [p for p in tmp_path.iterdir()]  # the probe writes nothing next to the run
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(recipe(sharded, stream=True)))
+    assert main(["run", str(recipe_file), "--dry-run", "--no-probe", "--out", str(tmp_path / "out")]) == 0
+    assert "| cpu |" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_budget_that_cannot_be_met_is_refused(sharded, tmp_path, capsys):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(recipe(sharded)))
+    assert main(["plan", str(recipe_file), "--no-probe", "--max-memory", "100MB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: the run needs about") and "--max-memory allows 0.1 GB" in err
+    assert main(["run", str(recipe_file), "--max-memory", "cpu=100MB", "--out", str(tmp_path / "out")]) == 2
+    assert "--max-memory" in capsys.readouterr().err and not (tmp_path / "out").exists()
