@@ -5,10 +5,10 @@ import torch
 
 from lowbit.export import export_run
 from lowbit.runfolder import load_run
-from lowbit.verify import compare, verify
+from lowbit.verify import verify
 
 pytest.importorskip("xllamacpp")
-from lowbit.llamacpp import LlamaCpp, LlamaCppLM  # noqa: E402
+from lowbit.llamacpp import LlamaCpp  # noqa: E402
 
 
 def test_llamacpp_scores_a_q4_0_export_like_the_simulated_run(make_run, tmp_path, text_windows):
