@@ -169,8 +169,6 @@ def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
     include = [Path(p) for p in args.include_path or []]
     if not names:
         raise LowbitError("--tasks is empty: name at least one task, e.g. --tasks lambada_openai,piqa")
-    if args.limit is not None and args.limit <= 0:
-        raise LowbitError(f"--limit must be a positive number of examples per task, got {args.limit}")
     resolve_tasks(names, args.task_source, include)  # fail on a bad name before the model loads
     if run_dir is not None:
         from lowbit.kernels.runtime import load_for_inference
@@ -473,22 +471,22 @@ def build_parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("synth", help="write a random-weight model of a real shape (bf16 shards) for memory/time tests")
     sy.add_argument("shape", choices=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
     sy.add_argument("out", help="folder to create")
-    sy.add_argument("--layers", type=int, help="fewer decoder blocks than the real model")
-    sy.add_argument("--seed", type=int, default=0)
-    sy.add_argument("--threads", type=int)
+    sy.add_argument("--layers", type=POSITIVE, help="fewer decoder blocks than the real model")
+    sy.add_argument("--seed", type=NONNEGATIVE, default=0)
+    sy.add_argument("--threads", type=_threads)
     sy.set_defaults(fn=_cmd_synth)
 
     e = sub.add_parser("eval", help="perplexity, or task accuracy (--tasks, via lm-eval), of a model or run folder")
     e.add_argument("model")
     e.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. lambada_openai,piqa,winogrande,boolq,"
                    "hellaswag_text (offline copies: see tasks/README.md); without it, perplexity")
-    e.add_argument("--limit", type=int, help="examples per task (default all); report the standard error with it")
-    e.add_argument("--num-fewshot", type=int, help="few-shot examples (default the task's, 0 for these)")
+    e.add_argument("--limit", type=POSITIVE, help="examples per task (default all); report the standard error with it")
+    e.add_argument("--num-fewshot", type=NONNEGATIVE, help="few-shot examples (default the task's, 0 for these)")
     e.add_argument("--real-kernels", action="store_true", help="score a run on its packed low-bit kernels")
     e.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
                    help="standard names: local copies when offline (auto), always (local), or lm-eval's (hub)")
     e.add_argument("--include-path", action="append", metavar="DIR", help="another folder of task YAMLs")
-    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="lm-eval batch size")
     _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 

@@ -310,14 +310,23 @@ def candidate_formats(recipe: Recipe, names: list[str] | None = None) -> dict[st
     return out
 
 
+GGUF_SOLVERS = ("rtn", "gptq", "awq", "sparsegpt")  # their scales come from the observers, which know GGUF grids
+
+
 def _check_solvers(plan: FormatPlan, steps: list[Step]) -> None:
-    """NVFP4's per-tensor scale is shared by fused linears; only rtn and gptq solve with it (else: error, up front)."""
+    """Refuse up front the solvers a weight format rules out: NVFP4's per-tensor scale is shared by fused linears
+    (only rtn and gptq solve with it); GGUF types need the observers' two-level scales (GGUF_SOLVERS)."""
     specs = [plan.weights, *(spec for _, spec in plan.overrides)]
     if any(spec is not None and spec.scale_format == "e4m3" for spec in specs):
         other = next((s.name for s in steps if s.solves_weights and s.name not in ("rtn", "gptq")), None)
         if other is not None:
             raise LowbitError(f"step {other} cannot solve nvfp4 weights (their per-tensor scale is shared by fused "
                               f"linears): use rtn or gptq, or another weight format")
+    if any(spec is not None and spec.gguf is not None for spec in specs):
+        other = next((s.name for s in steps if s.solves_weights and s.name not in GGUF_SOLVERS), None)
+        if other is not None:
+            raise LowbitError(f"step {other} cannot solve GGUF weights (it learns scales or roundings off llama.cpp's "
+                              f"grid): use {', '.join(GGUF_SOLVERS)}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -377,7 +377,7 @@ def test_damaged_model_folder(tiny_llama, tmp_path, capsys, damage, rel):
     model = copy_run(tiny_llama, tmp_path / "model")
     damage(model / rel)
     code, err, _ = cli(capsys, "eval", model, "--seq-len", 64, "--max-tokens", 128, "--quiet")
-    assert code == 2 and err.startswith(f"lowbit: error: could not ")
+    assert code == 2 and err.startswith("lowbit: error: could not ")
 
 
 def test_damaged_cached_embedded_model(tiny_llama, private_cache, capsys):
