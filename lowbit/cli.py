@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--metric", choices=["hessian", "loss", "both"], default="hessian",
                     help="hessian: Hessian-weighted output error (cheap); loss: loss increase (one eval per layer "
                          "and format)")
-    se.add_argument("--heldout", type=int, default=4, help="held-out calibration windows to measure on")
+    se.add_argument("--heldout", type=POSITIVE, default=4, help="held-out calibration windows to measure on")
     se.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     se.add_argument("--out", help="output folder (default runs/sensitivity-NAME-TIMESTAMP)")
     se.add_argument("--quiet", action="store_true")
