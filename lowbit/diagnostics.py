@@ -91,7 +91,7 @@ def read_blocks(path: str | Path) -> list[dict]:
         path = path / "blocks.jsonl"
     if not path.is_file():
         raise LowbitError(f"no block diagnostics at {path}: give a run folder written by 'lowbit run' or the "
-                          f"file an interrupted run leaves in $LOWBIT_CACHE/partial-blocks/")
+                          f"OUT.blocks.jsonl an interrupted or killed run leaves next to its output folder")
     rows = []
     for line in path.read_text().splitlines():
         try:

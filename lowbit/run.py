@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
+from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit import streaming
@@ -207,6 +208,10 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
                 # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
+                if block_log.path.exists():  # readable beside the output while the staging waits for --resume
+                    copy = staging_path(blocks_log_path(out_dir))
+                    shutil.copyfile(block_log.path, copy)
+                    publish(copy, blocks_log_path(out_dir), unique=True)
             else:
                 if block_log.path.exists():  # the finished blocks' diagnostics outlive the run
                     publish(block_log.path, blocks_log_path(out_dir), unique=True)
@@ -286,8 +291,18 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
 
     cal = recipe.calibration
-    calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
-                                    cal.seq_len, cal.seed)
+    cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
+    calib_ids = calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed)
+    if recipe.budget is not None:
+        if stream:
+            raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
+                              "streaming (stream: false)")
+        recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
+        plan = recipe.plan()
+        metrics["weights"] = allocation.describe()
+        metrics["allocation"] = allocation.to_dict()
+        log.info("allocated %s (predicted %s %.4g, %s)", allocation.describe(), allocation.metric,
+                 allocation.predicted, "exact" if allocation.exact else f"costs rounded to {allocation.unit_bits} bits")
     with tempfile.TemporaryDirectory(prefix="lowbit-stream-") as scratch:
         out_model = (staging if staging is not None else Path(scratch)) / "model"
         if stream:
