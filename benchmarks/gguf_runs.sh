@@ -2,9 +2,9 @@
 # GGUF table: the embedded model quantized onto GGUF types by RTN and by GPTQ (act-order + mse), exported with
 # `lowbit export --format gguf`, scored in llama.cpp (benchmarks/gguf_score.py; Q4_K first, for the bar), then
 # llama.cpp's decode speed next to `lowbit bench speed` in one sitting; run the whole script under the bench lock.
-# Usage: flock /work/board/bench.lock benchmarks/gguf_runs.sh [OUT=/work/runs/gguf]
+# Usage: benchmarks/gguf_runs.sh [OUT=runs/gguf]
 set -euo pipefail
-OUT=${1:-/work/runs/gguf}
+OUT=${1:-runs/gguf}
 PY=${PY:-python}
 run_one() {  # solver type
   local run="$OUT/$1-$2"

@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${1:-runs/mixed}
 LB=${LB:-.venv/bin/lowbit}
-LOCK=${LOCK-/work/board/bench.lock}  # empty: the caller holds the lock
+LOCK=${LOCK-}  # a lock file to serialise benchmark runs on a shared machine (empty: none)
 R=recipes/wo-gptq-ao-mse.yaml
 run() { [ -e "$1" ] || ${LOCK:+flock "$LOCK"} "${@:2}"; }
 run "$OUT/sens-hessian" "$LB" sensitivity $R --set threads=2 --metric hessian --heldout 2 --out "$OUT/sens-hessian" --quiet

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Resume after SIGKILL: GPTQ W4 g64 on the embedded model, killed once half the blocks are checkpointed,
 # resumed with --resume; compares the saved weights byte for byte and the perplexity with an uninterrupted run.
-# Usage (from the repository root): flock /work/board/bench.lock bash benchmarks/resume_check.sh OUT_DIR
+# Usage (from the repository root): bash benchmarks/resume_check.sh OUT_DIR
 set -eu
 OUT=${1:?output folder}
 PY=${PY:-python}

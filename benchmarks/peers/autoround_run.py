@@ -1,7 +1,7 @@
 """Intel AutoRound (sign-gradient rounding and range tuning, library defaults: 200 iterations) with lowbit's
-calibration windows; runs in /work/venvs/autoround (benchmarks/peers/venv.sh autoround auto-round).
+calibration windows; runs in ~/.cache/lowbit-peers/autoround (benchmarks/peers/venv.sh autoround auto-round).
 
-  /work/venvs/autoround/bin/python benchmarks/peers/autoround_run.py MODEL_DIR CALIB.pt OUT_DIR [--iters 200]
+  ~/.cache/lowbit-peers/autoround/bin/python benchmarks/peers/autoround_run.py MODEL_DIR CALIB.pt OUT_DIR [--iters 200]
 AutoRound saves its fake-quantized weights (format "fake") to a scratch folder; those block linears are copied
 into the FP checkpoint by common.save_dequantized.
 """

@@ -1,7 +1,7 @@
-"""GPTQModel's GPTQ (library defaults otherwise) with lowbit's calibration windows; runs in /work/venvs/gptqmodel
+"""GPTQModel's GPTQ (library defaults otherwise) with lowbit's calibration windows; runs in ~/.cache/lowbit-peers/gptqmodel
 (benchmarks/peers/venv.sh gptqmodel gptqmodel).
 
-  /work/venvs/gptqmodel/bin/python benchmarks/peers/gptqmodel_run.py MODEL_DIR CALIB.pt OUT_DIR [--bits 4 --group-size 64 --sym]
+  ~/.cache/lowbit-peers/gptqmodel/bin/python benchmarks/peers/gptqmodel_run.py MODEL_DIR CALIB.pt OUT_DIR [--bits 4 --group-size 64 --sym]
 The packed layers' own dequantize_weight() gives the weights copied into the FP checkpoint by common.save_dequantized.
 """
 from __future__ import annotations

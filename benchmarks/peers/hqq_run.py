@@ -1,6 +1,6 @@
-"""HQQ (calibration-free half-quadratic quantization) on every block linear; runs in /work/venvs/hqq.
+"""HQQ (calibration-free half-quadratic quantization) on every block linear; runs in ~/.cache/lowbit-peers/hqq.
 
-  /work/venvs/hqq/bin/python benchmarks/peers/hqq_run.py MODEL_DIR OUT_DIR [--bits 4 --group-size 64]
+  ~/.cache/lowbit-peers/hqq/bin/python benchmarks/peers/hqq_run.py MODEL_DIR OUT_DIR [--bits 4 --group-size 64]
 HQQ is asymmetric (a zero point per group) and needs no calibration windows.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """llm-compressor's GPTQ, AWQ and SmoothQuant+GPTQ (library defaults otherwise) with lowbit's calibration windows;
-runs in /work/venvs/llmcompressor (benchmarks/peers/venv.sh llmcompressor llmcompressor).
+runs in ~/.cache/lowbit-peers/llmcompressor (benchmarks/peers/venv.sh llmcompressor llmcompressor).
 
-  /work/venvs/llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py MODEL_DIR CALIB.pt OUT_DIR \
+  ~/.cache/lowbit-peers/llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py MODEL_DIR CALIB.pt OUT_DIR \
       --method gptq|awq|sq-gptq [--bits 4 --group-size 64 --sym]
 The dequantized weights (compressed-tensors' own fake_quantize of the stored scales / zero points) and any norm
 the smoothing methods changed are copied into the FP checkpoint by common.save_dequantized.

@@ -6,7 +6,7 @@ lowbit's; the pruned model is saved as a plain HF folder and scored with `lowbit
   python -c "from lowbit.loading import embedded_model_path; print(embedded_model_path())"
   python benchmarks/peers/llmcompressor_sparsity.py windows OUT/calib.pt
   # in the peer venv
-  /work/venvs/llmcompressor/bin/python benchmarks/peers/llmcompressor_sparsity.py prune MODEL OUT/calib.pt \
+  ~/.cache/lowbit-peers/llmcompressor/bin/python benchmarks/peers/llmcompressor_sparsity.py prune MODEL OUT/calib.pt \
       --method sparsegpt --sparsity 0.5 --out OUT/llmc-sparsegpt-50
   lowbit eval OUT/llmc-sparsegpt-50
 """

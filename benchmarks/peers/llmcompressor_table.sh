@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=$1; shift
 JOBS=${*:-sparsegpt:0.5:0:0 wanda:0.5:0:0 sparsegpt:0.5:2:4 wanda:0.5:2:4}
 TOKENS=${TOKENS:-8192}
-PEER=${PEER:-/work/venvs/llmcompressor/bin/python}
+PEER=${PEER:-${VENVS:-$HOME/.cache/lowbit-peers}/llmcompressor/bin/python}
 PY=${PY:-.venv/bin/python}   # lowbit's venv
 LB=("$PY" -m lowbit)
 HERE=$(dirname "$0")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the llm-compressor peer venv, /work/venvs/llmcompressor by default, with torch==2.13.0 pinned.
+# Creates (or reuses) the llm-compressor peer venv, ~/.cache/lowbit-peers/llmcompressor by default, with torch==2.13.0 pinned.
 # llm-compressor is never a lowbit dependency: benchmarks/peers/llmcompressor_sparsity.py runs inside this venv.
 set -euo pipefail
-VENV=${1:-/work/venvs/llmcompressor}
-LOCK=${LOCK:-/work/venvs/.lock}
+VENV=${1:-${VENVS:-$HOME/.cache/lowbit-peers}/llmcompressor}
+LOCK=${LOCK:-${VENVS:-$HOME/.cache/lowbit-peers}/.lock}
 mkdir -p "$(dirname "$VENV")"
 flock "$LOCK" bash -c "
   set -euo pipefail

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Create (or reuse) a peer toolkit's own venv, /work/venvs/NAME, with torch==2.13.0 pinned; peers are never
+# Create (or reuse) a peer toolkit's own venv, ~/.cache/lowbit-peers/NAME, with torch==2.13.0 pinned; peers are never
 # lowbit dependencies. Usage: benchmarks/peers/venv.sh NAME PACKAGE...   (e.g. venv.sh hqq hqq)
 set -euo pipefail
 NAME=${1:?venv name}; shift
-VENV=${VENVS:-/work/venvs}/$NAME
+VENV=${VENVS:-$HOME/.cache/lowbit-peers}/$NAME
 mkdir -p "$(dirname "$VENV")"
-flock "${VENVS:-/work/venvs}/.lock" bash -c "
+flock "${VENVS:-$HOME/.cache/lowbit-peers}/.lock" bash -c "
   set -euo pipefail
   test -x '$VENV/bin/python' || python3 -m venv '$VENV'
   '$VENV/bin/pip' install -q torch==2.13.0
