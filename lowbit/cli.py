@@ -411,9 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("synth", help="write a random-weight model of a real shape (bf16 shards) for memory/time tests")
     sy.add_argument("shape", choices=["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"])
     sy.add_argument("out", help="folder to create")
-    sy.add_argument("--layers", type=int, help="fewer decoder blocks than the real model")
-    sy.add_argument("--seed", type=int, default=0)
-    sy.add_argument("--threads", type=int)
+    sy.add_argument("--layers", type=POSITIVE, help="fewer decoder blocks than the real model")
+    sy.add_argument("--seed", type=NONNEGATIVE, default=0)
+    sy.add_argument("--threads", type=POSITIVE)
+    sy.add_argument("--quiet", action="store_true", help="no progress output")
     sy.set_defaults(fn=_cmd_synth)
 
     e = sub.add_parser("eval", help="perplexity, or task accuracy (--tasks, via lm-eval), of a model or run folder")
