@@ -4,6 +4,7 @@ as the anchor, and (--speed) llama.cpp's decode speed of every GGUF next to `low
 Usage (under the bench lock, see benchmarks/gguf_runs.sh):
   python benchmarks/gguf_score.py OUT TYPE...   score OUT/{rtn,gptq}-TYPE/gguf.gguf and llama.cpp's own TYPE (f16: float)
   python benchmarks/gguf_score.py OUT --speed   decode tokens/s of every scored GGUF, then lowbit bench speed
+  python benchmarks/gguf_score.py OUT --table   the markdown table of docs/results.md from what is measured
 Rows accumulate in OUT/scores.json (a GGUF already scored is skipped); speeds go to OUT/speed.json.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 SEQ_LEN, MAX_TOKENS, THREADS = 2048, 8192, 2
+SCORE_THREADS = 1  # perplexity does not depend on it; llama.cpp's spinning 2-thread pool stalls on a loaded machine
 
 
 def decode_speed(path: Path, prompt: list[int], threads: int = THREADS) -> float:
@@ -43,7 +45,8 @@ def score(out: Path, types: list[str]) -> None:
             run = out / f"{solver}-{type_name}"
             gguf = run / "gguf.gguf"
             if gguf.exists() and str(gguf) not in done:
-                result = verify(run, gguf, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, engine="llama.cpp", threads=THREADS)
+                result = verify(run, gguf, seq_len=SEQ_LEN, max_tokens=MAX_TOKENS, engine="llama.cpp",
+                                threads=SCORE_THREADS)
                 rows.append({"gguf": str(gguf), "source": run.name, "simulated_ppl": result.ppl_a,
                              "llamacpp_ppl": result.ppl_b, "top1_agreement": result.top1_agreement,
                              "tokens": result.tokens, "size_mb": gguf.stat().st_size / 1e6})
@@ -54,7 +57,7 @@ def score(out: Path, types: list[str]) -> None:
             continue
         anchor.parent.mkdir(exist_ok=True)
         types_written = write_llamacpp_quantized(model, tokenizer, anchor, None if type_name == "f16" else type_name)
-        result = perplexity(anchor, windows, threads=THREADS)
+        result = perplexity(anchor, windows, threads=SCORE_THREADS)
         rows.append({"gguf": str(anchor), "source": f"llama.cpp-{type_name}", "simulated_ppl": None,
                      "llamacpp_ppl": result.perplexity, "top1_agreement": None, "tokens": result.tokens,
                      "size_mb": anchor.stat().st_size / 1e6, "types": types_written})
@@ -81,9 +84,29 @@ def speed(out: Path) -> None:
     print(json.dumps(speeds["lowbit bench speed"], indent=1))
 
 
+def table(out: Path) -> str:
+    """Markdown rows: each GGUF's types, size, simulated and llama.cpp perplexity, top-1, decode speed."""
+    rows = json.loads((out / "scores.json").read_text())
+    speeds = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else {}
+    lines = ["| GGUF | made by | size MB | simulated ppl | llama.cpp ppl | top-1 agreement | llama.cpp decode tok/s "
+             "(2 threads / 1) |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["source"].split("-", 1)[-1], r["source"])):
+        maker = {"rtn": "lowbit RTN", "gptq": "lowbit GPTQ act-order + mse"}.get(r["source"].split("-")[0],
+                                                                                "llama.cpp's quantizer")
+        kind = r["source"].split("-", 1)[1].upper()
+        sim = f"{r['simulated_ppl']:.3f}" if r["simulated_ppl"] else "-"
+        top1 = f"{r['top1_agreement']:.3f}" if r["top1_agreement"] else "-"
+        sp = speeds.get(r["source"])
+        speed_cell = f"{sp['threads_2']:.1f} / {sp['threads_1']:.1f}" if sp else "not measured"
+        lines.append(f"| {kind} | {maker} | {r['size_mb']:.1f} | {sim} | {r['llamacpp_ppl']:.3f} | {top1} | {speed_cell} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(THREADS)
-    if sys.argv[2:] == ["--speed"]:
+    if sys.argv[2:] == ["--table"]:
+        print(table(Path(sys.argv[1])))
+    elif sys.argv[2:] == ["--speed"]:
         speed(Path(sys.argv[1]))
     else:
         score(Path(sys.argv[1]), sys.argv[2:])

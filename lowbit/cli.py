@@ -1,4 +1,4 @@
-"""Command line: lowbit run | plan | synth | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
+"""Command line: lowbit run | sensitivity | plan | synth | quantize | eval | report | export | backends | verify | steps. Expected failures print one line and exit with code 2."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from lowbit.report import results_table
     from lowbit.run import run_recipe
 
-    recipe = load_recipe(args.recipe, _placement(args))
+    recipe = load_recipe(args.recipe, _placement(args) + [f"budget.{b}" for b in args.budget or []])
     if args.no_save:
         recipe = recipe.model_copy(update={"save": False})
     if args.dry_run:
@@ -59,6 +59,53 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", help="memory budget, e.g. 4GB or cpu=8GB,cuda:0=20GB")
     parser.add_argument("--stream", choices=["auto", "true", "false"],
                         help="one block in memory at a time, read from and written to disk")
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from lowbit.allocate import gptq_args
+    from lowbit.data import calibration_windows, load_text, tokenize
+    from lowbit.loading import load_model
+    from lowbit.models import get_adapter
+    from lowbit.recipe import candidate_formats, load_recipe
+    from lowbit.runfolder import write_atomic
+    from lowbit.sensitivity import Candidate, heatmap, heldout_windows, measure, most_sensitive
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    if recipe.weights is None:
+        raise LowbitError("sensitivity measures weight formats: set weights in the recipe (its symmetry and observer "
+                          "apply to the candidates)")
+    metrics = ["hessian", "loss"] if args.metric == "both" else [args.metric]
+    fmts = candidate_formats(recipe, [f for f in args.formats.split(",") if f])
+    out = Path(args.out or f"runs/sensitivity-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists():
+        raise LowbitError(f"output folder {out} already exists: choose another --out or remove it")
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    model, tokenizer = load_model(recipe.model)
+    adapter = get_adapter(model)
+    cal = recipe.calibration
+    tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
+    calib_ids = calibration_windows(tokens, cal.n_samples, cal.seq_len, cal.seed)
+    heldout = heldout_windows(tokens, cal.n_samples, cal.seq_len, args.heldout, cal.seed)
+    plan = recipe.plan()
+    table = measure(model, adapter, {n: Candidate(n, f.spec(), f.observer) for n, f in fmts.items()},
+                    gptq_args(recipe), lambda n: plan.weight_spec_for(n) is not None, calib_ids, heldout,
+                    metrics, cal.batch_size, progress=not args.quiet)
+    out.mkdir(parents=True)
+    write_atomic(out / "sensitivity.json", table.to_json())
+    heatmap(table, out / "sensitivity.png", f"{recipe.model}: sensitivity per linear ({table.solver}, "
+                                            f"{table.heldout_tokens} held-out tokens)")
+    narrowest = min(fmts, key=lambda f: fmts[f].spec().bits)
+    print(f"ten most sensitive linears in {narrowest}:")
+    for name, vals in most_sensitive(table, narrowest):
+        print(f"  {name:40s} " + "  ".join(f"{m} {v:.4g}" for m, v in vals.items()))
+    for fmt, rho in table.spearman().items():
+        print(f"spearman(hessian, loss) {fmt}: {rho:.3f}")
+    print(f"saved to {out}")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
@@ -122,8 +169,6 @@ def _eval_tasks(args: argparse.Namespace, run_dir: Path | None) -> None:
     include = [Path(p) for p in args.include_path or []]
     if not names:
         raise LowbitError("--tasks is empty: name at least one task, e.g. --tasks lambada_openai,piqa")
-    if args.limit is not None and args.limit <= 0:
-        raise LowbitError(f"--limit must be a positive number of examples per task, got {args.limit}")
     resolve_tasks(names, args.task_source, include)  # fail on a bad name before the model loads
     if run_dir is not None:
         from lowbit.kernels.runtime import load_for_inference
@@ -375,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its .partial folder)")
     r.add_argument("--dry-run", action="store_true", help="print the plan (memory, disk, time) and stop")
     r.add_argument("--no-probe", action="store_true", help="with --dry-run: no timed probe, no time estimate")
+    r.add_argument("--budget", action="append", metavar="KEY=VALUE",
+                   help="mixed precision under a budget: avg_bits=3.5 or size_mb=60 (also formats=[w3g64,w4g64], "
+                        "metric=loss, sensitivity=TABLE.json)")
     _add_placement(r)
     r.set_defaults(fn=_cmd_run)
 
@@ -385,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_placement(pl)
     pl.set_defaults(fn=_cmd_plan)
+
+    se = sub.add_parser("sensitivity", help="per-linear error of candidate formats: JSON table, heatmap, top ten")
+    se.add_argument("recipe")
+    se.add_argument("--formats", default="w2g64,w3g64,w4g64,w8", help="comma-separated candidate formats")
+    se.add_argument("--metric", choices=["hessian", "loss", "both"], default="hessian",
+                    help="hessian: Hessian-weighted output error (cheap); loss: loss increase (one eval per layer "
+                         "and format)")
+    se.add_argument("--heldout", type=int, default=4, help="held-out calibration windows to measure on")
+    se.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
+    se.add_argument("--out", help="output folder (default runs/sensitivity-NAME-TIMESTAMP)")
+    se.add_argument("--quiet", action="store_true")
+    se.set_defaults(fn=_cmd_sensitivity)
 
     q = sub.add_parser("quantize", help="the same pipeline from flags, without writing YAML")
     q.add_argument("--model", default="smollm2-135m")
@@ -413,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("out", help="folder to create")
     sy.add_argument("--layers", type=POSITIVE, help="fewer decoder blocks than the real model")
     sy.add_argument("--seed", type=NONNEGATIVE, default=0)
-    sy.add_argument("--threads", type=POSITIVE)
+    sy.add_argument("--threads", type=_threads)
     sy.add_argument("--quiet", action="store_true", help="no progress output")
     sy.set_defaults(fn=_cmd_synth)
 
@@ -421,13 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. lambada_openai,piqa,winogrande,boolq,"
                    "hellaswag_text (offline copies: see tasks/README.md); without it, perplexity")
-    e.add_argument("--limit", type=int, help="examples per task (default all); report the standard error with it")
-    e.add_argument("--num-fewshot", type=int, help="few-shot examples (default the task's, 0 for these)")
+    e.add_argument("--limit", type=POSITIVE, help="examples per task (default all); report the standard error with it")
+    e.add_argument("--num-fewshot", type=NONNEGATIVE, help="few-shot examples (default the task's, 0 for these)")
     e.add_argument("--real-kernels", action="store_true", help="score a run on its packed low-bit kernels")
     e.add_argument("--task-source", choices=["auto", "local", "hub"], default="auto",
                    help="standard names: local copies when offline (auto), always (local), or lm-eval's (hub)")
     e.add_argument("--include-path", action="append", metavar="DIR", help="another folder of task YAMLs")
-    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="lm-eval batch size")
     _text_arguments(e, max_tokens=32768)
     e.set_defaults(fn=_cmd_eval)
 

@@ -8,6 +8,7 @@ resident memory so far. One JSON object per line (blocks.jsonl).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
+log = logging.getLogger("lowbit")
 DIAG_WINDOWS = 8  # FP-path windows kept for the output error when no step keeps the whole FP path
 
 
@@ -57,14 +59,25 @@ class BlockLog:
     def __init__(self, path: Path):
         self.path = path
         self._file: IO[str] | None = None
-        path.unlink(missing_ok=True)
+        self._broken = False
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def __call__(self, report: BlockReport) -> None:
-        if self._file is None:
-            self._file = open(self.path, "w")
-        self._file.write(json.dumps(asdict(report)) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._broken:
+            return
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "w")
+            self._file.write(json.dumps(asdict(report)) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:  # diagnostics must never fail the run they describe
+            self._broken = True
+            log.info("block diagnostics not written to %s: %s", self.path, exc)
 
     def close(self) -> None:
         if self._file is not None:
@@ -78,7 +91,7 @@ def read_blocks(path: str | Path) -> list[dict]:
         path = path / "blocks.jsonl"
     if not path.is_file():
         raise LowbitError(f"no block diagnostics at {path}: give a run folder written by 'lowbit run' or the "
-                          f"OUT.blocks.jsonl file an interrupted run leaves next to its output folder")
+                          f"OUT.blocks.jsonl an interrupted or killed run leaves next to its output folder")
     rows = []
     for line in path.read_text().splitlines():
         try:

@@ -63,10 +63,11 @@ def staging_path(final: Path) -> Path:
     return final.parent / f".{final.name}.lowbit-partial.{pid}.{start}.{secrets.token_hex(3)}"
 
 
-def sweep_leftovers(folder: Path) -> list[Path]:
+def sweep_leftovers(folder: Path, keep: tuple[str, ...] = ()) -> list[Path]:
     """Remove staging paths in `folder` whose owning process has ended (killed mid-write); returns them.
 
-    A staging folder holding a block checkpoint (see lowbit.checkpoint) is kept: `lowbit run --resume` continues it."""
+    Files named in `keep` (e.g. diagnostics) are first moved out of a dead staging folder to FINAL.NAME. A staging
+    folder holding a block checkpoint (see lowbit.checkpoint) is kept: `lowbit run --resume` continues it."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -80,6 +81,10 @@ def sweep_leftovers(folder: Path) -> list[Path]:
         if m is None or _owner_alive(int(m["pid"]), int(m["start"])) or resumable(path):
             continue
         if path.is_dir() and not path.is_symlink():
+            for name in keep:
+                if (path / name).is_file():
+                    kept = publish(path / name, path.parent / f"{m['final']}.{name}", unique=True)
+                    log.warning("kept %s from an interrupted lowbit process (pid %s)", kept, m["pid"])
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)

@@ -396,6 +396,9 @@ def storage_bits(spec: QuantSpec, shape: tuple[int, ...], export_bits: int = 16)
     """Bits to store a weight of `shape`: codes, every scale (partial edge blocks included), zero points
     (`bits` each, asymmetric integers only) and NVFP4's FP32 per-tensor scale."""
     numel = math.prod(shape)
+    if spec.gguf is not None:  # a GGUF block type's exact size
+        from lowbit.gguf_types import grid_type
+        return numel * grid_type(spec).bits_per_weight
     n_params = math.prod(params_shape(torch.empty(shape, device="meta"), spec))
     zero_bits = 0 if spec.symmetric or spec.format == "fp" else spec.bits
     tensor_bits = 32 if spec.scale_format == "e4m3" else 0

@@ -36,6 +36,14 @@ class GGUFType:
         return SUPER_BLOCK if self.scale_bits else self.block
 
     @property
+    def bits_per_weight(self) -> float:
+        """Bytes of one stored (super-)block, in bits per value (Q4_K: 144 bytes / 256 values = 4.5)."""
+        import gguf
+
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.name]]
+        return nbytes * 8 / block
+
+    @property
     def scale_max(self) -> int:
         """Largest integer sub-block scale (and min): signed scales for symmetric types, unsigned otherwise."""
         return 2 ** (self.scale_bits - 1) - 1 if self.symmetric else 2 ** self.scale_bits - 1

@@ -92,7 +92,7 @@ def _refuse_pickle_only(path: Path) -> None:
                               f"from_pretrained then save_pretrained(path, safe_serialization=True))")
 
 
-_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)  # what a damaged file raises
 
 
 def load_config(name: str):
@@ -102,7 +102,7 @@ def load_config(name: str):
     path = resolve_model_path(name)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except _LOAD_ERRORS as exc:
+    except LOAD_ERRORS as exc:
         raise LowbitError(f"could not read the config of model {name!r}: {_first_line(exc)}") from None
 
 
@@ -155,7 +155,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: boo
             adapter_for_type(AutoConfig.from_pretrained(path, trust_remote_code=False).model_type)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except _LOAD_ERRORS as exc:
+    except LOAD_ERRORS as exc:
         hint = " (is a file truncated or corrupt?)" if Path(path).exists() else ""
         raise LowbitError(f"could not load model {name!r}{hint}: {_first_line(exc)}") from None
     model.eval()

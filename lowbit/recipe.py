@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lowbit.context import FormatPlan
 from lowbit.errors import LowbitError
-from lowbit.export.backends import check_settings
+from lowbit.export.backends import check_settings, select_scheme
 from lowbit.formats import NAMED_FORMATS, QuantSpec
+from lowbit.gguf_types import TYPES
 from lowbit.devices import DEVICE_PATTERN
 from lowbit.loading import EMBEDDED
 from lowbit.sparsity import validate_order
@@ -83,6 +84,50 @@ class FormatConfig(_Strict):
                          group_size=self.group_size, dynamic=self.dynamic, fp_variant=self.fp_variant, block=self.block)
 
 
+_FORMAT_NAME = re.compile(r"w([2-8])(?:g(\d+))?(?:-(sym|asym))?")
+DEFAULT_CANDIDATES = ["w2g64", "w3g64", "w4g64", "w8"]
+
+
+def format_from_name(name: str, base: FormatConfig | None) -> FormatConfig:
+    """A candidate weight format from its short name (w4g64, w8, w3g128-sym, fp8, mxfp4, q4_0, ...); symmetry and
+    observer default to the recipe's weights."""
+    base = base or FormatConfig(symmetric=False)
+    common = {"observer": base.observer}
+    if name in TYPES:  # one llama.cpp block type per tensor (q4_0, q8_0, q4_k, q6_k, ...)
+        return FormatConfig(format="gguf", type=name)
+    if name == "fp8":
+        return FormatConfig(bits=8, format="fp", **common)
+    if name in NAMED_FORMATS:
+        return FormatConfig(format=name, **common)
+    m = _FORMAT_NAME.fullmatch(name)
+    if m is None:
+        raise LowbitError(f"unknown format name {name!r}: use w<bits>[g<group>][-sym|-asym] with bits 2-8 "
+                          f"(e.g. w4g64, w8, w3g128-sym), fp8, {', '.join(NAMED_FORMATS)} or a GGUF type ({', '.join(TYPES)})")
+    bits, group, sym = m.groups()
+    symmetric = base.symmetric if base.format == "int" and sym is None else sym == "sym"
+    return FormatConfig(bits=int(bits), symmetric=symmetric, group_size=int(group) if group else None, **common)
+
+
+class BudgetConfig(_Strict):
+    """Automatic mixed precision: one candidate format per linear, minimising the predicted loss under a size
+    budget (average bits per quantized weight, or model megabytes as the size column counts them)."""
+
+    avg_bits: float | None = Field(None, gt=0)
+    size_mb: float | None = Field(None, gt=0)
+    formats: list[str] = DEFAULT_CANDIDATES
+    metric: Literal["hessian", "loss"] = "hessian"  # predicted loss per layer: cheap proxy or measured loss increase
+    sensitivity: str | None = None  # a table written by `lowbit sensitivity` (else measured at the start of the run)
+    heldout: int = Field(4, gt=0)  # held-out calibration windows the sensitivity is measured on
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "BudgetConfig":
+        if (self.avg_bits is None) == (self.size_mb is None):
+            raise ValueError("give exactly one of avg_bits or size_mb")
+        if not self.formats:
+            raise ValueError("give at least one candidate format")
+        return self
+
+
 class CalibrationConfig(_Strict):
     data: str = "wikitext2"
     split: str = "validation"
@@ -123,6 +168,7 @@ class Recipe(_Strict):
     evaluation: EvaluationConfig | None = EvaluationConfig()
     save: bool = True
     target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
+    budget: BudgetConfig | None = None  # choose `layers` automatically (replaced by the chosen map when run)
 
     @field_validator("name")
     @classmethod
@@ -168,6 +214,9 @@ class Recipe(_Strict):
         for key, fmt in [("weights", self.weights), *((f"layers.{p}", f) for p, f in self.layers.items())]:
             if fmt is not None and fmt.clip_ratio != 1:
                 raise LowbitError(f"{key}.clip_ratio is for activations only: clip weights with {key}.observer: mse")
+        if self.budget is not None and self.weights is None:
+            raise LowbitError("budget allocates weight formats: set weights (its symmetry and observer apply to the "
+                              "candidates) or remove budget")
         return FormatPlan(
             weights=self.weights.spec() if self.weights else None,
             weight_observer=self.weights.observer if self.weights else "minmax",
@@ -238,17 +287,46 @@ def parse_recipe(data: dict) -> Recipe:
     _check_solvers(plan, recipe.build_steps())
     if recipe.target is not None:
         check_settings(recipe.target, plan)
+    if recipe.budget is not None:
+        candidate_formats(recipe)
     return recipe
 
 
+def candidate_formats(recipe: Recipe, names: list[str] | None = None) -> dict[str, FormatConfig]:
+    """The budget's candidate formats by name, each checked against the recipe's export target."""
+    names = names if names is not None else recipe.budget.formats
+    out = {}
+    for name in names:
+        fmt = format_from_name(name, recipe.weights)
+        if recipe.target is not None:
+            try:
+                select_scheme(recipe.target, fmt.spec(), recipe.activations.spec() if recipe.activations else None)
+            except LowbitError as exc:
+                raise LowbitError(f"candidate format {name} cannot be served by target {recipe.target} "
+                                  f"({str(exc).split(': ', 1)[-1]}): drop it from the candidate formats") from None
+        out[name] = fmt
+    if len(set(map(str, out.values()))) < len(out):
+        raise LowbitError(f"candidate formats {', '.join(names)} name the same format twice: list each once")
+    return out
+
+
+GGUF_SOLVERS = ("rtn", "gptq", "awq", "sparsegpt")  # their scales come from the observers, which know GGUF grids
+
+
 def _check_solvers(plan: FormatPlan, steps: list[Step]) -> None:
-    """NVFP4's per-tensor scale is shared by fused linears; only rtn and gptq solve with it (else: error, up front)."""
+    """Refuse up front the solvers a weight format rules out: NVFP4's per-tensor scale is shared by fused linears
+    (only rtn and gptq solve with it); GGUF types need the observers' two-level scales (GGUF_SOLVERS)."""
     specs = [plan.weights, *(spec for _, spec in plan.overrides)]
     if any(spec is not None and spec.scale_format == "e4m3" for spec in specs):
         other = next((s.name for s in steps if s.solves_weights and s.name not in ("rtn", "gptq")), None)
         if other is not None:
             raise LowbitError(f"step {other} cannot solve nvfp4 weights (their per-tensor scale is shared by fused "
                               f"linears): use rtn or gptq, or another weight format")
+    if any(spec is not None and spec.gguf is not None for spec in specs):
+        other = next((s.name for s in steps if s.solves_weights and s.name not in GGUF_SOLVERS), None)
+        if other is not None:
+            raise LowbitError(f"step {other} cannot solve GGUF weights (it learns scales or roundings off llama.cpp's "
+                              f"grid): use {', '.join(GGUF_SOLVERS)}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
+from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit import streaming
@@ -124,7 +125,7 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
         raise LowbitError(f"output folder {out_dir} already exists: choose another --out or remove it")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        sweep_leftovers(out_dir.parent)
+        sweep_leftovers(out_dir.parent, keep=("blocks.jsonl",))
         staging = staging_path(out_dir)
         staging.mkdir()
         free = shutil.disk_usage(out_dir.parent).free
@@ -139,8 +140,8 @@ def _staging_folder(out_dir: Path, explicit: bool, need_bytes: int) -> Path:
 
 
 def blocks_log_path(out_dir: Path) -> Path:
-    """Where a run appends its block diagnostics while it runs: OUT.blocks.jsonl next to the output folder
-    (the folder itself appears only when the run succeeds; then the file moves into it as blocks.jsonl)."""
+    """Where an interrupted run's block diagnostics are kept: OUT.blocks.jsonl next to the output folder (while
+    it runs they are in its own staging folder, so concurrent runs of one recipe never share the file)."""
     return out_dir.with_name(out_dir.name + ".blocks.jsonl")
 
 
@@ -189,7 +190,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
     if staging is not None:
-        block_log = BlockLog(blocks_log_path(out_dir))
+        block_log = BlockLog(staging / "blocks.jsonl")
     handler = _log_to(staging)
     try:
         result = _run(recipe, plan, steps, staging, progress, device, resume is not None, block_log)
@@ -197,18 +198,19 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
             block_log.close()
-            if block_log.path.exists():
-                os.replace(block_log.path, staging / "blocks.jsonl")
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
     except BaseException as exc:
         if staging is not None and staging.exists():
+            block_log.close()
             if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)):
                 # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
             else:
+                if block_log.path.exists():  # the finished blocks' diagnostics outlive the run
+                    publish(block_log.path, blocks_log_path(out_dir), unique=True)
                 shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
@@ -285,8 +287,18 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
 
     cal = recipe.calibration
-    calib_ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples,
-                                    cal.seq_len, cal.seed)
+    cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
+    calib_ids = calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed)
+    if recipe.budget is not None:
+        if stream:
+            raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
+                              "streaming (stream: false)")
+        recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
+        plan = recipe.plan()
+        metrics["weights"] = allocation.describe()
+        metrics["allocation"] = allocation.to_dict()
+        log.info("allocated %s (predicted %s %.4g, %s)", allocation.describe(), allocation.metric,
+                 allocation.predicted, "exact" if allocation.exact else f"costs rounded to {allocation.unit_bits} bits")
     with tempfile.TemporaryDirectory(prefix="lowbit-stream-") as scratch:
         out_model = (staging if staging is not None else Path(scratch)) / "model"
         if stream:

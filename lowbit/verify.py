@@ -70,13 +70,19 @@ def load_exported(path: str | Path) -> nn.Module:
     compressed-tensors folder (transformers + compressed-tensors)."""
     from lowbit.export.compressed import load_compressed
     from lowbit.export.gguf_file import load_gguf
+    from lowbit.loading import LOAD_ERRORS
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path)
-    config = path / "config.json"
-    if path.is_dir() and config.exists() and "quantization_config" in json.loads(config.read_text()):
-        return load_compressed(path)
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return load_gguf(path)
+        config = path / "config.json"
+        if path.is_dir() and config.exists() and "quantization_config" in json.loads(config.read_text()):
+            return load_compressed(path)
+    except LOAD_ERRORS as exc:
+        text = str(exc).strip()
+        raise LowbitError(f"could not load the export {path} (is a file truncated or corrupt?): "
+                          f"{text.splitlines()[0] if text else type(exc).__name__}; export the run again") from None
     raise LowbitError(f"{path} is not an export: give a .gguf file or a compressed-tensors folder written by "
                       f"'lowbit export'")
 

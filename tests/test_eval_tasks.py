@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer
 
 from lowbit.cli import main
 from lowbit.eval.tasks import evaluate_tasks, resolve_tasks, tasks_dir
@@ -171,7 +169,7 @@ def test_bad_requests_fail_with_one_line(tiny_llama, task_dir, tmp_path, monkeyp
     model = str(tiny_llama)
     _one_line_error(["eval", model, "--tasks", "no_such_task"], capsys, "unknown task 'no_such_task'")
     _one_line_error(["eval", model, "--tasks", "hellaswag"], capsys, "unknown task 'hellaswag'")
-    _one_line_error(["eval", model, "--tasks", "piqa", "--limit", "0"], capsys, "--limit must be a positive")
+    _one_line_error(["eval", model, "--tasks", "piqa", "--limit", "0"], capsys, "argument --limit: must be at least 1")
     _one_line_error(["eval", model, "--tasks", ","], capsys, "--tasks is empty")
     broken = tmp_path / "tasks" / "piqa"
     broken.mkdir(parents=True)

@@ -2,7 +2,6 @@
 import gguf
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from lowbit.errors import LowbitError

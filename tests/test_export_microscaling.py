@@ -76,3 +76,24 @@ def test_plain_fp4_groups_have_no_compressed_tensors_format(make_run, tmp_path, 
     err = capsys.readouterr().err
     assert err.startswith("lowbit: error: cannot export to compressed-tensors: weights fp4-e2m1") and \
         err.count("\n") == 1
+
+
+@pytest.mark.parametrize("weights, acts", [({"format": "nvfp4", "observer": "mse"}, None),
+                                           ({**FP8_BLOCK, "observer": "mse"}, FP8_GROUP_ACTS)])
+def test_gptq_act_order_mse_runs_export_as_solved(tiny_llama, tmp_path, text_windows, weights, acts):
+    from lowbit.recipe import parse_recipe
+    from lowbit.run import run_recipe
+
+    recipe = parse_recipe({"model": str(tiny_llama), "weights": weights, "activations": acts, "threads": 1,
+                           "steps": [{"gptq": {"act_order": True}}], "evaluation": None,
+                           "calibration": {"n_samples": 4, "seq_len": 64}})
+    run = tmp_path / "run"
+    run_recipe(recipe, run, progress=False)
+    # the exporter refuses codes other than the run's; float32 keeps everything else exact too
+    out = export_run(run, "compressed-tensors", tmp_path / "ct", dtype="float32").path
+    simulated, _, _ = load_run(run)
+    comparison = compare(simulated, load_exported(out), text_windows)
+    if weights.get("format") == "nvfp4":  # bfloat16 division of the FP8 block scale by the tensor scale
+        assert comparison.ppl_rel_diff < 0.005 and comparison.top1_agreement > 0.9
+    else:
+        assert comparison.max_logit_diff < 1e-4 and comparison.top1_agreement == 1.0

@@ -46,10 +46,18 @@ def recipe_file(folder: Path, model: Path, **changes) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every result file under `folder` (hidden staging paths left out), by relative path."""
+    """sha256 of every result file under `folder` by relative path (hidden staging paths and the block
+    diagnostics an interrupted run keeps beside its output left out)."""
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     return {rel: hashlib.sha256(p.read_bytes()).hexdigest() for rel, p in files.items()
-            if not any(part.startswith(".") for part in rel.split("/"))}
+            if not any(part.startswith(".") for part in rel.split("/")) and not rel.endswith(".blocks.jsonl")}
+
+
+def kept_diagnostics(folder: Path) -> list[list[int]]:
+    """Block indices in each OUT.blocks.jsonl an interrupted run left in `folder`."""
+    from lowbit.diagnostics import read_blocks
+
+    return [[row["index"] for row in read_blocks(p)] for p in sorted(folder.glob("*.blocks.jsonl"))]
 
 
 def hidden(folder: Path) -> list[str]:
@@ -128,8 +136,9 @@ def test_sigterm_during_run_removes_staging(tiny_llama, saved_run, tmp_path, sto
     out, err = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.strip().splitlines() == ["lowbit: interrupted by SIGTERM; unfinished output removed"]
-    assert hidden(runs) == [] and sorted(p.name for p in runs.iterdir()) == ["earlier"]
+    assert hidden(runs) == [] and [p.name for p in runs.iterdir() if p.is_dir()] == ["earlier"]
     assert snapshot(runs) == before
+    assert kept_diagnostics(runs) == ([] if stop.endswith("compress") else [[0, 1]])  # finished blocks' records
 
 
 def test_sigkill_during_run_leaves_recognisable_staging_swept_next_time(tiny_llama, saved_run, tmp_path):
@@ -154,8 +163,10 @@ def test_sigkill_during_run_leaves_recognisable_staging_swept_next_time(tiny_lla
         from lowbit.runfolder import load_run
         load_run(runs / owner["final"])
 
+    assert kept_diagnostics(runs) == []
     after = run_recipe(load_recipe(recipe), runs / "next", progress=False)
     assert after.out_dir == runs / "next" and not left.exists() and hidden(runs) == []
+    assert (runs / f"{owner['final']}.blocks.jsonl").exists() and kept_diagnostics(runs) == [[0, 1]]
     assert snapshot(runs / "earlier") == before
 
 
@@ -275,6 +286,7 @@ def test_full_disk_during_save(tiny_llama, saved_run, tmp_path, monkeypatch, cap
     code, err, _ = cli(capsys, "run", recipe_file(tmp_path, tiny_llama), "--out", root / "new", "--quiet")
     assert code == 2 and err.startswith("lowbit: error: writing the run failed: No space left on device")
     assert hidden(root) == [] and not (root / "new").exists() and snapshot(root) == before
+    assert kept_diagnostics(root) == [[0, 1]]
 
 
 def test_full_disk_during_export(saved_run, tmp_path, monkeypatch, capsys):
@@ -365,7 +377,7 @@ def test_damaged_model_folder(tiny_llama, tmp_path, capsys, damage, rel):
     model = copy_run(tiny_llama, tmp_path / "model")
     damage(model / rel)
     code, err, _ = cli(capsys, "eval", model, "--seq-len", 64, "--max-tokens", 128, "--quiet")
-    assert code == 2 and err.startswith(f"lowbit: error: could not ")
+    assert code == 2 and err.startswith("lowbit: error: could not ")
 
 
 def test_damaged_cached_embedded_model(tiny_llama, private_cache, capsys):
@@ -415,6 +427,11 @@ def test_damaged_export_and_verify(saved_run, tmp_path, capsys):
     (tmp_path / "half.gguf").write_bytes(b"GGUF\x03\x00")
     code, err, _ = cli(capsys, "verify", run, tmp_path / "half.gguf", "--quiet")
     assert code == 2 and "is not a readable GGUF file" in err
+    (run / "compressed-tensors" / "lowbit_provenance.json").write_bytes(
+        (saved_run / "compressed-tensors" / "lowbit_provenance.json").read_bytes())
+    _truncate(run / "compressed-tensors" / "model.safetensors")
+    code, err, _ = cli(capsys, "verify", run, run / "compressed-tensors", "--quiet")
+    assert code == 2 and f"could not load the export {run / 'compressed-tensors'} (is a file truncated" in err
 
 
 # --- provenance and verify's verdict ---

@@ -84,6 +84,8 @@ def test_recipe_syntax_and_errors():
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k", "group_size": 64}})
     with pytest.raises(LowbitError, match="takes bits from its type"):
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k", "bits": 3}})
+    with pytest.raises(LowbitError, match="step lwc cannot solve GGUF weights"):
+        parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k"}, "steps": ["lwc"]})
     with pytest.raises(LowbitError, match="targets that support it: gguf"):
         parse_recipe({**base, "weights": {"format": "gguf", "type": "q4_k"}, "target": "compressed-tensors"})
 
@@ -118,13 +120,13 @@ def _run(model, tmp_path_factory, weights, steps=("rtn",)):
     return out
 
 
-CASES = [("q4_k", "rtn", "Q4_K", "Q5_0"), ("q4_k", "gptq", "Q4_K", "Q5_0"), ("q6_k", "rtn", "Q6_K", "Q8_0"),
+CASES = [("q4_k", "rtn", "Q4_K", "Q5_0"), ("q4_k", "gptq", "Q4_K", "Q5_0"), ("q4_k", "awq", "Q4_K", "Q5_0"), ("q6_k", "rtn", "Q6_K", "Q8_0"),
          ("q5_k", "gptq", "Q5_K", "Q5_1"), ("q3_k", "rtn", "Q3_K", "Q4_0"), ("q2_k", "rtn", "Q2_K", "Q4_0")]
 
 
 @pytest.mark.parametrize("gtype, solver, main, fallback", CASES)
 def test_solved_kquant_export_is_exactly_the_run(tiny_256, tmp_path_factory, gtype, solver, main, fallback):
-    steps = [{"gptq": {"act_order": True}}] if solver == "gptq" else ["rtn"]
+    steps = {"gptq": [{"gptq": {"act_order": True}}], "awq": ["awq"]}.get(solver, ["rtn"])
     run = _run(tiny_256, tmp_path_factory, {"format": "gguf", "type": gtype, "observer": "mse"}, steps)
     result = export_run(run, "gguf", run.parent / "m.gguf")
     assert f"{main} x 12 (rows of 256)" in result.notes[0]
@@ -202,3 +204,11 @@ def test_llamacpp_own_quantizer_anchor(tiny_256, tmp_path, text_windows):
         ref = torch.exp(torch.nn.functional.cross_entropy(model(text_windows[:, :128]).logits[:, :-1].flatten(0, 1),
                                                           text_windows[:, 1:128].flatten())).item()
     assert abs(fp - ref) / ref < 0.01 and q != fp and abs(q - fp) / fp < 0.1
+
+
+def test_storage_bits_are_the_block_sizes():
+    from lowbit.formats import storage_bits
+
+    assert storage_bits(type_spec("q4_k"), (2, 512)) == 1024 * 4.5  # 144 bytes per 256 values
+    assert storage_bits(type_spec("q6_k"), (2, 512)) == 1024 * 6.5625  # 210 bytes per 256
+    assert storage_bits(type_spec("q4_0"), (2, 512)) == 1024 * 4.5  # 18 bytes per 32

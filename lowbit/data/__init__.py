@@ -78,9 +78,13 @@ def calibration_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed
     if tokens.numel() <= seq_len:
         raise LowbitError(f"calibration text has {tokens.numel()} tokens, fewer than seq_len {seq_len}: "
                           f"use a longer text or a smaller calibration seq_len")
+    return torch.stack([tokens[s: s + seq_len] for s in window_starts(tokens.numel(), n_samples, seq_len, seed)])
+
+
+def window_starts(n_tokens: int, n_samples: int, seq_len: int, seed: int) -> list[int]:
+    """Start offsets of the calibration windows (so held-out windows can avoid them)."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (n_samples,), generator=gen)
-    return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (n_samples,), generator=gen).tolist()
 
 
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:

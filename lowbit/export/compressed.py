@@ -200,7 +200,7 @@ def load_compressed(path: Path) -> nn.Module:
     qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
     if not any(g["weights"] and not g["weights"]["symmetric"] and g.get("format") == "pack-quantized"
                for g in qconfig["config_groups"].values()):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
         if getattr(model, "ct_decompress_hook", None) is not None:  # decompress now rather than on first forward
             model.hf_quantizer.compressor.decompress_model(model)
         for p in model.parameters():  # microscaling decompressors return bfloat16 whatever dtype is asked for
@@ -215,7 +215,7 @@ def _load_with_compressed_tensors(path: Path, qconfig: dict) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     qc = QuantizationConfig.model_validate({k: v for k, v in qconfig.items() if k in QuantizationConfig.model_fields})

@@ -300,5 +300,6 @@ def load_gguf(path: Path) -> nn.Module:
     """Load a GGUF export with transformers' GGUF loader (weights dequantized to float32)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     return model.eval()

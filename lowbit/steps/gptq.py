@@ -149,8 +149,10 @@ def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sp
     return (torch.clamp(codes, spec.qmin, spec.qmax) - zero) * scale
 
 
-def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor]:
-    """H = 2 X Xᵀ / N for each group's shared input (N = number of tokens), summed in float64."""
+def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
+                        x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """H = 2 X Xᵀ / N for each group's shared input (N = number of tokens), summed in float64, over the block
+    inputs `x` (default: the quantized-path calibration inputs)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -160,7 +162,7 @@ def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]]) -> dic
         sums[rel] = sums[rel] + xtx if rel in sums else xtx
         counts[rel] = counts.get(rel, 0) + x.shape[0]
 
-    ctx.collect([g[0] for g in groups], add, stop_early=True)
+    ctx.collect([g[0] for g in groups], add, x=x, stop_early=True)
     return {g[0]: (2 * sums[g[0]] / counts[g[0]]).float() for g in groups}
 
 

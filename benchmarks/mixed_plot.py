@@ -1,0 +1,57 @@
+"""Perplexity against size of uniform and budgeted mixed-precision runs (their metrics.json), as a PNG and a table.
+
+Usage: python benchmarks/mixed_plot.py OUT.png RUN_DIR ...   (runs named uniform-* and mixed-*)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(dirs: list[str]) -> dict[str, list[dict]]:
+    """metrics.json of each run, split into the uniform and the mixed curve, each sorted by size."""
+    curves: dict[str, list[dict]] = {"uniform": [], "mixed": []}
+    for d in dirs:
+        m = json.loads((Path(d) / "metrics.json").read_text())
+        curves["mixed" if "allocation" in m else "uniform"].append(m)
+    return {k: sorted(v, key=lambda m: m["size_mb"]) for k, v in curves.items()}
+
+
+def main(out: str, dirs: list[str]) -> None:
+    curves = load(dirs)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, style in (("uniform", "o-"), ("mixed", "s--")):
+        rows = curves[label]
+        if rows:
+            ax.plot([m["size_mb"] for m in rows], [m["ppl"]["ppl"] for m in rows], style,
+                    label=f"{label} (GPTQ act-order + mse)" if label == "uniform" else "mixed precision (allocated)")
+    for m in curves["uniform"]:
+        ax.annotate(m["weights"].split(" asym")[0], (m["size_mb"], m["ppl"]["ppl"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    fp = next((m["ppl_fp"]["ppl"] for rows in curves.values() for m in rows if "ppl_fp" in m), None)
+    if fp:
+        ax.axhline(fp, color="grey", lw=0.8, ls=":", label=f"FP32 ({fp:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("size MB (codes, scales, zero points; other parameters at 16 bits)")
+    ax.set_ylabel("WikiText-2 perplexity (8188 tokens)")
+    ax.set_title("SmolLM2-135M: perplexity vs size", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print("| run | weights | avg bits | size MB | ppl |\n|---|---|---|---|---|")
+    for label in ("uniform", "mixed"):
+        for m in curves[label]:
+            bits = m["allocation"]["avg_bits"] if "allocation" in m else ""
+            print(f"| {m['name']} | {m['weights']} | {bits and f'{bits:.3f}'} | {m['size_mb']:.2f} | "
+                  f"{m['ppl']['ppl']:.3f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
