@@ -474,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--layers", type=POSITIVE, help="fewer decoder blocks than the real model")
     sy.add_argument("--seed", type=NONNEGATIVE, default=0)
     sy.add_argument("--threads", type=_threads)
+    sy.add_argument("--quiet", action="store_true", help="no progress output")
     sy.set_defaults(fn=_cmd_synth)
 
     e = sub.add_parser("eval", help="perplexity, or task accuracy (--tasks, via lm-eval), of a model or run folder")

@@ -62,6 +62,7 @@ class ModelContext:
     plan: FormatPlan
     state: QuantState
     calib_ids: torch.Tensor
+    keep_fp_weights: bool = True  # keep each linear's weight before quantization (for block diagnostics)
 
 
 def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str,
@@ -186,7 +187,8 @@ class BlockContext:
         if not on_scale_grid(scale, spec, gs):
             raise LowbitError(f"the block scales of {self.full_name(rel)} are not {spec.scale_format} values (under its "
                               f"shared per-tensor scale, for nvfp4): quantize {spec.describe()} weights with rtn or gptq")
-        self.fp_weights.setdefault(rel, linear.weight.detach().float().clone())
+        if self.model_ctx.keep_fp_weights:
+            self.fp_weights.setdefault(rel, linear.weight.detach().float().clone())
         linear.weight.data.copy_(weight.to(linear.weight.dtype))
         self.state.weights[self.full_name(rel)] = WeightRecord(spec, scale.detach().float().cpu(),
                                                                zero.detach().float().cpu(),

@@ -115,7 +115,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     validate_order(steps)
     io = io or BlockIO()
     validate(model, adapter, plan)
-    mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids)
+    mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids, keep_fp_weights=on_block_done is not None)
     rounds = rounding_plan(steps)
     for step in steps:
         step.before_blocks(mctx)
@@ -156,6 +156,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
             weights = {rel: lin.weight.data for rel, lin in ctx.linears().items()}
             on_block_done(block_report(i, ctx.name, inputs, diag_fp if fp_inputs is None else fp_inputs, weights,
                                        ctx.fp_weights, time.perf_counter() - began))
+        ctx.fp_weights.clear()  # float32 copies kept for the report: free them before the next block loads
         io.done(ctx, inputs, fp_inputs)
     for step in steps:
         step.after_blocks(mctx)

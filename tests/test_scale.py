@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -148,24 +149,25 @@ def _peak_increase(model: Path, out: Path, mode: str) -> int:
     """Peak RSS over the RSS before blocks are loaded, in a fresh process (streamed: embeddings already in)."""
     out.mkdir()
     done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(model), str(out), mode], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["increase"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux peak-RSS reset")
 def test_streamed_peak_memory_is_bounded_by_a_block(tmp_path, tokenizer):
-    """12 blocks of ~12.6 MB (float32): streaming them adds under three blocks' worth to the peak RSS, while
-    loading the whole model adds at least half the blocks' total (so the measurement does see weights)."""
+    """12 blocks of ~12.6 MB (float32): streaming them adds under six blocks' worth to the peak RSS (one block,
+    its quantization temporaries, the shard being written and allocator slack, which varies from run to run),
+    while loading the whole model adds at least half the blocks' total and twice the streamed increase."""
     layers, hidden, inter = 12, 512, 1536
     model = write_sharded(tmp_path / "deep", tokenizer, layers=layers, hidden=hidden, intermediate=inter,
                           dtype=torch.float32)
     block_bytes = (2 * hidden * hidden + 2 * hidden * hidden // 2 + 3 * hidden * inter + 2 * hidden) * 4
     streamed = _peak_increase(model, tmp_path / "out", "stream")
-    assert streamed < 3 * block_bytes, (streamed, block_bytes)
+    assert streamed < 6 * block_bytes, (streamed, block_bytes)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == layers
     in_memory = _peak_increase(model, tmp_path / "out-mem", "memory")
-    assert in_memory > layers / 2 * block_bytes, (in_memory, block_bytes)
+    assert in_memory > max(layers / 2 * block_bytes, 2 * streamed), (in_memory, streamed, block_bytes)
 
 
 def _interrupt_at(monkeypatch, index: int) -> None:
