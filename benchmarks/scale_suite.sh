@@ -1,8 +1,8 @@
 #!/bin/bash
 # Every measurement of docs/scale.md, in order of importance; results are appended to $R/results.jsonl.
-# Usage (from the repository root): flock /work/board/bench.lock bash benchmarks/scale_suite.sh [R]
+# Usage (from the repository root): bash benchmarks/scale_suite.sh [R]
 set -u
-R=${1:-/work/runs/scale}
+R=${1:-runs/scale}
 export PY=${PY:-python}
 bench() { $PY benchmarks/scale_bench.py "$@" || echo "failed: $*"; }
 synth() { [ -d "$R/$2" ] || $PY -m lowbit synth "$1" "$R/$2" --threads 2 ${3:+--layers $3}; }
