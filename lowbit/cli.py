@@ -13,6 +13,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from lowbit.errors import CheckFailed, LowbitError
 
@@ -362,26 +363,21 @@ def _bits(text: str) -> int:
     return value
 
 
-def _fraction(text: str) -> float:
-    """A number in [0, 1] (NaN refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def _float_where(check: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: a number for which `check` holds (NaN fails every check), else the one-line `rule`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
 
 
-def _tolerance(text: str) -> float:
-    """A finite number >= 0 (NaN and infinity refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_fraction = _float_where(lambda v: 0 <= v <= 1, "between 0 and 1")
+_tolerance = _float_where(lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 
 
 POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
