@@ -10,7 +10,6 @@ hashes (corrupted), with a one-line error.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
+from lowbit.files import file_sha256
 from lowbit.runfolder import load_state, write_state
 from lowbit.state import QuantState
 
@@ -42,14 +42,6 @@ class Resumed:
     block_files: dict[int, Path]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Checkpoints:
     """Writes and reads the checkpoints of one run folder; `fingerprint` identifies the recipe and model."""
 
@@ -66,7 +58,7 @@ class Checkpoints:
         return path
 
     def record_block(self, path: Path) -> None:
-        self.block_hashes[str(path.relative_to(self.run_dir))] = sha256(path)
+        self.block_hashes[str(path.relative_to(self.run_dir))] = file_sha256(path)
 
     def save(self, finished: int, inputs: torch.Tensor, fp_inputs: torch.Tensor | None, state: QuantState) -> None:
         """Atomically write the checkpoint after `finished` blocks, then drop the older ones."""
@@ -77,7 +69,7 @@ class Checkpoints:
             tensors["fp_inputs"] = fp_inputs.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "inputs.safetensors"))
         write_state(state, tmp)
-        files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "finished": finished, "files": files,
                     "blocks": self.block_hashes}
         with open(tmp / "manifest.json", "w") as f:
@@ -131,7 +123,7 @@ class Checkpoints:
         return Resumed(manifest["finished"], tensors["inputs"], tensors.get("fp_inputs"), state, files)
 
     def _verify(self, path: Path, digest: str) -> None:
-        if not path.is_file() or sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             raise LowbitError(f"checkpoint file {path} is missing or corrupted (hash mismatch): remove "
                               f"{self.run_dir} and start again")
 
