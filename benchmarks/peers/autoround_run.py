@@ -7,26 +7,18 @@ into the FP checkpoint by common.save_dequantized.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import load_windows, save_dequantized
+from common import load_windows, peer_arguments, save_dequantized
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("calib")
-    p.add_argument("out")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--sym", action="store_true")
+    p = peer_arguments()
     p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     import auto_round
     from auto_round import AutoRound

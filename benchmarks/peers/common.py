@@ -7,11 +7,25 @@ writes a plain transformers checkpoint (the FP model with those weights copied i
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 from pathlib import Path
 
 import torch
+
+
+def peer_arguments() -> argparse.ArgumentParser:
+    """The arguments every calibrated peer runner takes: model, lowbit's calibration windows, output, format."""
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("calib")
+    p.add_argument("out")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    return p
 
 
 def peak_rss_gb() -> float:

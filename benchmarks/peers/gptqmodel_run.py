@@ -6,23 +6,15 @@ The packed layers' own dequantize_weight() gives the weights copied into the FP 
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from common import load_windows, save_dequantized
+from common import load_windows, peer_arguments, save_dequantized
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("calib")
-    p.add_argument("out")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--sym", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    p = peer_arguments()
     a = p.parse_args()
     import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig

@@ -8,24 +8,16 @@ the smoothing methods changed are copied into the FP checkpoint by common.save_d
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from common import block_linears, load_windows, save_dequantized
+from common import peer_arguments, block_linears, load_windows, save_dequantized
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument("calib")
-    p.add_argument("out")
+    p = peer_arguments()
     p.add_argument("--method", choices=["gptq", "awq", "sq-gptq"], required=True)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--sym", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     import llmcompressor
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
