@@ -120,10 +120,11 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     for step in steps:
         step.before_blocks(mctx)
     acts = plan.activations
-    calibrate = (any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
-                 or on_block_done is not None)  # diagnostics measure the block output error
-    if calibrate:
-        inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids)
+    needs_acts = any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
+    calibrate = needs_acts or on_block_done is not None  # diagnostics measure the block output error
+    if calibrate:  # diagnostics alone need only the windows they measure on
+        inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids if needs_acts
+                                                    else calib_ids[:DIAG_WINDOWS])
     else:  # nothing reads activations: skip every forward pass
         inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
