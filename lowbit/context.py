@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, on_scale_grid
@@ -294,10 +295,24 @@ class BlockContext:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches."""
+        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches (no
+        inputs: none out, as on a rank that holds none of a search's windows)."""
         x = self.q_inputs if x is None else x
+        if x.shape[0] == 0:
+            return x.clone()
         bs = batch_size or self.plan.batch_size
         return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
+
+    def first_windows(self, n: int, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs (default: quantized path) of the first `n` calibration windows of the run that this process
+        holds: all of them in a single process, its share under torchrun (see lowbit.distributed)."""
+        return (self.q_inputs if x is None else x)[:distributed.leading(n)]
+
+    def gathered_windows(self, n: int, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs (default: quantized path) of the first `n` calibration windows of the run, on every rank: for a
+        small search that needs every token at once (quantiles, sampled tokens) and then runs the same everywhere."""
+        x = self.q_inputs if x is None else x
+        return distributed.gather(x[:-(-n // distributed.world_size())])[:n]
 
     @torch.no_grad()
     def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],

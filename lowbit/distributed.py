@@ -1,0 +1,165 @@
+"""Data-parallel calibration under `torchrun`: which windows this process holds, and the one way to combine.
+
+Launched by `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR set), every process holds the whole model and a strided
+shard of the calibration windows: rank r takes windows r, r + N, r + 2N, ... of N ranks. A step that accumulates
+a statistic over calibration data (a Hessian, a range, a search loss, a gradient) computes it on its shard and
+combines it with `reduce`, so every rank sees the statistic of all windows and takes the same decision. Without
+`torchrun` nothing is initialized and every function here is the identity of a single process.
+
+Collectives time out after LOWBIT_DIST_TIMEOUT seconds (default 1800): a rank that dies or hangs ends every
+other rank with a one-line error instead of a hang.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Iterable, Literal
+
+import torch
+import torch.distributed as dist
+
+from lowbit.errors import LowbitError
+
+TIMEOUT_ENV = "LOWBIT_DIST_TIMEOUT"
+Op = Literal["sum", "min", "max"]
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def active() -> bool:
+    """True inside a process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes results (rank 0, or the only process)."""
+    return rank() == 0
+
+
+def timeout_s() -> float:
+    """The collective timeout in seconds, from LOWBIT_DIST_TIMEOUT."""
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise LowbitError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds: set it to e.g. 600")
+    return value
+
+
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group `torchrun` describes in the environment (Gloo on CPU, NCCL on CUDA); returns the
+    device this rank works on (cuda:LOCAL_RANK for CUDA). Without torchrun (WORLD_SIZE unset or 1): no-op."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s()))
+    except (RuntimeError, ValueError) as exc:
+        raise LowbitError(f"could not join the torchrun process group ({_first_line(exc)}): check --nnodes, "
+                          f"--rdzv-endpoint and that every node can reach it") from None
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RankLost(LowbitError):
+    """A collective failed: another rank died or timed out (the run was interrupted, not refused)."""
+
+
+def _failed(what: str, exc: BaseException) -> RankLost:
+    return RankLost(f"rank {rank()}: {what} across ranks failed ({_first_line(exc)[:200]}): another rank died "
+                       f"or did not answer within {TIMEOUT_ENV}={timeout_s():g} s; see that rank's error")
+
+
+def reduce(t: torch.Tensor, op: Op = "sum") -> torch.Tensor:
+    """`t` combined over all ranks (sum, min or max), the same on every rank; `t` itself in a single process."""
+    if not active():
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.detach().to(device).contiguous().clone()
+    try:
+        dist.all_reduce(buf, _OPS[op])
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _failed("combining a statistic", exc) from None
+    return buf.to(t.device)
+
+
+def reduce_float(value: float, op: Op = "sum") -> float:
+    """A Python number combined over all ranks (in float64)."""
+    return float(reduce(torch.tensor(value, dtype=torch.float64), op)) if active() else value
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks (after backward, before the optimizer step), so every rank
+    takes the same step."""
+    if not active():
+        return
+    n = world_size()
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(reduce(p.grad) / n)
+
+
+def barrier() -> None:
+    """Wait for every rank (e.g. before rank 0 publishes the run folder)."""
+    if not active():
+        return
+    try:
+        dist.barrier()
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _failed("waiting for every rank", exc) from None
+
+
+def shard(windows: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the windows (strided: rank r takes r, r + N, ...), so leading subsets spread evenly."""
+    return windows[rank()::world_size()] if active() else windows
+
+
+def leading(n: int) -> int:
+    """How many of this rank's windows are among the first `n` windows of the whole set."""
+    return len(range(rank(), n, world_size()))
+
+
+def gather(local: torch.Tensor) -> torch.Tensor:
+    """The whole set of windows back in their original order, from every rank's equal-size strided shard."""
+    if not active():
+        return local
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    try:
+        dist.all_gather(parts, local.contiguous())
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _failed("gathering calibration activations", exc) from None
+    return torch.stack(parts, 1).reshape(-1, *local.shape[1:])
+
+
+def broadcast_text(text: str | None) -> str | None:
+    """Rank 0's string (e.g. a folder it chose), on every rank."""
+    if not active():
+        return text
+    box = [text]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise _failed("sharing a path", exc) from None
+    return box[0]
