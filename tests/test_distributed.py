@@ -203,3 +203,45 @@ def test_lost_rank_ends_the_run_with_an_error(tiny_dirs, text, tmp_path, fate):
     assert waited < timeout_s + 30
     assert not out.exists()
     assert all(p.name.startswith(".") for p in out.parent.iterdir())  # at most a hidden staging folder
+
+
+_INTERRUPT_AT_BLOCK_1 = """
+import sys
+from lowbit.blockio import BlockIO
+from lowbit.cli import main
+
+load = BlockIO.load
+
+
+def stop(self, mctx, index):
+    if index == 1:
+        raise KeyboardInterrupt
+    load(self, mctx, index)
+
+
+BlockIO.load = stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_ranks_resume_equals_one_uninterrupted_process(tiny_dirs, text, tmp_path):
+    """Both ranks interrupted at block 1; `--resume` on two ranks reads rank 0's checkpoint (every rank's windows)
+    and finishes with the weights of an uninterrupted single process."""
+    data = recipe(tiny_dirs["llama"], text)
+    single = run_recipe(parse_recipe(data), tmp_path / "single", progress=False)
+    rec = write_recipe(tmp_path / "recipe.yaml", data)
+    out = tmp_path / "out" / "run"
+    out.parent.mkdir()
+    cli = ["run", str(rec), "--out", str(out), "--quiet"]
+    for rank, proc in enumerate(launch([["-c", _INTERRUPT_AT_BLOCK_1, *cli]] * 2, [tmp_path] * 2)):
+        code, _, err = finish(proc)
+        assert code == 130, f"rank {rank}: {err[-3000:]}"
+    assert not out.exists()
+    for rank, proc in enumerate(launch([["-m", "lowbit", "run", str(rec), "--resume", str(out), "--quiet"]] * 2,
+                                       [tmp_path] * 2)):
+        code, _, err = finish(proc)
+        assert code == 0, f"rank {rank}: {err[-3000:]}"
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (single.out_dir, out))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert not (out / "checkpoint").exists()

@@ -1,0 +1,43 @@
+#!/bin/bash
+# Data-parallel calibration on the CPU (Gloo): the embedded model's GPTQ W4 g64 (recipes/wo-gptq.yaml) and best
+# W4 g64 recipe (recipes/wo-rotate-gptq.yaml) as 1 process x 1 thread (the reference: same per-process numerics),
+# 1 process x 2 threads, and `torchrun --nproc-per-node 2` x 1 thread. Prints a markdown table: perplexity, its
+# difference to 1 x 1, compression time and wall time. Resumable: finished run folders are skipped.
+#   bash benchmarks/distributed_check.sh [OUT_DIR]    (PY=interpreter, default python; SETS="--set k=v ..." for a
+#   cut-down run, e.g. SETS="--set evaluation.max_tokens=4096 --set calibration.n_samples=4")
+set -eu
+OUT=${1:-runs/distributed-check}
+PY=${PY:-python}
+SETS=${SETS:-}
+mkdir -p "$OUT"
+for recipe in wo-gptq wo-rotate-gptq; do
+  for run in 1x1 1x2 2x1; do
+    IFS=x read -r procs threads <<< "$run"
+    dir="$OUT/$recipe-$run"
+    [ -d "$dir" ] && continue
+    if [ "$procs" = 1 ]; then
+      launch=("$PY" -m lowbit)
+    else
+      launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$procs" -m lowbit)
+    fi
+    began=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=$threads "${launch[@]}" run "recipes/$recipe.yaml" --set threads="$threads" $SETS \
+      --out "$dir" --quiet > "$dir.txt"
+    echo "$began $(date +%s.%N)" > "$dir.wall"
+  done
+done
+$PY - "$OUT" <<'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print("| recipe | processes x threads | ppl | ppl - (1 x 1) | compression s | wall s |")
+print("|---|---|---|---|---|---|")
+for recipe in ("wo-gptq", "wo-rotate-gptq"):
+    ref = json.loads((out / f"{recipe}-1x1" / "metrics.json").read_text())["ppl"]["ppl"]
+    for run in ("1x1", "1x2", "2x1"):
+        m = json.loads((out / f"{recipe}-{run}" / "metrics.json").read_text())
+        start, end = map(float, (out / f"{recipe}-{run}.wall").read_text().split())
+        print(f"| {recipe} | {m.get('ranks', 1)} x {m['threads']} | {m['ppl']['ppl']:.4f} | {m['ppl']['ppl'] - ref:+.5f} | "
+              f"{m['quant_time_s']:.1f} | {end - start:.1f} |")
+PYEOF
