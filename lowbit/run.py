@@ -180,6 +180,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     device = distributed.init_from_env(resolve_device(recipe.device))
     main = distributed.is_main()  # under torchrun only rank 0 writes the run folder, checkpoints and logs
     progress = progress and main
+    if recipe.budget is not None and distributed.active():
+        raise LowbitError("budget measures sensitivities in one process: run budget recipes without torchrun")
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
@@ -200,7 +202,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     handler = _log_to(staging)
     try:
         folder = distributed.broadcast_text(None if staging is None else str(staging))  # checkpoints, on every rank
-        diagnose = block_log if main else (lambda _report: None) if folder is not None else None
+        # every rank computes the block diagnostics (their sums are combined over ranks); rank 0 logs them
+        diagnose = block_log if main or folder is None else (lambda _report: None)
         result = _run(recipe, plan, steps, staging, progress, device, resume is not None, diagnose,
                       None if folder is None else Path(folder))
         distributed.barrier()  # every rank finished: only now may rank 0 publish
@@ -320,8 +323,6 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
     cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
     calib_ids = shard_windows(calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed))
     if recipe.budget is not None:
-        if distributed.active():
-            raise LowbitError("budget measures sensitivities in one process: run budget recipes without torchrun")
         if stream:
             raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
                               "streaming (stream: false)")

@@ -245,3 +245,30 @@ def test_two_ranks_resume_equals_one_uninterrupted_process(tiny_dirs, text, tmp_
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
     assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_strided_shards_split_leading_windows(monkeypatch, ranks):
+    """Every window on exactly one rank, and `leading(n)` of each shard together are exactly the first n windows."""
+    from lowbit import distributed
+
+    ids = torch.arange(12)[:, None]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: ranks)
+    shards, firsts = [], []
+    for r in range(ranks):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shards.append(distributed.shard(ids))
+        firsts.append(distributed.shard(ids)[:distributed.leading(5)])
+    assert sorted(torch.cat(shards).flatten().tolist()) == list(range(12))
+    assert sorted(torch.cat(firsts).flatten().tolist()) == list(range(5))
+
+
+def test_uneven_calibration_split_is_refused(monkeypatch):
+    from lowbit import distributed
+    from lowbit.errors import LowbitError
+    from lowbit.run import shard_windows
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    with pytest.raises(LowbitError, match="n_samples 6 does not split evenly over 4 ranks.*n_samples=8"):
+        shard_windows(torch.zeros(6, 8, dtype=torch.long))
