@@ -303,7 +303,7 @@ class BlockContext:
         bs = batch_size or self.plan.batch_size
         return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
 
-    def first_windows(self, n: int, x: torch.Tensor | None = None) -> torch.Tensor:
+    def first_windows(self, n: int | None, x: torch.Tensor | None = None) -> torch.Tensor:
         """The inputs (default: quantized path) of the first `n` calibration windows of the run that this process
         holds: all of them in a single process, its share under torchrun (see lowbit.distributed)."""
         return (self.q_inputs if x is None else x)[:distributed.leading(n)]

@@ -136,9 +136,9 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
     return windows[rank()::world_size()] if active() else windows
 
 
-def leading(n: int) -> int:
-    """How many of this rank's windows are among the first `n` windows of the whole set."""
-    return len(range(rank(), n, world_size()))
+def leading(n: int | None) -> int | None:
+    """How many of this rank's windows are among the first `n` windows of the whole set (None: all of them)."""
+    return None if n is None else len(range(rank(), n, world_size()))
 
 
 def gather(local: torch.Tensor) -> torch.Tensor:
