@@ -3,14 +3,15 @@
 # W4 g64 recipe (recipes/wo-rotate-gptq.yaml) as 1 process x 1 thread (the reference: same per-process numerics),
 # 1 process x 2 threads, and `torchrun --nproc-per-node 2` x 1 thread. Prints a markdown table: perplexity, its
 # difference to 1 x 1, compression time and wall time. Resumable: finished run folders are skipped.
-#   bash benchmarks/distributed_check.sh [OUT_DIR]    (PY=interpreter, default python; SETS="--set k=v ..." for a
-#   cut-down run, e.g. SETS="--set evaluation.max_tokens=4096 --set calibration.n_samples=4")
+#   bash benchmarks/distributed_check.sh [OUT_DIR]    (PY=interpreter, default python; SETS="--set k=v ..." and
+#   RECIPES="wo-gptq" for a cut-down run, e.g. SETS="--set evaluation.max_tokens=4096 --set calibration.n_samples=4")
 set -eu
 OUT=${1:-runs/distributed-check}
 PY=${PY:-python}
 SETS=${SETS:-}
+RECIPES=${RECIPES:-wo-gptq wo-rotate-gptq}
 mkdir -p "$OUT"
-for recipe in wo-gptq wo-rotate-gptq; do
+for recipe in $RECIPES; do
   for run in 1x1 1x2 2x1; do
     IFS=x read -r procs threads <<< "$run"
     dir="$OUT/$recipe-$run"
@@ -27,13 +28,14 @@ for recipe in wo-gptq wo-rotate-gptq; do
     echo "$began $(date +%s.%N)" > "$dir.wall"
   done
 done
-$PY - "$OUT" <<'PYEOF'
+# shellcheck disable=SC2086
+$PY - "$OUT" $RECIPES <<'PYEOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print("| recipe | processes x threads | ppl | ppl - (1 x 1) | compression s | wall s |")
 print("|---|---|---|---|---|---|")
-for recipe in ("wo-gptq", "wo-rotate-gptq"):
+for recipe in sys.argv[2:]:
     ref = json.loads((out / f"{recipe}-1x1" / "metrics.json").read_text())["ppl"]["ppl"]
     for run in ("1x1", "1x2", "2x1"):
         m = json.loads((out / f"{recipe}-{run}" / "metrics.json").read_text())
