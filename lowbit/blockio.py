@@ -52,8 +52,8 @@ class BlockIO:
         if self.resume:
             resumed = self.checkpoints.load()
             start = resumed.finished
-            inputs = distributed.shard(resumed.inputs).to(inputs.dtype)  # checkpoints hold every rank's windows
-            fp_inputs = None if resumed.fp_inputs is None else distributed.shard(resumed.fp_inputs)
+            inputs = distributed.shard(resumed.inputs, mctx.plan.batch_size).to(inputs.dtype)  # checkpoints hold every rank's windows
+            fp_inputs = None if resumed.fp_inputs is None else distributed.shard(resumed.fp_inputs, mctx.plan.batch_size)
             _merge_state(mctx, resumed.state, start)
             if not self.streamed:
                 for i, path in resumed.block_files.items():
@@ -98,7 +98,9 @@ class BlockIO:
                 file = streaming.write_shard(directory, ctx.index, n + 1, streaming.module_tensors(model, names))
                 self.checkpoints.record_block(directory / file)
         if self.checkpoints is not None:  # every rank's windows, in one checkpoint that rank 0 writes
-            inputs, fp_inputs = distributed.gather(inputs), None if fp_inputs is None else distributed.gather(fp_inputs)
+            bs = ctx.plan.batch_size
+            inputs = distributed.gather(inputs, bs)
+            fp_inputs = None if fp_inputs is None else distributed.gather(fp_inputs, bs)
             if distributed.is_main():
                 self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state)
 

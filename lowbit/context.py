@@ -306,13 +306,12 @@ class BlockContext:
     def first_windows(self, n: int | None, x: torch.Tensor | None = None) -> torch.Tensor:
         """The inputs (default: quantized path) of the first `n` calibration windows of the run that this process
         holds: all of them in a single process, its share under torchrun (see lowbit.distributed)."""
-        return (self.q_inputs if x is None else x)[:distributed.leading(n)]
+        return (self.q_inputs if x is None else x)[:distributed.leading(n, self.plan.batch_size)]
 
     def gathered_windows(self, n: int, x: torch.Tensor | None = None) -> torch.Tensor:
         """The inputs (default: quantized path) of the first `n` calibration windows of the run, on every rank: for a
         small search that needs every token at once (quantiles, sampled tokens) and then runs the same everywhere."""
-        x = self.q_inputs if x is None else x
-        return distributed.gather(x[:-(-n // distributed.world_size())])[:n]
+        return distributed.gather(self.first_windows(n, x), self.plan.batch_size)
 
     @torch.no_grad()
     def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],

@@ -1,7 +1,8 @@
 """Data-parallel calibration under `torchrun`: which windows this process holds, and the one way to combine.
 
 Launched by `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR set), every process holds the whole model and a strided
-shard of the calibration windows: rank r takes windows r, r + N, r + 2N, ... of N ranks. A step that accumulates
+shard of the calibration windows in whole forward batches: of N ranks, rank r takes batches r, r + N, r + 2N, ...
+so each rank computes every one of its batches exactly as a single process would. A step that accumulates
 a statistic over calibration data (a Hessian, a range, a search loss, a gradient) computes it on its shard and
 combines it with `reduce`, so every rank sees the statistic of all windows and takes the same decision. Without
 `torchrun` nothing is initialized and every function here is the identity of a single process.
@@ -131,26 +132,41 @@ def barrier() -> None:
         raise _failed("waiting for every rank", exc) from None
 
 
-def shard(windows: torch.Tensor) -> torch.Tensor:
-    """This rank's share of the windows (strided: rank r takes r, r + N, ...), so leading subsets spread evenly."""
-    return windows[rank()::world_size()] if active() else windows
+def _owned(n: int, batch: int, r: int) -> list[int]:
+    """Indices, among `n` windows cut into batches of `batch`, of those rank `r` holds."""
+    return [g for g in range(n) if (g // batch) % world_size() == r]
 
 
-def leading(n: int | None) -> int | None:
+def shard(windows: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    """This rank's share of the windows: every N-th batch of `batch` windows, so leading subsets spread evenly."""
+    return windows[_owned(windows.shape[0], batch, rank())] if active() else windows
+
+
+def leading(n: int | None, batch: int = 1) -> int | None:
     """How many of this rank's windows are among the first `n` windows of the whole set (None: all of them)."""
-    return None if n is None else len(range(rank(), n, world_size()))
+    return n if n is None or not active() else len(_owned(n, batch, rank()))
 
 
-def gather(local: torch.Tensor) -> torch.Tensor:
-    """The whole set of windows back in their original order, from every rank's equal-size strided shard."""
+def gather(local: torch.Tensor, batch: int = 1) -> torch.Tensor:
+    """Every rank's windows in their original order, from shards cut by `shard` (of a whole set or of its first
+    windows), on every rank."""
     if not active():
         return local
-    parts = [torch.empty_like(local) for _ in range(world_size())]
     try:
-        dist.all_gather(parts, local.contiguous())
+        sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size())]
+        dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+        sizes = [int(s) for s in sizes]
+        padded = local.new_zeros(max(sizes), *local.shape[1:])
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
     except (RuntimeError, dist.DistBackendError) as exc:
         raise _failed("gathering calibration activations", exc) from None
-    return torch.stack(parts, 1).reshape(-1, *local.shape[1:])
+    total = sum(sizes)
+    out = local.new_empty(total, *local.shape[1:])
+    for r, (part, size) in enumerate(zip(parts, sizes)):
+        out[_owned(total, batch, r)] = part[:size]
+    return out
 
 
 def broadcast_text(text: str | None) -> str | None:

@@ -314,7 +314,7 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, init: "Step | Non
         ctx.calibrate_activations()
     steps_sizes = [q.scale for q in quantizers if q.scale is not None]
     drop_gen = torch.Generator().manual_seed(args.seed + 1)
-    weights = fisher[:distributed.leading(n)] if fisher is not None else None
+    weights = fisher[:distributed.leading(n, ctx.plan.batch_size)] if fisher is not None else None
     for s in steps_sizes:
         s.requires_grad_(True)
     try:

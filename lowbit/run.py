@@ -269,14 +269,16 @@ def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: li
     return size > memory_budget(recipe.max_memory, torch.device("cpu")) / 2
 
 
-def shard_windows(calib_ids: torch.Tensor) -> torch.Tensor:
-    """This rank's calibration windows under torchrun (every rank the same number, so learned steps take the
-    same number of optimizer steps everywhere); all of them in a single process."""
-    n, ranks = calib_ids.shape[0], distributed.world_size()
-    if n % ranks:
-        raise LowbitError(f"calibration n_samples {n} does not split evenly over {ranks} ranks: use a multiple of "
-                          f"{ranks} (e.g. --set calibration.n_samples={n + ranks - n % ranks})")
-    return distributed.shard(calib_ids)
+def shard_windows(calib_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """This rank's calibration windows under torchrun: whole forward batches, as many on every rank (so each rank
+    computes its batches exactly as one process would, and learned steps take as many optimizer steps everywhere);
+    all of them in a single process."""
+    n, unit = calib_ids.shape[0], distributed.world_size() * batch
+    if n % unit:
+        raise LowbitError(f"calibration n_samples {n} does not split into whole batches of {batch} over "
+                          f"{distributed.world_size()} ranks: use a multiple of {unit} "
+                          f"(e.g. --set calibration.n_samples={n + unit - n % unit}) or a smaller calibration.batch_size")
+    return distributed.shard(calib_ids, batch)
 
 
 def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
@@ -321,7 +323,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
 
     cal = recipe.calibration
     cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
-    calib_ids = shard_windows(calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed))
+    calib_ids = shard_windows(calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed), cal.batch_size)
     if recipe.budget is not None:
         if stream:
             raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "

@@ -35,12 +35,11 @@ def text(tmp_path_factory) -> Path:
 def recipe(model: str, text: Path, **over) -> dict:
     """Smoothing with a searched alpha, GPTQ, static activations: Hessians, ranges and a grid search in one run.
 
-    One window per forward batch, as each rank's shard is then computed exactly as in one process: with larger
-    batches float32 sums are reordered and GPTQ may round a rare weight the other way (same perplexity)."""
+    Batches of 2 windows: rank 0 holds the first batch, rank 1 the second, each computed as one process would."""
     data = {"name": "dp", "model": model, "threads": 1, "weights": {"bits": 4, "group_size": 32},
             "activations": {"bits": 8, "granularity": "tensor", "dynamic": False},
             "steps": [{"smoothquant": {"alpha_grid": [0.2, 0.5, 0.8], "search_samples": 3}}, "gptq"],
-            "calibration": {"data": str(text), "n_samples": 4, "seq_len": 32, "batch_size": 1},
+            "calibration": {"data": str(text), "n_samples": 4, "seq_len": 32, "batch_size": 2},
             "evaluation": {"data": str(text), "seq_len": 64, "max_tokens": 320, "baseline": False}}
     data.update(over)
     return data
@@ -142,9 +141,10 @@ from transformers import AutoModelForCausalLM
 
 distributed.init_from_env(torch.device("cpu"))
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-ids = torch.randint(0, 500, (6, 16), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 500, (8, 16), generator=torch.Generator().manual_seed(0))
 adapter = get_adapter(model)
-mctx = ModelContext(model, adapter, FormatPlan(weights=QuantSpec(4)), QuantState(), distributed.shard(ids))
+plan = FormatPlan(weights=QuantSpec(4), batch_size=2)  # rank 0 holds windows 0, 1, 4, 5; rank 1 2, 3, 6, 7
+mctx = ModelContext(model, adapter, plan, QuantState(), distributed.shard(ids, 2))
 inputs, args, kwargs = capture_block_inputs(model, adapter, mctx.calib_ids)
 ctx = BlockContext(mctx, 0, adapter.blocks(model)[0], inputs, args, kwargs)
 groups = [g for g in adapter.input_groups()]
@@ -152,7 +152,7 @@ out = {f"h.{k}": v for k, v in accumulate_hessians(ctx, groups).items()}
 out.update({f"lo.{k}": v[0] for k, v in channel_ranges(ctx, [g[0] for g in groups]).items()})
 out.update({f"hi.{k}": v[1] for k, v in channel_ranges(ctx, [g[0] for g in groups]).items()})
 out["search"] = ctx.gathered_windows(5)
-out["first"] = distributed.gather(ctx.first_windows(6))
+out["all"] = distributed.gather(ctx.q_inputs, 2)
 if distributed.is_main():
     torch.save(out, sys.argv[2])
 """
@@ -247,9 +247,10 @@ def test_two_ranks_resume_equals_one_uninterrupted_process(tiny_dirs, text, tmp_
     assert not (out / "checkpoint").exists()
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_strided_shards_split_leading_windows(monkeypatch, ranks):
-    """Every window on exactly one rank, and `leading(n)` of each shard together are exactly the first n windows."""
+@pytest.mark.parametrize("ranks,batch", [(2, 1), (3, 2), (2, 3)])
+def test_strided_shards_split_leading_windows(monkeypatch, ranks, batch):
+    """Every window on exactly one rank in whole batches, and `leading(n)` of each shard together are exactly the
+    first n windows."""
     from lowbit import distributed
 
     ids = torch.arange(12)[:, None]
@@ -258,10 +259,12 @@ def test_strided_shards_split_leading_windows(monkeypatch, ranks):
     shards, firsts = [], []
     for r in range(ranks):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
-        shards.append(distributed.shard(ids))
-        firsts.append(distributed.shard(ids)[:distributed.leading(5)])
-    assert sorted(torch.cat(shards).flatten().tolist()) == list(range(12))
-    assert sorted(torch.cat(firsts).flatten().tolist()) == list(range(5))
+        shard = distributed.shard(ids, batch).flatten()
+        assert all(int(w) // batch % ranks == r for w in shard)
+        shards.append(shard)
+        firsts.append(shard[:distributed.leading(5, batch)])
+    assert sorted(torch.cat(shards).tolist()) == list(range(12))
+    assert sorted(torch.cat(firsts).tolist()) == list(range(5))
 
 
 def test_uneven_calibration_split_is_refused(monkeypatch):
@@ -270,5 +273,5 @@ def test_uneven_calibration_split_is_refused(monkeypatch):
     from lowbit.run import shard_windows
 
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
-    with pytest.raises(LowbitError, match="n_samples 6 does not split evenly over 4 ranks.*n_samples=8"):
-        shard_windows(torch.zeros(6, 8, dtype=torch.long))
+    with pytest.raises(LowbitError, match="n_samples 6 does not split into whole batches of 2 over 4 ranks.*=8"):
+        shard_windows(torch.zeros(6, 8, dtype=torch.long), 2)

@@ -70,7 +70,7 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
     sizes = torch.tensor([float(linears[n].weight.numel()) for n in names], dtype=torch.float64)
     lo, hi = max(0.0, a.target - a.max_shift), min(0.99, a.target + a.max_shift)
     rates = nn.Parameter(torch.full((len(names),), a.target))
-    ids = ctx.calib_ids[:distributed.leading(a.n_samples), : a.seq_len]
+    ids = ctx.calib_ids[:distributed.leading(a.n_samples, ctx.plan.batch_size), : a.seq_len]
     with torch.no_grad():
         teacher = [F.log_softmax(model(ids[i: i + a.batch_size], use_cache=False).logits.float(), -1).to(torch.bfloat16)
                    for i in range(0, ids.shape[0], a.batch_size)]

@@ -99,5 +99,5 @@ def token_extremes(ctx: BlockContext, rel: str) -> tuple[torch.Tensor, torch.Ten
     with ctx.act_quant(False):
         ctx.collect([rel], fn)
     windows = ctx.q_inputs.shape[0]  # every rank's tokens, for quantiles over all of them
-    return tuple(distributed.gather(torch.cat(t).reshape(windows, -1)).reshape(-1) for t in (mins, maxs))
+    return tuple(distributed.gather(torch.cat(t).reshape(windows, -1), ctx.plan.batch_size).reshape(-1) for t in (mins, maxs))
 
