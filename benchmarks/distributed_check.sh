@@ -4,7 +4,8 @@
 # 1 process x 2 threads, and `torchrun --nproc-per-node 2` x 1 thread. Prints a markdown table: perplexity, its
 # difference to 1 x 1, compression time and wall time. Resumable: finished run folders are skipped.
 #   bash benchmarks/distributed_check.sh [OUT_DIR]    (PY=interpreter, default python; SETS="--set k=v ..." and
-#   RECIPES="wo-gptq" for a cut-down run, e.g. SETS="--set evaluation.max_tokens=4096 --set calibration.n_samples=4")
+#   RECIPES="wo-gptq" for a cut-down run, e.g. SETS="--set evaluation.max_tokens=4096 --set calibration.n_samples=4
+#   --set calibration.batch_size=2": n_samples must be a multiple of 2 x batch_size)
 set -eu
 OUT=${1:-runs/distributed-check}
 PY=${PY:-python}
