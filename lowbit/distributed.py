@@ -32,10 +32,12 @@ def active() -> bool:
 
 
 def world_size() -> int:
+    """Number of ranks (1 without torchrun)."""
     return dist.get_world_size() if active() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 without torchrun)."""
     return dist.get_rank() if active() else 0
 
 

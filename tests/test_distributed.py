@@ -275,3 +275,13 @@ def test_uneven_calibration_split_is_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     with pytest.raises(LowbitError, match="n_samples 6 does not split into whole batches of 2 over 4 ranks.*=8"):
         shard_windows(torch.zeros(6, 8, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_bad_collective_timeout_is_refused(monkeypatch, value):
+    from lowbit import distributed
+    from lowbit.errors import LowbitError
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
+    with pytest.raises(LowbitError, match="LOWBIT_DIST_TIMEOUT=.* is not a positive number of seconds"):
+        distributed.timeout_s()
