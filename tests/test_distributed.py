@@ -127,6 +127,21 @@ def test_two_ranks_equal_one_process(tiny_dirs, text, tmp_path):
         assert b["output_rel_error"] == pytest.approx(r["output_rel_error"], rel=1e-4)
 
 
+def test_searches_on_gathered_windows_equal_one_process(tiny_dirs, text, tmp_path):
+    """AWQ's scale and clipping searches and OS token clipping (quantiles over every token) see the same windows and
+    tokens on every rank as in one process, so two ranks write the same weights and ranges."""
+    data = recipe(tiny_dirs["llama"], text, steps=[{"os": {"token_clipping": True}},
+                                                   {"awq": {"search_samples": 3, "clip_tokens": 64}}],
+                  evaluation=None)
+    single = run_recipe(parse_recipe(data), tmp_path / "single", progress=False)
+    out, _ = run_ranks(tmp_path, data)
+    for name in ("model/model.safetensors", "quant_state.safetensors"):
+        a, b = (load_file(str(r / name)) for r in (single.out_dir, out))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 _STATS = """
 import sys, torch
 from lowbit import distributed
