@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from typing import Iterable, Literal
 
 import torch
@@ -91,8 +92,9 @@ class RankLost(LowbitError):
 
 
 def _failed(what: str, exc: BaseException) -> RankLost:
-    return RankLost(f"rank {rank()}: {what} across ranks failed ({_first_line(exc)[:200]}): another rank died "
-                       f"or did not answer within {TIMEOUT_ENV}={timeout_s():g} s; see that rank's error")
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(exc)).split(". ")[0][:160]  # without the backend's source path
+    return RankLost(f"rank {rank()}: {what} across ranks failed ({reason}): another rank died or did not answer "
+                    f"within {TIMEOUT_ENV}={timeout_s():g} s; see that rank's error")
 
 
 def reduce(t: torch.Tensor, op: Op = "sum") -> torch.Tensor:
