@@ -274,7 +274,7 @@ def shard_windows(calib_ids: torch.Tensor, batch: int) -> torch.Tensor:
     computes its batches exactly as one process would, and learned steps take as many optimizer steps everywhere);
     all of them in a single process."""
     n, unit = calib_ids.shape[0], distributed.world_size() * batch
-    if n % unit:
+    if distributed.active() and n % unit:
         raise LowbitError(f"calibration n_samples {n} does not split into whole batches of {batch} over "
                           f"{distributed.world_size()} ranks: use a multiple of {unit} "
                           f"(e.g. --set calibration.n_samples={n + unit - n % unit}) or a smaller calibration.batch_size")
