@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit import distributed
+from lowbit.activations import ActivationStore
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, on_scale_grid
@@ -64,6 +65,7 @@ class ModelContext:
     state: QuantState
     calib_ids: torch.Tensor
     keep_fp_weights: bool = True  # keep each linear's weight before quantization (for block diagnostics)
+    store: ActivationStore = field(default_factory=ActivationStore)  # where calibration activations live
 
 
 def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str,
@@ -288,9 +290,13 @@ class BlockContext:
         finally:
             self.restore(snap)
 
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of (possibly offloaded) activations where the block computes."""
+        return self.model_ctx.store.to_device(x)
+
     def run(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """Block (or a replacement `module` with the same call signature) on one batch of inputs."""
-        out = (module or self.block)(x, *self.args, **self.kwargs)
+        out = (module or self.block)(self.on_device(x), *self.args, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -301,7 +307,16 @@ class BlockContext:
         if x.shape[0] == 0:
             return x.clone()
         bs = batch_size or self.plan.batch_size
-        return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
+        store = self.model_ctx.store
+        if store.place == "device":
+            return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
+        out = None
+        for i in range(0, x.shape[0], bs):
+            y = self.run(x[i: i + bs])
+            if out is None:
+                out = store.empty((x.shape[0], *y.shape[1:]), y.dtype)
+            out[i: i + bs] = y
+        return out if out is not None else store.empty(tuple(x.shape), x.dtype)
 
     def first_windows(self, n: int | None, x: torch.Tensor | None = None) -> torch.Tensor:
         """The inputs (default: quantized path) of the first `n` calibration windows of the run that this process

@@ -97,12 +97,16 @@ def _failed(what: str, exc: BaseException) -> RankLost:
                     f"within {TIMEOUT_ENV}={timeout_s():g} s; see that rank's error")
 
 
+def _comm_device() -> torch.device:
+    """Where tensors must be to travel: the current GPU for NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def reduce(t: torch.Tensor, op: Op = "sum") -> torch.Tensor:
     """`t` combined over all ranks (sum, min or max), the same on every rank; `t` itself in a single process."""
     if not active():
         return t
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buf = t.detach().to(device).contiguous().clone()
+    buf = t.detach().to(_comm_device()).contiguous().clone()
     try:
         dist.all_reduce(buf, _OPS[op])
     except (RuntimeError, dist.DistBackendError) as exc:
@@ -156,18 +160,19 @@ def gather(local: torch.Tensor, batch: int = 1) -> torch.Tensor:
     windows), on every rank."""
     if not active():
         return local
+    device = _comm_device()  # (activations offloaded to host memory or disk travel through it)
     try:
-        sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size())]
-        dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+        dist.all_gather(sizes, torch.tensor([local.shape[0]], device=device))
         sizes = [int(s) for s in sizes]
-        padded = local.new_zeros(max(sizes), *local.shape[1:])
+        padded = torch.zeros(max(sizes), *local.shape[1:], dtype=local.dtype, device=device)
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
     except (RuntimeError, dist.DistBackendError) as exc:
         raise _failed("gathering calibration activations", exc) from None
     total = sum(sizes)
-    out = local.new_empty(total, *local.shape[1:])
+    out = torch.empty(total, *local.shape[1:], dtype=local.dtype, device=device)
     for r, (part, size) in enumerate(zip(parts, sizes)):
         out[_owned(total, batch, r)] = part[:size]
     return out

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
+from lowbit.activations import ActivationStore
 from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
@@ -185,10 +186,11 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
+    offload = recipe.offload if recipe.offload in ("cpu", "disk") else "device"
     if recipe.max_memory:
         from lowbit.plan import plan_run
 
-        plan_run(recipe, probe=False)  # refuses a budget the run cannot meet, before anything loads
+        offload = plan_run(recipe, probe=False).offload  # refuses a budget it cannot meet, before anything loads
     staging, block_log = None, None
     explicit = out_dir is not None
     if resume is not None and main:
@@ -205,7 +207,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         # every rank computes the block diagnostics (their sums are combined over ranks); rank 0 logs them
         diagnose = block_log if main or folder is None else (lambda _report: None)
         result = _run(recipe, plan, steps, staging, progress, device, resume is not None, diagnose,
-                      None if folder is None else Path(folder))
+                      None if folder is None else Path(folder), offload)
         distributed.barrier()  # every rank finished: only now may rank 0 publish
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
@@ -283,13 +285,14 @@ def shard_windows(calib_ids: torch.Tensor, batch: int) -> torch.Tensor:
 
 def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
     """What a checkpoint must match to be resumed: everything that changes the compressed weights."""
-    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory"})
+    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory",
+                                              "offload"})
     return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, progress: bool,
          device: torch.device, resume: bool, block_log: Callable[[BlockReport], None] | None = None,
-         checkpoint_dir: Path | None = None) -> RunResult:
+         checkpoint_dir: Path | None = None, offload: str = "device") -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -340,7 +343,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
             out_model.mkdir(exist_ok=True)
         checkpoints = (Checkpoints(checkpoint_dir, fingerprint(recipe, model_path, stream))
                        if checkpoint_dir is not None else None)
-        io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
+        io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume,
+                     store=ActivationStore(offload, device, staging))
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter)
