@@ -303,3 +303,38 @@ def test_bad_collective_timeout_is_refused(monkeypatch, value):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
     with pytest.raises(LowbitError, match="LOWBIT_DIST_TIMEOUT=.* is not a positive number of seconds"):
         distributed.timeout_s()
+
+
+_LEARNED = """
+import sys, torch
+from lowbit import distributed
+from lowbit.context import FormatPlan
+from lowbit.formats import QuantSpec
+from lowbit.models import get_adapter
+from lowbit.pipeline import compress
+from lowbit.steps.base import get_step
+from transformers import AutoModelForCausalLM
+
+distributed.init_from_env(torch.device("cpu"))
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(0))
+plan = FormatPlan(weights=QuantSpec(3, group_size=32), activations=QuantSpec(8, granularity="tensor", dynamic=False),
+                  batch_size=1)
+steps = [get_step("lwc")(get_step("lwc").Args(epochs=2)), get_step("qdrop")(get_step("qdrop").Args(iters=6))]
+compress(model, get_adapter(model), plan, steps, distributed.shard(ids), progress=False)
+torch.save(model.state_dict(), f"{sys.argv[2]}.{distributed.rank()}")
+"""
+
+
+def test_learned_steps_take_the_same_steps_on_every_rank(tiny_dirs, tmp_path):
+    """LWC then QDrop (with LSQ step sizes) on two ranks holding different windows: gradients averaged over ranks
+    keep both ranks' weights identical."""
+    out = tmp_path / "weights"
+    for proc in launch([["-c", _LEARNED, tiny_dirs["llama"], str(out)]] * 2, [tmp_path] * 2):
+        code, _, err = finish(proc)
+        assert code == 0, err[-3000:]
+    a, b = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
