@@ -52,6 +52,7 @@ for recipe in sys.argv[2:]:
         w = weights(out / f"{recipe}-{run}")
         differ = sum(int((w[k] != v).sum()) for k, v in ref_w.items())
         start, end = map(float, (out / f"{recipe}-{run}.wall").read_text().split())
-        print(f"| {recipe} | {m.get('ranks', 1)} x {m['threads']} | {m['ppl']['ppl']:.4f} | {m['ppl']['ppl'] - ref:+.5f} | "
-              f"{differ} of {sum(v.numel() for v in ref_w.values())} | {m['quant_time_s']:.1f} | {end - start:.1f} |")
+        print(f"| {recipe} | {m.get('ranks', 1)} x {m['threads']} | {m['ppl']['ppl']:.4f} | "
+              f"{m['ppl']['ppl'] - ref:+.5f} | {differ} of {sum(v.numel() for v in ref_w.values())} | "
+              f"{m['quant_time_s']:.1f} | {end - start:.1f} |")
 PYEOF

@@ -21,8 +21,9 @@ done
 # It has not run yet: no machine with several GPUs was available.
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -ge 2 ] && [ ! -d "$OUT/wo-gptq-cuda-float32-x$GPUS" ]; then
-  $PY -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m lowbit run recipes/wo-gptq.yaml --device cuda \
-    --set dtype=float32 --set threads=2 --out "$OUT/wo-gptq-cuda-float32-x$GPUS" --quiet > "$OUT/wo-gptq-cuda-float32-x$GPUS.txt"
+  multi="$OUT/wo-gptq-cuda-float32-x$GPUS"
+  $PY -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m lowbit run recipes/wo-gptq.yaml \
+    --device cuda --set dtype=float32 --set threads=2 --out "$multi" --quiet > "$multi.txt"
 fi
 $PY - "$OUT" <<'PYEOF'
 import json, sys
@@ -36,9 +37,10 @@ for recipe in ("wo-gptq", "wo-rotate-gptq"):
         m = json.loads((out / f"{recipe}-{label}" / "metrics.json").read_text())
         print(f"| {recipe} | {m['device']} | {m['dtype']} | {m['ppl']['ppl']:.4f} | {m['ppl']['ppl'] - cpu:+.4f} | "
               f"{m['quant_time_s']:.1f} | {m.get('peak_gpu_gb', float('nan')):.2f} | {m['peak_rss_gb']:.2f} |")
+cpu = json.loads((out / "wo-gptq-cpu-float32" / "metrics.json").read_text())["ppl"]["ppl"]
 for multi in sorted(out.glob("wo-gptq-cuda-float32-x*/metrics.json")):
     m = json.loads(multi.read_text())
     print(f"| wo-gptq, {m['ranks']} GPUs (NCCL) | {m['device']} | {m['dtype']} | {m['ppl']['ppl']:.4f} | "
-          f"{m['ppl']['ppl'] - json.loads((out / 'wo-gptq-cpu-float32' / 'metrics.json').read_text())['ppl']['ppl']:+.4f} | "
-          f"{m['quant_time_s']:.1f} | {m.get('peak_gpu_gb', float('nan')):.2f} | {m['peak_rss_gb']:.2f} |")
+          f"{m['ppl']['ppl'] - cpu:+.4f} | {m['quant_time_s']:.1f} | {m.get('peak_gpu_gb', float('nan')):.2f} | "
+          f"{m['peak_rss_gb']:.2f} |")
 PYEOF

@@ -144,15 +144,16 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     acts = plan.activations
     needs_acts = any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
     calibrate = needs_acts or on_block_done is not None  # diagnostics measure the block output error
+    diag_windows = distributed.leading(DIAG_WINDOWS, plan.batch_size)  # this rank's of the windows diagnostics use
     if calibrate:  # diagnostics alone need only the windows they measure on
         inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids if needs_acts
-                                                    else calib_ids[:distributed.leading(DIAG_WINDOWS, plan.batch_size)], io.store)
+                                                    else calib_ids[:diag_windows], io.store)
     else:  # nothing reads activations: skip every forward pass
         inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
     start, inputs, fp_inputs, args, kwargs = io.begin(mctx, inputs, fp_inputs, args, kwargs)
     # (after a resume the diagnostics' FP path restarts from the resumed block's inputs)
-    diag_fp = inputs[:distributed.leading(DIAG_WINDOWS, plan.batch_size)] if on_block_done is not None and fp_inputs is None else None
+    diag_fp = inputs[:diag_windows] if on_block_done is not None and fp_inputs is None else None
     blocks = adapter.blocks(model)
     for i in tqdm(range(start, len(blocks)), desc="compressing blocks", disable=not progress,
                   initial=start, total=len(blocks)):

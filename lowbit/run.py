@@ -278,8 +278,8 @@ def shard_windows(calib_ids: torch.Tensor, batch: int) -> torch.Tensor:
     n, unit = calib_ids.shape[0], distributed.world_size() * batch
     if distributed.active() and n % unit:
         raise LowbitError(f"calibration n_samples {n} does not split into whole batches of {batch} over "
-                          f"{distributed.world_size()} ranks: use a multiple of {unit} "
-                          f"(e.g. --set calibration.n_samples={n + unit - n % unit}) or a smaller calibration.batch_size")
+                          f"{distributed.world_size()} ranks: use a multiple of {unit} (e.g. --set "
+                          f"calibration.n_samples={n + unit - n % unit}) or a smaller calibration.batch_size")
     return distributed.shard(calib_ids, batch)
 
 

@@ -189,7 +189,8 @@ def input_sq_norms(bctx: "BlockContext") -> dict[str, torch.Tensor]:
         sums[rel] = sums[rel] + sq if rel in sums else sq
 
     bctx.collect(list(bctx.linears()), add, stop_early=True)
-    return {rel: distributed.reduce(sums.get(rel, lin.weight.new_zeros(lin.weight.shape[1], dtype=torch.float32))) for rel, lin in bctx.linears().items()}
+    return {rel: distributed.reduce(sums.get(rel, lin.weight.new_zeros(lin.weight.shape[1], dtype=torch.float32)))
+            for rel, lin in bctx.linears().items()}
 
 
 def detect_pattern(masks: dict[str, torch.Tensor]) -> str:

@@ -111,7 +111,7 @@ def test_two_ranks_equal_one_process(tiny_dirs, text, tmp_path):
     assert alphas(out) == alphas(single.out_dir) and alphas(out)  # the same alpha chosen at every site
     assert abs(metrics["ppl"]["ppl"] - single.metrics["ppl"]["ppl"]) < 1e-3 * single.metrics["ppl"]["ppl"]
     assert metrics["ppl"]["tokens"] == single.metrics["ppl"]["tokens"]
-    a, b = load_file(str(single.out_dir / "model" / "model.safetensors")), load_file(str(out / "model" / "model.safetensors"))
+    a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (single.out_dir, out))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)

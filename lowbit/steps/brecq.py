@@ -75,7 +75,8 @@ class BRECQ(Step):
         if self.init is not None:
             self.init.before_blocks(ctx)
         if self.args.fisher:
-            self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ctx.calib_ids[:distributed.leading(self.args.n_samples, ctx.plan.batch_size)])
+            ids = ctx.calib_ids[:distributed.leading(self.args.n_samples, ctx.plan.batch_size)]
+            self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ids)
 
     def on_block(self, ctx: BlockContext) -> None:
         reconstruct_block(ctx, self.args, self.init, quantize_acts=ctx.plan.activations is not None,

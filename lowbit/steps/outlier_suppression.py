@@ -98,6 +98,6 @@ def token_extremes(ctx: BlockContext, rel: str) -> tuple[torch.Tensor, torch.Ten
 
     with ctx.act_quant(False):
         ctx.collect([rel], fn)
-    windows = ctx.q_inputs.shape[0]  # every rank's tokens, for quantiles over all of them
-    return tuple(distributed.gather(torch.cat(t).reshape(windows, -1), ctx.plan.batch_size).reshape(-1) for t in (mins, maxs))
+    windows, bs = ctx.q_inputs.shape[0], ctx.plan.batch_size  # every rank's tokens, for quantiles over all of them
+    return tuple(distributed.gather(torch.cat(t).reshape(windows, -1), bs).reshape(-1) for t in (mins, maxs))
 
