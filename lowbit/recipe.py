@@ -137,13 +137,34 @@ class CalibrationConfig(_Strict):
     batch_size: int = Field(8, gt=0)
 
 
+DEFAULT_TEXTS = ["wikitext2", "lambada"]  # in domain (the calibration text's) and out of domain (novels)
+
+
 class EvaluationConfig(_Strict):
-    data: str = "wikitext2"
+    """Perplexity on one text or several (each scored on its own; seq_len and max_tokens apply to each)."""
+
+    data: str | list[str] = DEFAULT_TEXTS
     split: str = "test"
     seq_len: int = Field(2048, gt=1)
     max_tokens: int | None = Field(32768, gt=1)
     batch_size: int = Field(1, gt=0)
     baseline: bool = True  # also evaluate the uncompressed model (cached per model and settings)
+
+    @field_validator("data")
+    @classmethod
+    def _texts(cls, value: str | list[str]) -> str | list[str]:
+        """A list names each text once, at least one."""
+        if isinstance(value, list) and (not value or len(set(value)) < len(value)):
+            raise ValueError(f"evaluation.data lists {value}: give at least one text, each once")
+        return value
+
+    def texts(self) -> list[str]:
+        """The evaluation texts in order; the first is the one `ppl` in metrics.json reports."""
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    def for_text(self, text: str) -> "EvaluationConfig":
+        """These settings for one of the texts."""
+        return self.model_copy(update={"data": text})
 
 
 class StepConfig(_Strict):

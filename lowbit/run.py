@@ -19,7 +19,7 @@ from torch import nn
 from lowbit import __version__
 from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
-from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
+from lowbit.data import SHIPPED, calibration_windows, eval_windows, load_text, tokenize
 from lowbit import streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
@@ -62,6 +62,7 @@ class Streamed:
 
 def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True,
                  streamed: Streamed | None = None) -> dict:
+    """Perplexity on `cfg`'s one text."""
     tokens = tokenize(tokenizer, load_text(cfg.data, cfg.split))
     windows = eval_windows(tokens, cfg.seq_len, cfg.max_tokens)
     if streamed is not None:
@@ -70,33 +71,52 @@ def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, 
     return perplexity(model, windows, cfg.batch_size, progress=progress, desc=desc).to_dict()
 
 
-def _baseline_key(model_path: str, recipe: Recipe) -> str:
-    """Identify an FP baseline by model files, eval settings, dtype and library versions."""
-    parts = [model_path, recipe.dtype, recipe.evaluation.model_dump_json(), torch.__version__]
+def evaluate_texts(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True,
+                   streamed: Streamed | None = None) -> dict[str, dict]:
+    """Perplexity on each of `cfg`'s texts, by text."""
+    return {text: evaluate_ppl(model, tokenizer, cfg.for_text(text), f"{desc} {text}", progress, streamed)
+            for text in cfg.texts()}
+
+
+def text_metrics(key: str, by_text: dict[str, dict]) -> dict:
+    """metrics.json entries for one model's perplexities: `key` (the first text, as before) and `key`_texts."""
+    return {key: next(iter(by_text.values())), f"{key}_texts": by_text}
+
+
+def _baseline_key(model_path: str, recipe: Recipe, cfg: EvaluationConfig) -> str:
+    """Identify an FP baseline by model files, eval settings of one text, dtype and library versions."""
+    parts = [model_path, recipe.dtype, cfg.model_dump_json(), torch.__version__]
     path = Path(model_path)
     if path.is_dir():
         for f in sorted(path.glob("*")):
             if f.suffix in (".json", ".safetensors", ".bin"):
                 st = f.stat()
                 parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    if recipe.evaluation.data != "wikitext2":
-        data = Path(recipe.evaluation.data)
+    if cfg.data not in SHIPPED:
+        data = Path(cfg.data)
         parts.append(f"{data.stat().st_mtime_ns}" if data.exists() else "")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, progress: bool,
-                 streamed: Streamed | None = None) -> dict:
-    """Perplexity of the uncompressed model, cached on disk since it is the same for every recipe."""
+                 streamed: Streamed | None = None) -> dict[str, dict]:
+    """Perplexity of the uncompressed model on each evaluation text, by text."""
+    return {text: _baseline_text(model, tokenizer, model_path, recipe, recipe.evaluation.for_text(text), progress,
+                                 streamed) for text in recipe.evaluation.texts()}
+
+
+def _baseline_text(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, cfg: EvaluationConfig,
+                   progress: bool, streamed: Streamed | None) -> dict:
+    """Perplexity of the uncompressed model on one text, cached on disk since it is the same for every recipe."""
     cache = cache_dir() / "baselines"
-    key_file = cache / f"{_baseline_key(model_path, recipe)}.json"
+    key_file = cache / f"{_baseline_key(model_path, recipe, cfg)}.json"
     try:
         result = json.loads(key_file.read_text(encoding="utf-8"))
         if isinstance(result, dict) and "ppl" in result:
             return {**result, "cached": True}
     except (OSError, ValueError):
         pass  # missing or damaged: evaluate again and rewrite it
-    result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress, streamed)
+    result = evaluate_ppl(model, tokenizer, cfg, f"perplexity (FP) {cfg.data}", progress, streamed)
     try:
         cache.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(cache)
@@ -287,8 +307,9 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
                      "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream}
     if recipe.evaluation and recipe.evaluation.baseline:
         source = Streamed(reader, dtype, device) if stream else None
-        metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress, source)
-        log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
+        metrics |= text_metrics("ppl_fp", baseline_ppl(model, tokenizer, model_path, recipe, progress, source))
+        for text, res in metrics["ppl_fp_texts"].items():
+            log.info("FP perplexity %.4f over %d tokens of %s", res["ppl"], res["tokens"], text)
 
     cal = recipe.calibration
     cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
@@ -329,9 +350,10 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
 
         if recipe.evaluation:
             source = Streamed(streaming.ShardReader(out_model), dtype, device, state) if stream else None
-            metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress,
-                                          source)
-            log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
+            metrics |= text_metrics("ppl", evaluate_texts(model, tokenizer, recipe.evaluation,
+                                                          "perplexity (compressed)", progress, source))
+            for text, res in metrics["ppl_texts"].items():
+                log.info("compressed perplexity %.4f on %s", res["ppl"], text)
     if staging is not None:
         try:
             save_run(staging, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
