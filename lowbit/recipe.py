@@ -129,12 +129,47 @@ class BudgetConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    data: str = "wikitext2"
+    """Where the calibration windows come from: one source, or a weighted mix of sources ([{wikitext2: 0.5},
+    {lambada: 0.5}]); a source is a text (see `lowbit.data.load_text`) or `self` (text the model writes)."""
+
+    data: str | list[dict[str, float]] = "wikitext2"
     split: str = "validation"
     n_samples: int = Field(64, gt=0)
     seq_len: int = Field(512, gt=1)
     seed: int = 0
     batch_size: int = Field(8, gt=0)
+
+    @field_validator("data")
+    @classmethod
+    def _mix(cls, value: str | list[dict[str, float]]) -> str | list[dict[str, float]]:
+        """A mix lists each source once as {name: weight}, weights > 0 summing to 1."""
+        if isinstance(value, str):
+            return value
+        if not value or any(len(item) != 1 for item in value):
+            raise ValueError("a calibration mix is a list of one-key entries {source: weight}, e.g. "
+                             "[{wikitext2: 0.5}, {lambada: 0.5}]")
+        names = [name for item in value for name in item]
+        if len(set(names)) < len(names):
+            raise ValueError(f"calibration mix names a source twice ({', '.join(names)}): list each once")
+        weights = [w for item in value for w in item.values()]
+        if any(not w > 0 for w in weights):
+            raise ValueError(f"calibration mix weights must be > 0, got {weights}")
+        if abs(sum(weights) - 1) > 1e-6:
+            raise ValueError(f"calibration mix weights sum to {sum(weights):g}, not 1: rescale them")
+        return value
+
+    def mix(self) -> list[tuple[str, float]]:
+        """(source, weight) pairs; one source has weight 1."""
+        if isinstance(self.data, str):
+            return [(self.data, 1.0)]
+        return [(name, w) for item in self.data for name, w in item.items()]
+
+    def text(self, why: str) -> str:
+        """The one calibration text, for uses that need held-out windows of it (`why` says which)."""
+        if not isinstance(self.data, str) or self.data == "self":
+            raise LowbitError(f"{why} needs one calibration text, not {self.data!r}: set calibration.data to a text "
+                              f"such as wikitext2")
+        return self.data
 
 
 DEFAULT_TEXTS = ["wikitext2", "lambada"]  # in domain (the calibration text's) and out of domain (novels)

@@ -19,7 +19,8 @@ from torch import nn
 from lowbit import __version__
 from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
-from lowbit.data import SHIPPED, calibration_windows, eval_windows, load_text, tokenize
+from lowbit.calibration import calibration_set
+from lowbit.data import SHIPPED, eval_windows, load_text, tokenize
 from lowbit import streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
@@ -312,12 +313,12 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
             log.info("FP perplexity %.4f over %d tokens of %s", res["ppl"], res["tokens"], text)
 
     cal = recipe.calibration
-    cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
-    calib_ids = calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed)
+    calib_ids = calibration_set(model, tokenizer, model_path, cal, progress)
     if recipe.budget is not None:
         if stream:
             raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
                               "streaming (stream: false)")
+        cal_tokens = tokenize(tokenizer, load_text(cal.text("budget"), cal.split))
         recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
         plan = recipe.plan()
         metrics["weights"] = allocation.describe()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.data import calibration_windows, load_text, tokenize
+from lowbit.calibration import calibration_set
 from lowbit.diagnostics import DIAG_WINDOWS, rel_error
 from lowbit.errors import LowbitError
 from lowbit.loading import load_model, resolve_model_path
@@ -34,9 +34,8 @@ from lowbit.state import QuantState, WeightRecord
 
 def windows(recipe_path: str, out: str) -> None:
     recipe = load_recipe(recipe_path, [])
-    _, tokenizer = load_model(recipe.model)
-    cal = recipe.calibration
-    ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples, cal.seq_len, cal.seed)
+    model, tokenizer = load_model(recipe.model)
+    ids = calibration_set(model, tokenizer, resolve_model_path(recipe.model), recipe.calibration, progress=False)
     torch.save(ids, out)
     print(f"{tuple(ids.shape)} windows -> {out}; FP model folder: {resolve_model_path(recipe.model)}")
 
@@ -78,9 +77,8 @@ def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
     metrics |= text_metrics("ppl", evaluate_texts(model, tokenizer, recipe.evaluation, "perplexity (peer)",
                                                   progress=False))
 
-    cal = recipe.calibration
-    ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples, cal.seq_len,
-                              cal.seed)[:DIAG_WINDOWS]
+    ids = calibration_set(fp, tokenizer, resolve_model_path(recipe.model), recipe.calibration,
+                          progress=False)[:DIAG_WINDOWS]
     y_fp, y_q = _block_outputs(fp, get_adapter(fp), ids), _block_outputs(model, adapter, ids)
     fp_blocks = get_adapter(fp).blocks(fp)
     rows = []
