@@ -16,6 +16,7 @@ from lowbit.formats import NAMED_FORMATS, QuantSpec
 from lowbit.gguf_types import TYPES
 from lowbit.devices import DEVICE_PATTERN
 from lowbit.loading import EMBEDDED
+from lowbit.outer import OuterFormat
 from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
 
@@ -219,6 +220,8 @@ class Recipe(_Strict):
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
     activations: FormatConfig | None = None
     layers: dict[str, FormatConfig | None] = {}
+    head: FormatConfig | None = None  # the LM head's format (None: kept in 16 bits), see lowbit.outer
+    embedding: FormatConfig | None = None  # the input token embedding's format (per row = per token)
     steps: list[StepConfig] = [StepConfig(name="rtn")]
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig | None = EvaluationConfig()
@@ -282,6 +285,10 @@ class Recipe(_Strict):
             overrides=tuple((p, f.spec() if f else None) for p, f in self.layers.items()),
             batch_size=self.calibration.batch_size,
         )
+
+    def outer_formats(self) -> tuple[OuterFormat | None, OuterFormat | None]:
+        """The head's and the embedding's formats with their observers."""
+        return tuple(OuterFormat(f.spec(), f.observer) if f is not None else None for f in (self.head, self.embedding))
 
     def build_steps(self) -> list[Step]:
         steps = [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]

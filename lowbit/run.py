@@ -33,6 +33,7 @@ from lowbit.files import (_STAGING, check_utf8_path, publish, resumable, staging
                           write_error)
 from lowbit.loading import cache_dir, empty_model, load_model, load_skeleton, resolve_model_path
 from lowbit.models import get_adapter
+from lowbit.outer import check_outer, outer_targets, quantize_outer
 from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
@@ -135,6 +136,7 @@ def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
     empty = empty_model(recipe.model, resolve_dtype(recipe.dtype, resolve_model_path(recipe.model)))
     validate(empty, get_adapter(empty), plan)
+    check_outer(empty, get_adapter(empty), *recipe.outer_formats())
     params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
 
@@ -292,6 +294,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
     model_path = resolve_model_path(recipe.model)
     dtype = resolve_dtype(recipe.dtype, model_path)
     stream = use_streaming(recipe, model_path, dtype, steps)
+    if stream and any(recipe.outer_formats()):
+        raise LowbitError("head and embedding formats need the whole model in memory: set stream: false")
     reader = streaming.ShardReader(model_path) if stream else None
     if stream:
         model, tokenizer = load_skeleton(recipe.model, dtype)
@@ -334,6 +338,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter)
+        quantize_outer(model, adapter, outer_targets(model, adapter, *recipe.outer_formats()), state)
         if checkpoints is not None:  # every block is in the output now; the folder seals without them
             checkpoints.remove()
         metrics["quant_time_s"] = time.perf_counter() - start

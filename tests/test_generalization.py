@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ from lowbit.calibration import calibration_set, window_counts
 from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
+from lowbit.export.base import export_run
+from lowbit.formats import storage_bits
 from lowbit.loading import load_model
 from lowbit.recipe import CalibrationConfig, parse_recipe
 from lowbit.report import results_table
 from lowbit.run import run_recipe
+from lowbit.runfolder import load_run
 
 EVAL = {"seq_len": 64, "max_tokens": 256}
 
@@ -144,3 +148,55 @@ def test_mix_too_small_and_budget_without_one_text_are_errors(tiny_dirs, tokeniz
         cal.text("budget")
     with pytest.raises(LowbitError, match="evaluation.data lists"):
         parse_recipe({"evaluation": {"data": ["wikitext2", "wikitext2"]}})
+
+
+# --- the head and the embedding at equal size after a rotation unties them ---
+
+W8 = {"bits": 8, "symmetric": True, "granularity": "channel"}
+ROTATED = {"threads": 1, "evaluation": None, "calibration": {"n_samples": 4, "seq_len": 64},
+           "weights": {"bits": 4, "symmetric": True, "granularity": "group", "group_size": 32},
+           "steps": [{"rotate": {"online_down": False}}, "gptq"]}
+
+
+def test_rotated_head_and_embedding_in_8_bits_are_counted_and_reload(tiny_llama, tmp_path):
+    base = run_recipe(parse_recipe({**ROTATED, "model": str(tiny_llama), "save": False}), progress=False)
+    out = tmp_path / "run"
+    result = run_recipe(parse_recipe({**ROTATED, "model": str(tiny_llama), "head": W8, "embedding": W8}), out,
+                        progress=False)
+    model, state = result.model, result.state
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # the rotation untied them
+    for name, module in (("lm_head", model.lm_head), ("model.embed_tokens", model.model.embed_tokens)):
+        codes = state.weights[name].codes(module.weight, name)
+        assert codes.abs().max() <= 127 and codes.abs().max() >= 100  # 8-bit symmetric, range used per row
+        assert state.weights[name].scale.numel() == module.weight.shape[0]  # one scale per token row
+    spec = state.weights["lm_head"].spec
+    saved = 2 * (model.lm_head.weight.numel() * 16 - storage_bits(spec, tuple(model.lm_head.weight.shape))) / 8
+    assert (base.metrics["size_mb"] - result.metrics["size_mb"]) * 1e6 == pytest.approx(saved, rel=1e-9)
+    reloaded, _, loaded_state = load_run(out)
+    assert set(loaded_state.weights) >= {"lm_head", "model.embed_tokens"}
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        # and the quantized head is close to the rotated FP head: output within 8-bit rounding of the logits
+        ref = base.model(ids).logits
+    assert (model(ids).logits - ref).abs().max() < 0.05 * ref.abs().max()
+    with pytest.raises(LowbitError, match="compressed-tensors stores quantized linear layers only"):
+        export_run(out, "compressed-tensors")
+
+
+def test_tied_head_takes_one_format_for_both_names(tiny_llama):
+    recipe = {"model": str(tiny_llama), "threads": 1, "evaluation": None, "save": False,
+              "calibration": {"n_samples": 2, "seq_len": 64}}
+    fp = run_recipe(parse_recipe(recipe), progress=False)
+    result = run_recipe(parse_recipe({**recipe, "head": W8}), progress=False)
+    model = result.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert {"lm_head", "model.embed_tokens"} <= set(result.state.weights)
+    shape = tuple(model.lm_head.weight.shape)
+    saved = (math.prod(shape) * 16 - storage_bits(result.state.weights["lm_head"].spec, shape)) / 8  # counted once
+    assert (fp.metrics["size_mb"] - result.metrics["size_mb"]) * 1e6 == pytest.approx(saved, rel=1e-9)
+    with pytest.raises(LowbitError, match="shares its weight with the embedding"):
+        run_recipe(parse_recipe({**recipe, "head": W8, "embedding": {**W8, "bits": 6}}), progress=False)
+    with pytest.raises(LowbitError, match="lm_head takes a weight format"):
+        run_recipe(parse_recipe({**recipe, "head": {"bits": 8, "granularity": "token", "dynamic": True}}),
+                   progress=False)
