@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Calibration data study of docs/results.md: the best recipe (rotation + GPTQ act-order + mse, head and embedding
+# 8-bit) and plain GPTQ, W4 g64 asymmetric, calibrated on each source (WikiText-2 validation, LAMBADA passages,
+# a half/half mix, text the model writes itself) with 16, 64 and 256 windows of 512 tokens; scored on WikiText-2
+# test and LAMBADA test, 8192 tokens each (2048-token windows).
+# Usage: bash benchmarks/calibration_study.sh [OUT_DIR [CELL ...]]   CELL = METHOD-SOURCE-WINDOWS, e.g. gptq-mix-64
+# (default: all 24 cells; folders that exist are kept). About 4-10 minutes a cell on one core (256 windows: up to
+# 20), plus sampling the self-generated text once per window count (cached: about 1 minute per 8 windows of 512).
+set -euo pipefail
+OUT=${1:-runs/calibration}
+shift || true
+LB=${LB:-.venv/bin/lowbit}
+declare -A RECIPE=([best]=wo-rotate-gptq-equal [gptq]=wo-gptq)
+declare -A SOURCE=([wikitext2]=wikitext2 [lambada]=lambada [mix]="[{wikitext2: 0.5}, {lambada: 0.5}]" [self]=self)
+CELLS=("$@")
+if [ ${#CELLS[@]} -eq 0 ]; then
+  for n in 16 64 256; do for m in best gptq; do for s in wikitext2 lambada mix self; do CELLS+=("$m-$s-$n"); done; done; done
+fi
+mkdir -p "$OUT"
+for cell in "${CELLS[@]}"; do
+  IFS=- read -r m s n <<< "$cell"
+  [ -d "$OUT/$cell" ] || "$LB" run "recipes/${RECIPE[$m]}.yaml" --set "calibration.data=${SOURCE[$s]}" \
+    --set calibration.n_samples="$n" --set name="$cell" --out "$OUT/$cell" --quiet
+done
+"$LB" report "$OUT"/*
