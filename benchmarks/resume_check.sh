@@ -6,22 +6,24 @@ set -eu
 OUT=${1:?output folder}
 PY=${PY:-python}
 mkdir -p "$OUT"
-rm -rf "$OUT/full" "$OUT/cut" "$OUT/cut.partial"
+rm -rf "$OUT/full" "$OUT/cut" "$OUT"/.cut.lowbit-partial.*
 SET=(--set threads=2 --set calibration.n_samples=16 --set evaluation.max_tokens=8192 --set evaluation.baseline=false)
 start=$(date +%s)
 $PY -m lowbit run recipes/wo-gptq.yaml "${SET[@]}" --out "$OUT/full" --quiet > "$OUT/full.txt"
 echo "uninterrupted: $(( $(date +%s) - start )) s"
 $PY -m lowbit run recipes/wo-gptq.yaml "${SET[@]}" --out "$OUT/cut" --quiet > "$OUT/cut.txt" 2>&1 &
 pid=$!
-while [ ! -d "$OUT/cut.partial/checkpoint/block-00015" ]; do
+partial() { ls -d "$OUT"/.cut.lowbit-partial.* 2>/dev/null | head -1; }  # the run's staging folder
+while [ -z "$(partial)" ] || [ ! -d "$(partial)/checkpoint/block-00015" ]; do
   kill -0 $pid 2>/dev/null || { echo "run ended before it could be killed"; exit 1; }
   sleep 0.2
 done
 kill -9 $pid; wait $pid 2>/dev/null || true
-echo "killed with SIGKILL after: $(ls "$OUT/cut.partial/checkpoint" | grep block-)"
-[ ! -e "$OUT/cut" ] && [ ! -e "$OUT/cut.partial/metrics.json" ] && echo "partial folder does not look finished: ok"
+P=$(partial)
+echo "killed with SIGKILL after: $(ls "$P/checkpoint" | grep block-)"
+[ ! -e "$OUT/cut" ] && [ ! -e "$P/metrics.json" ] && echo "partial folder does not look finished: ok"
 start=$(date +%s)
-$PY -m lowbit run recipes/wo-gptq.yaml "${SET[@]}" --resume "$OUT/cut.partial" --quiet > "$OUT/resumed.txt"
+$PY -m lowbit run recipes/wo-gptq.yaml "${SET[@]}" --resume "$P" --quiet > "$OUT/resumed.txt"
 echo "resume: $(( $(date +%s) - start )) s"
 for f in model/model.safetensors quant_state.safetensors quant_state.json; do
   cmp "$OUT/full/$f" "$OUT/cut/$f" && echo "$f byte-identical"

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from lowbit.activations import ActivationStore
 from lowbit.checkpoint import Checkpoints
 from lowbit.errors import LowbitError
 from lowbit.files import write_error
@@ -38,6 +39,11 @@ class BlockIO:
     checkpoints: Checkpoints | None = None
     resume: bool = False
     stop_after: int | None = None
+    store: ActivationStore | None = None  # where calibration activations live (default: on `device`)
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            self.store = ActivationStore("device", self.device)
 
     @property
     def streamed(self) -> bool:
@@ -57,8 +63,11 @@ class BlockIO:
             if not self.streamed:
                 for i, path in resumed.block_files.items():
                     streaming.load_tensors(mctx.model, load_file(str(path)), self.dtype)
-        return (start, to_device(inputs, self.device), to_device(fp_inputs, self.device),
-                to_device(args, self.device), to_device(kwargs, self.device))
+        if self.resume or self.store.place == "device":  # (captured inputs are already in an offload store)
+            same = fp_inputs is inputs
+            inputs = self.store.put(inputs)
+            fp_inputs = inputs if same else None if fp_inputs is None else self.store.put(fp_inputs)
+        return start, inputs, fp_inputs, to_device(args, self.device), to_device(kwargs, self.device)
 
     def load(self, mctx: "ModelContext", index: int) -> None:
         """Make block `index` resident on the device."""

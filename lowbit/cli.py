@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _placement(args: argparse.Namespace) -> list[str]:
     """--set overrides plus the placement flags (--device, --max-memory, --stream) as overrides."""
     sets = list(args.set or [])
-    for flag in ("device", "max_memory", "stream"):
+    for flag in ("device", "max_memory", "stream", "offload"):
         if getattr(args, flag, None) is not None:
             sets.append(f"{flag}={getattr(args, flag)}")
     return sets
@@ -60,6 +60,9 @@ def _add_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory", help="memory budget, e.g. 4GB or cpu=8GB,cuda:0=20GB")
     parser.add_argument("--stream", choices=["auto", "true", "false"],
                         help="one block in memory at a time, read from and written to disk")
+    parser.add_argument("--offload", choices=["auto", "none", "cpu", "disk"],
+                        help="where calibration activations live: auto (by the memory budget), none (on the "
+                             "device), cpu, or disk (memory-mapped)")
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lowbit.activations import ActivationStore
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, on_scale_grid
@@ -63,6 +64,7 @@ class ModelContext:
     state: QuantState
     calib_ids: torch.Tensor
     keep_fp_weights: bool = True  # keep each linear's weight before quantization (for block diagnostics)
+    store: ActivationStore = field(default_factory=ActivationStore)  # where calibration activations live
 
 
 def round_to_nearest(w: torch.Tensor, spec: QuantSpec, observer: str,
@@ -287,17 +289,31 @@ class BlockContext:
         finally:
             self.restore(snap)
 
+    def on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of (possibly offloaded) activations where the block computes."""
+        return self.model_ctx.store.to_device(x)
+
     def run(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """Block (or a replacement `module` with the same call signature) on one batch of inputs."""
-        out = (module or self.block)(x, *self.args, **self.kwargs)
+        out = (module or self.block)(self.on_device(x), *self.args, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches."""
+        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches, stored
+        where the run keeps activations."""
         x = self.q_inputs if x is None else x
         bs = batch_size or self.plan.batch_size
-        return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
+        store = self.model_ctx.store
+        if store.place == "device":
+            return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
+        out = None
+        for i in range(0, x.shape[0], bs):
+            y = self.run(x[i: i + bs])
+            if out is None:
+                out = store.empty((x.shape[0], *y.shape[1:]), y.dtype)
+            out[i: i + bs] = y
+        return out if out is not None else store.empty(tuple(x.shape), x.dtype)
 
     @torch.no_grad()
     def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.activations import ActivationStore
 from lowbit.actquant import ActQuantizer
 from lowbit.blockio import BlockIO
 from lowbit.diagnostics import DIAG_WINDOWS, BlockReport, block_report
@@ -69,8 +70,10 @@ class _Catcher(nn.Module):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
-    """Inputs of the first decoder block for each window, and the extra arguments the block is called with.
+def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor,
+                         store: ActivationStore | None = None) -> tuple[torch.Tensor, tuple, dict]:
+    """Inputs of the first decoder block for each window (in `store`, default: a CPU tensor), and the extra
+    arguments the block is called with.
 
     Windows run one at a time so captured arguments (masks, rotary embeddings) have batch size 1 and
     broadcast over any batch the pipeline later forms.
@@ -78,15 +81,23 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor) 
     blocks = adapter.blocks(model)
     catcher = _Catcher(blocks[0])
     blocks[0] = catcher
+    inputs = None
     try:
-        for row in ids:
+        for k, row in enumerate(ids):
             try:
                 model(row[None], use_cache=False)
             except StopForward:
                 pass
+            if store is not None and store.place != "device":  # offloaded: never all windows in host memory
+                h = catcher.hidden.pop()
+                if inputs is None:
+                    inputs = store.empty((len(ids), *h.shape[1:]), h.dtype)
+                inputs[k: k + 1] = h
     finally:
         blocks[0] = catcher.block
-    return torch.cat(catcher.hidden), catcher.args, catcher.kwargs
+    if inputs is None:
+        inputs = torch.cat(catcher.hidden)
+    return inputs, catcher.args, catcher.kwargs
 
 
 def install_act_quantizers(ctx: BlockContext) -> None:
@@ -115,7 +126,8 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     validate_order(steps)
     io = io or BlockIO()
     validate(model, adapter, plan)
-    mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids, keep_fp_weights=on_block_done is not None)
+    mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids, keep_fp_weights=on_block_done is not None,
+                        store=io.store)
     rounds = rounding_plan(steps)
     for step in steps:
         step.before_blocks(mctx)
@@ -124,7 +136,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     calibrate = needs_acts or on_block_done is not None  # diagnostics measure the block output error
     if calibrate:  # diagnostics alone need only the windows they measure on
         inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids if needs_acts
-                                                    else calib_ids[:DIAG_WINDOWS])
+                                                    else calib_ids[:DIAG_WINDOWS], io.store)
     else:  # nothing reads activations: skip every forward pass
         inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None

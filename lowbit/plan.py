@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from lowbit.activations import choose_place
 from lowbit.errors import LowbitError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -73,6 +74,7 @@ class Plan:
     peak: dict[str, int]  # device -> bytes
     budget: dict[str, int]  # device -> bytes (given or free now)
     disk_bytes: int
+    offload: str = "device"  # where calibration activations live: device | cpu | disk (lowbit.activations)
     probe: dict | None = None  # windows -> seconds for one block
     estimate_s: float | None = None
 
@@ -119,26 +121,36 @@ def plan_run(recipe, probe: bool = True, progress: bool = False) -> Plan:
         if streamed:
             evaluation += windows * ev.seq_len * hidden * item
     weights = rest_bytes + (block_bytes if streamed else len(blocks) * block_bytes)
-    compute = activation_bytes + work_bytes + (block_bytes if streamed else 0)  # on the device
-    if streamed:  # phases: capture (embeddings), block loop (rest freed), evaluation (rest + one block)
-        host = max(rest_bytes + activation_bytes, block_bytes, rest_bytes + block_bytes + evaluation)
-    else:
-        host = weights + evaluation
     on_gpu = device.type != "cpu"
-    peak = {"cpu": RUNTIME_BYTES + (host if on_gpu else max(host, compute + (0 if streamed else weights)))}
-    if on_gpu:
-        peak[str(device)] = compute + (block_bytes if not streamed else 0)
-    budget = {d: memory_budget(recipe.max_memory, torch.device(d)) for d in peak}
+    budget = {d: memory_budget(recipe.max_memory, torch.device(d)) for d in ["cpu"] + [str(device)] * on_gpu}
+
+    def peaks(acts_on_device: int, acts_on_host: int) -> dict[str, int]:
+        compute = acts_on_device + work_bytes + (block_bytes if streamed else 0)  # on the device
+        if streamed:  # phases: capture (embeddings), block loop (rest freed), evaluation (rest + one block)
+            host = max(rest_bytes + acts_on_host, block_bytes + acts_on_host, rest_bytes + block_bytes + evaluation)
+        else:
+            host = weights + acts_on_host + evaluation
+        peak = {"cpu": RUNTIME_BYTES + (host if on_gpu else max(host, compute + (0 if streamed else weights)))}
+        if on_gpu:
+            peak[str(device)] = compute + (block_bytes if not streamed else 0)
+        return peak
+
+    without = peaks(0, 0)  # everything but the activations
+    host_room = budget["cpu"] - without["cpu"]
+    place = choose_place(recipe.offload, device, activation_bytes,
+                         budget[str(device)] - without[str(device)] if on_gpu else host_room, host_room)
+    peak = peaks(activation_bytes * (place == "device"), activation_bytes * (place == "cpu" and on_gpu))
     disk = weights + (len(blocks) - 1) * block_bytes * streamed + 2 * activation_bytes
     disk += 0 if streamed else len(blocks) * block_bytes  # checkpointed blocks of an in-memory run
+    disk += activation_bytes * (place == "disk")
     plan = Plan(recipe.model, str(dtype).removeprefix("torch."), str(device), streamed, len(blocks), block_bytes,
-                rest_bytes, activation_bytes, work_bytes, peak, budget, disk)
+                rest_bytes, activation_bytes, work_bytes, peak, budget, disk, place)
     if recipe.max_memory:
         for d, need in peak.items():
             if need > budget[d]:
                 raise LowbitError(f"the run needs about {need / 1e9:.1f} GB on {d} but --max-memory allows "
-                                  f"{budget[d] / 1e9:.1f} GB: set stream: true, fewer calibration samples or a "
-                                  f"smaller calibration.batch_size, or raise the budget")
+                                  f"{budget[d] / 1e9:.1f} GB: set stream: true, offload: disk, fewer calibration "
+                                  f"samples or a smaller calibration.batch_size, or raise the budget")
     if probe and streamed:
         plan.probe = {w: probe_block(recipe, w, progress) for w in (1, 2)}
         slope = plan.probe[2] - plan.probe[1]
@@ -188,8 +200,9 @@ def plan_table(plan: Plan) -> str:
     lines = [f"model {plan.model}: {plan.blocks} blocks of {plan.block_bytes / gb:.2f} GB, embeddings/norm/head "
              f"{plan.rest_bytes / gb:.2f} GB, {plan.dtype} on {plan.device}, "
              f"{'one block in memory at a time (streamed)' if plan.streamed else 'whole model in memory'}",
-             f"calibration activations {plan.activation_bytes / gb:.2f} GB, per-block work (forward batch, solver) "
-             f"{plan.work_bytes / gb:.2f} GB",
+             f"calibration activations {plan.activation_bytes / gb:.2f} GB "
+             f"({'on the device' if plan.offload == 'device' else 'offloaded to ' + plan.offload}), "
+             f"per-block work (forward batch, solver) {plan.work_bytes / gb:.2f} GB",
              "| device | peak memory GB (estimate) | budget GB |", "|---|---|---|"]
     for d, need in plan.peak.items():
         lines.append(f"| {d} | {need / gb:.2f} | {plan.budget[d] / gb:.2f} |")

@@ -215,6 +215,7 @@ class Recipe(_Strict):
     device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto: the first GPU if any, else cpu
     stream: bool | Literal["auto"] = "auto"  # one block in memory at a time, from and to disk (auto: if too big)
     max_memory: str | None = None  # budget per device, e.g. "4GB" or "cpu=8GB,cuda:0=20GB" (see lowbit.plan)
+    offload: Literal["auto", "none", "cpu", "disk"] = "auto"  # calibration activations: auto = by the budget
     threads: int | None = Field(None, gt=0, le=MAX_THREADS)
     seed: int = 0
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)

@@ -320,10 +320,12 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, init: "Step | Non
                 (drop_activations(quantizers, drop, drop_gen) if drop is not None else contextlib.nullcontext()):
             def batch_loss(gen: torch.Generator) -> torch.Tensor:
                 idx = pick(q_in, gen, args.batch_size)
-                x = fp_in[idx] if use_fp_inputs else q_in[idx]
+                x = ctx.on_device(fp_in[idx] if use_fp_inputs else q_in[idx])
                 if drop is not None:
-                    x = torch.where(torch.rand(x.shape, generator=drop_gen) < drop, fp_in[idx], x)
-                return output_error(ctx.run(x), target[idx], None if weights is None else weights[idx], args.loss)
+                    mask = torch.rand(x.shape, generator=drop_gen).to(x.device) < drop
+                    x = torch.where(mask, ctx.on_device(fp_in[idx]), x)
+                w = None if weights is None else ctx.on_device(weights[idx])
+                return output_error(ctx.run(x), ctx.on_device(target[idx]), w, args.loss)
             history = optimize(list(mods.values()), batch_loss, args, steps_sizes, args.act_lr)
     finally:
         for s in steps_sizes:

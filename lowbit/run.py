@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lowbit import __version__
+from lowbit.activations import ActivationStore
 from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.calibration import calibration_set
@@ -200,10 +201,11 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
+    offload = recipe.offload if recipe.offload in ("cpu", "disk") else "device"
     if recipe.max_memory:
         from lowbit.plan import plan_run
 
-        plan_run(recipe, probe=False)  # refuses a budget the run cannot meet, before anything loads
+        offload = plan_run(recipe, probe=False).offload  # refuses a budget it cannot meet, before anything loads
     staging, block_log = None, None
     explicit = out_dir is not None
     if resume is not None:
@@ -216,7 +218,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         block_log = BlockLog(staging / "blocks.jsonl")
     handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, staging, progress, device, resume is not None, block_log)
+        result = _run(recipe, plan, steps, staging, progress, device, resume is not None, block_log, offload)
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
@@ -280,12 +282,13 @@ def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: li
 
 def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
     """What a checkpoint must match to be resumed: everything that changes the compressed weights."""
-    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory"})
+    data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory",
+                                              "offload"})
     return hashlib.sha256(json.dumps([data, model_path, stream], sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, progress: bool,
-         device: torch.device, resume: bool, block_log: BlockLog | None = None) -> RunResult:
+         device: torch.device, resume: bool, block_log: BlockLog | None = None, offload: str = "device") -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -334,7 +337,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         if stream:
             out_model.mkdir(exist_ok=True)
         checkpoints = Checkpoints(staging, fingerprint(recipe, model_path, stream)) if staging is not None else None
-        io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume)
+        io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume,
+                     store=ActivationStore(offload, device, staging))
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter)

@@ -182,10 +182,11 @@ def _interrupt_at(monkeypatch, index: int) -> None:
     monkeypatch.setattr(BlockIO, "load", load)
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path, monkeypatch, stream):
+@pytest.mark.parametrize("stream,offload", [(True, "none"), (False, "none"), (True, "disk")])
+def test_resume_after_interruption_equals_uninterrupted(sharded, tmp_path, monkeypatch, stream, offload):
     base = recipe(sharded, stream=stream, activations={"bits": 8, "granularity": "tensor"})
     full = run_recipe(parse_recipe(base), tmp_path / "full", progress=False)
+    base["offload"] = offload  # where activations live changes nothing, before or after the resume
     with monkeypatch.context() as m:
         _interrupt_at(m, 2)
         with pytest.raises(KeyboardInterrupt):
@@ -306,3 +307,44 @@ def test_budget_that_cannot_be_met_is_refused(sharded, tmp_path, capsys):
     assert err.startswith("lowbit: error: the run needs about") and "--max-memory allows 0.1 GB" in err
     assert main(["run", str(recipe_file), "--max-memory", "cpu=100MB", "--out", str(tmp_path / "out")]) == 2
     assert "--max-memory" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps", [["gptq"], [{"lwc": {"epochs": 1}}], [{"qdrop": {"iters": 4, "n_samples": 4}}]])
+@pytest.mark.parametrize("stream", [True, False])
+def test_offloaded_activations_give_the_same_run(sharded, tmp_path, steps, stream):
+    """Calibration activations memory-mapped on disk: the same weights and perplexity as kept in memory."""
+    base = recipe(sharded, steps=steps, stream=stream)
+    if steps[0] != "gptq":
+        base["activations"] = {"bits": 8, "granularity": "tensor"}
+    mem = run_recipe(parse_recipe({**base, "offload": "none"}), tmp_path / "mem", progress=False)
+    disk = run_recipe(parse_recipe({**base, "offload": "disk"}), tmp_path / "disk", progress=False)
+    if stream:
+        assert_same_weights(tmp_path / "mem", tmp_path / "disk")
+    assert disk.metrics["ppl"]["ppl"] == mem.metrics["ppl"]["ppl"]
+    assert not list(tmp_path.glob("**/lowbit-acts-*"))  # mapped files are unlinked at once
+
+
+def test_disk_store_is_a_file_mapping():
+    from lowbit.activations import ActivationStore
+
+    before = Path("/proc/self/maps").read_text().count("lowbit-acts-")
+    x = ActivationStore("disk").empty((64, 128), torch.float32)
+    x[3] = 7.0
+    assert Path("/proc/self/maps").read_text().count("lowbit-acts-") == before + 1  # backed by an unlinked file
+    assert float(x.sum()) == 7.0 * 128  # zero-filled elsewhere
+    y = ActivationStore("disk").put(torch.arange(6.0).view(2, 3))
+    assert torch.equal(y, torch.arange(6.0).view(2, 3))
+
+
+def test_budget_offloads_activations_instead_of_refusing(sharded, tmp_path):
+    from lowbit.plan import plan_run
+
+    base = recipe(sharded, stream=True, calibration={"data": str(TEXT), "n_samples": 512, "seq_len": 32})
+    roomy = plan_run(parse_recipe(base), probe=False)
+    assert roomy.offload == "device"
+    need_without = roomy.peak["cpu"] - roomy.activation_bytes
+    tight = {**base, "max_memory": f"cpu={need_without + roomy.activation_bytes // 2}"}
+    plan = plan_run(parse_recipe(tight), probe=False)
+    assert plan.offload == "disk" and plan.peak["cpu"] <= plan.budget["cpu"]
+    with pytest.raises(LowbitError, match="offload: disk"):
+        plan_run(parse_recipe({**tight, "offload": "none"}), probe=False)

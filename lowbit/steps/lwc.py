@@ -49,15 +49,16 @@ class ClippedWeight(nn.Module):
         self.low = nn.Parameter(torch.full((n,), init))
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = group_view(w, self.spec)
+        g = group_view(w.float(), self.spec)
         scale, zero = clipped_qparams(g.amin(-1) * torch.sigmoid(self.low), g.amax(-1) * torch.sigmoid(self.up),
                                       self.spec)
         shape = params_shape(w, self.spec)
         return scale.reshape(shape), zero.reshape(shape)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Q(W) computed in float32, returned in the weight's own dtype (a bf16 model stays bf16)."""
         scale, zero = self.qparams(w)
-        return fake_quant(w, scale, zero, self.spec)
+        return fake_quant(w.float(), scale, zero, self.spec).to(w.dtype)
 
 
 @register_step
@@ -100,7 +101,7 @@ class LWC(Step):
         with torch.enable_grad():
             for _ in range(a.epochs):
                 for idx in torch.randperm(x.shape[0], generator=gen).split(a.batch_size):
-                    loss = output_error(ctx.run(x[idx]), y[idx], loss=a.loss)
+                    loss = output_error(ctx.run(x[idx]), ctx.on_device(y[idx]), loss=a.loss)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

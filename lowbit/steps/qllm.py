@@ -178,7 +178,7 @@ def lora_tune(ctx: BlockContext, rank: int, epochs: int, lr: float) -> None:
             with torch.enable_grad(), ctx.act_quant(True):
                 for _ in range(epochs):
                     for s in range(0, ctx.q_inputs.shape[0], bs):
-                        loss = (ctx.run(ctx.q_inputs[s: s + bs]) - ctx.fp_outputs[s: s + bs]).pow(2).mean()
+                        loss = (ctx.run(ctx.q_inputs[s: s + bs]) - ctx.on_device(ctx.fp_outputs[s: s + bs])).pow(2).mean()
                         opt.zero_grad()
                         loss.backward()
                         opt.step()
