@@ -27,12 +27,14 @@ class Selector(Protocol):
 
 
 class GPTQArgs(StepArgs):
-    damp: float = Field(0.01, ge=0)  # added to H's diagonal, as a fraction of its mean diagonal
+    # added to H's diagonal, as a fraction of its mean diagonal; 0.05 (GPTQModel's) generalizes better out of
+    # domain than 0.01 (docs/results.md, "Quality outside the calibration text")
+    damp: float = Field(0.05, ge=0)
     block_size: int = Field(128, gt=0)  # columns updated lazily together
     # quantize columns by decreasing H_ii: true (group parameters static, from the original weights) or group
     # (groups ordered by their largest H_ii and kept contiguous, each group's parameters from its compensated
     # weights when reached: GPTQModel's group-aware order)
-    act_order: bool | Literal["group"] = False
+    act_order: bool | Literal["group"] = "group"
     static_groups: bool = False  # group parameters from the original weights (always on with act_order)
     true_sequential: bool = False  # re-collect inputs after each group of linears is quantized (1.4x slower)
     observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
