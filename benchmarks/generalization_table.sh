@@ -32,7 +32,7 @@ for cell in "${CELLS[@]}"; do
   [ -d "$OUT/$cell" ] || "$LB" run "recipes/${RECIPE[$m]}.yaml" ${FORMAT[$f]} "${extra[@]}" \
     --set calibration.n_samples="$N" --set name="$cell" --out "$OUT/$cell" --quiet
 done
-runs=("$OUT"/*-w4g64 "$OUT"/*-w3g64)
+runs=("${CELLS[@]/#/$OUT/}")
 if [ -x "$VENVS/hqq/bin/python" ] || [ -x "$VENVS/gptqmodel/bin/python" ]; then
   MODEL=$("$PY" -c "from lowbit.loading import embedded_model_path; print(embedded_model_path())")
   recipe="$OUT/peer-recipe.yaml"  # the RTN recipe with this table's calibration count
