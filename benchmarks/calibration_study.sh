@@ -4,8 +4,10 @@
 # a half/half mix, text the model writes itself) with 16, 64 and 256 windows of 512 tokens; scored on WikiText-2
 # test and LAMBADA test, 8192 tokens each (2048-token windows).
 # Usage: bash benchmarks/calibration_study.sh [OUT_DIR [CELL ...]]   CELL = METHOD-SOURCE-WINDOWS, e.g. gptq-mix-64
-# (default: all 24 cells; folders that exist are kept). About 4-10 minutes a cell on one core (256 windows: up to
-# 20), plus sampling the self-generated text once per window count (cached: about 1 minute per 8 windows of 512).
+# (default: all 24 cells; folders that exist are kept). Cells with more windows take longer (256 windows: several
+# times a 16-window cell); the self cells first sample the model's own text, 512 tokens at a time for 8 sequences
+# per chunk, cached in $LOWBIT_CACHE/selfgen and shared by both methods and every window count (the 256-window cells
+# sample the 24 chunks the others have not). Run the 16- and 64-window cells first: CELLS as arguments.
 set -euo pipefail
 OUT=${1:-runs/calibration}
 shift || true
