@@ -1,7 +1,8 @@
 #!/bin/bash
 # GPU check: the embedded model's GPTQ W4 g64 (recipes/wo-gptq.yaml) and best W4 g64 recipe
 # (recipes/wo-rotate-gptq.yaml) on cuda (float32 and bfloat16) and on the CPU (float32): perplexity, compression
-# time, peak GPU memory, and the perplexity difference to the CPU run. Run from the repository root:
+# time, peak GPU memory, and the perplexity difference to the CPU run; with several GPUs, GPTQ W4 g64 once more
+# data-parallel over all of them (torchrun, NCCL). Run from the repository root:
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (PY=python interpreter, default python)
 set -eu
 OUT=${1:-runs/gpu-check}
@@ -16,6 +17,14 @@ for recipe in wo-gptq wo-rotate-gptq; do
       --out "$OUT/$recipe-$label" --quiet > "$OUT/$recipe-$label.txt"
   done
 done
+# Multi-GPU (NCCL): GPTQ W4 g64 data-parallel over every visible GPU (torchrun), to compare with the 1-GPU row.
+# It has not run yet: no machine with several GPUs was available.
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 2 ] && [ ! -d "$OUT/wo-gptq-cuda-float32-x$GPUS" ]; then
+  multi="$OUT/wo-gptq-cuda-float32-x$GPUS"
+  $PY -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m lowbit run recipes/wo-gptq.yaml \
+    --device cuda --set dtype=float32 --set threads=2 --out "$multi" --quiet > "$multi.txt"
+fi
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -28,4 +37,10 @@ for recipe in ("wo-gptq", "wo-rotate-gptq"):
         m = json.loads((out / f"{recipe}-{label}" / "metrics.json").read_text())
         print(f"| {recipe} | {m['device']} | {m['dtype']} | {m['ppl']['ppl']:.4f} | {m['ppl']['ppl'] - cpu:+.4f} | "
               f"{m['quant_time_s']:.1f} | {m.get('peak_gpu_gb', float('nan')):.2f} | {m['peak_rss_gb']:.2f} |")
+cpu = json.loads((out / "wo-gptq-cpu-float32" / "metrics.json").read_text())["ppl"]["ppl"]
+for multi in sorted(out.glob("wo-gptq-cuda-float32-x*/metrics.json")):
+    m = json.loads(multi.read_text())
+    print(f"| wo-gptq, {m['ranks']} GPUs (NCCL) | {m['device']} | {m['dtype']} | {m['ppl']['ppl']:.4f} | "
+          f"{m['ppl']['ppl'] - cpu:+.4f} | {m['quant_time_s']:.1f} | {m.get('peak_gpu_gb', float('nan')):.2f} | "
+          f"{m['peak_rss_gb']:.2f} |")
 PYEOF

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.formats import QuantSpec, fake_quant, minmax_qparams, qparams_from_range
 from lowbit.observers import Observer, observe
 
@@ -62,6 +63,10 @@ class ActQuantizer(nn.Module):
         """Freeze static parameters from what was observed (per-tensor range for static activations)."""
         self.calibrating = False
         if self.observer == "minmax":
+            if distributed.active():  # every rank's range, even one that saw no window
+                inf = torch.tensor(float("inf"))
+                self._lo = distributed.reduce(inf if self._lo is None else self._lo, "min")
+                self._hi = distributed.reduce(-inf if self._hi is None else self._hi, "max")
             if self._lo is None:
                 return
             self.set_range(self._lo, self._hi)

@@ -20,7 +20,7 @@ from lowbit.activations import ActivationStore
 from lowbit.checkpoint import Checkpoints
 from lowbit.errors import LowbitError
 from lowbit.files import write_error
-from lowbit import streaming
+from lowbit import distributed, streaming
 
 if TYPE_CHECKING:
     from lowbit.pipeline import BlockContext, ModelContext
@@ -58,7 +58,9 @@ class BlockIO:
         if self.resume:
             resumed = self.checkpoints.load()
             start = resumed.finished
-            inputs, fp_inputs = resumed.inputs.to(inputs.dtype), resumed.fp_inputs
+            bs = mctx.plan.batch_size  # a checkpoint holds every rank's windows: keep this rank's
+            inputs = distributed.shard(resumed.inputs, bs).to(inputs.dtype)
+            fp_inputs = None if resumed.fp_inputs is None else distributed.shard(resumed.fp_inputs, bs)
             _merge_state(mctx, resumed.state, start)
             if not self.streamed:
                 for i, path in resumed.block_files.items():
@@ -95,18 +97,22 @@ class BlockIO:
                     raise LowbitError(f"parameter {ctx.name}.{name} has non-finite values after compression; "
                                       f"not saving it")
             file = streaming.write_shard(self.out_dir, ctx.index, n + 1, streaming.module_tensors(model, names))
-            if self.checkpoints is not None:
+            if self.checkpoints is not None and distributed.is_main():
                 self.checkpoints.record_block(self.out_dir / file)
             streaming.free(ctx.block)
         else:
             if self.device.type != "cpu":
                 ctx.block.to("cpu")
-            if self.checkpoints is not None:
+            if self.checkpoints is not None and distributed.is_main():
                 directory = self.checkpoints.block_dir()
                 file = streaming.write_shard(directory, ctx.index, n + 1, streaming.module_tensors(model, names))
                 self.checkpoints.record_block(directory / file)
-        if self.checkpoints is not None:
-            self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state)
+        if self.checkpoints is not None:  # every rank's windows, in one checkpoint that rank 0 writes
+            bs = ctx.plan.batch_size
+            inputs = distributed.gather(inputs, bs)
+            fp_inputs = None if fp_inputs is None else distributed.gather(fp_inputs, bs)
+            if distributed.is_main():
+                self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state)
 
     def finish(self, model: torch.nn.Module, adapter) -> None:
         """Streamed: write the tensors outside the blocks (unchanged: streamed steps change only blocks) as the

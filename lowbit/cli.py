@@ -19,6 +19,7 @@ from lowbit.errors import CheckFailed, LowbitError
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
+    from lowbit import distributed
     from lowbit.recipe import load_recipe
     from lowbit.report import results_table
     from lowbit.run import run_recipe
@@ -31,8 +32,13 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
         print(plan_table(plan_run(recipe, probe=not args.no_probe, progress=not args.quiet)))
         return
-    result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet,
-                        resume=Path(args.resume) if args.resume else None)
+    try:
+        result = run_recipe(recipe, Path(args.out) if args.out else None, progress=not args.quiet,
+                            resume=Path(args.resume) if args.resume else None)
+        if not distributed.is_main():  # under torchrun rank 0 reports
+            return
+    finally:
+        distributed.shutdown()
     print(results_table([result.metrics]))
     if result.out_dir:
         print(f"saved to {result.out_dir}")

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.activations import ActivationStore
 from lowbit.actquant import ActQuantizer
 from lowbit.errors import LowbitError
@@ -300,9 +301,11 @@ class BlockContext:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches, stored
-        where the run keeps activations."""
+        """Block outputs for all calibration inputs `x` (default: the quantized-path inputs), in batches (no
+        inputs: none out, as on a rank that holds none of a search's windows)."""
         x = self.q_inputs if x is None else x
+        if x.shape[0] == 0:
+            return x.clone()
         bs = batch_size or self.plan.batch_size
         store = self.model_ctx.store
         if store.place == "device":
@@ -314,6 +317,16 @@ class BlockContext:
                 out = store.empty((x.shape[0], *y.shape[1:]), y.dtype)
             out[i: i + bs] = y
         return out if out is not None else store.empty(tuple(x.shape), x.dtype)
+
+    def first_windows(self, n: int | None, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs (default: quantized path) of the first `n` calibration windows of the run that this process
+        holds: all of them in a single process, its share under torchrun (see lowbit.distributed)."""
+        return (self.q_inputs if x is None else x)[:distributed.leading(n, self.plan.batch_size)]
+
+    def gathered_windows(self, n: int, x: torch.Tensor | None = None) -> torch.Tensor:
+        """The inputs (default: quantized path) of the first `n` calibration windows of the run, on every rank: for a
+        small search that needs every token at once (quantiles, sampled tokens) and then runs the same everywhere."""
+        return distributed.gather(self.first_windows(n, x), self.plan.batch_size)
 
     @torch.no_grad()
     def collect(self, rels: Sequence[str], fn: Callable[[str, torch.Tensor, torch.Tensor | None], None],

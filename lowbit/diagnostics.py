@@ -17,6 +17,7 @@ from typing import IO
 
 import torch
 
+from lowbit import distributed
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
@@ -49,7 +50,13 @@ def block_report(index: int, name: str, q_out: torch.Tensor, fp_out: torch.Tenso
     """The block's diagnostics from its outputs on both paths and its weights before and after quantization."""
     n = fp_out.shape[0]
     errors = {rel: rel_error(weights[rel], w) for rel, w in sorted(fp_weights.items())}
-    return BlockReport(index, name, rel_error(q_out[:n], fp_out), n, errors, seconds, peak_rss_gb())
+    if not distributed.active():
+        return BlockReport(index, name, rel_error(q_out[:n], fp_out), n, errors, seconds, peak_rss_gb())
+    ref = fp_out.float()  # under torchrun: the error over every rank's diagnostic windows
+    sums = distributed.reduce(torch.stack([(q_out[:n].float() - ref).pow(2).sum(), ref.pow(2).sum(),
+                                           torch.tensor(float(n))]).double())
+    error = (sums[0].sqrt() / sums[1].sqrt().clamp_min(1e-30)).item()
+    return BlockReport(index, name, error, int(sums[2]), errors, seconds, peak_rss_gb())
 
 
 class BlockLog:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit import distributed
 from lowbit.activations import ActivationStore
 from lowbit.actquant import ActQuantizer
 from lowbit.blockio import BlockIO
@@ -38,6 +39,14 @@ def validate(model: nn.Module, adapter: Adapter, plan: FormatPlan) -> None:
                 check_shape(linear.weight.shape, spec, name)
             if plan.activations is not None and plan.activations.granularity == "group":
                 check_shape(linear.weight.shape, plan.activations, f"the input of {name}")
+
+
+def check_data_parallel(plan: FormatPlan) -> None:
+    """Under torchrun, refuse what cannot be combined over ranks: static activation observers that keep samples."""
+    acts = plan.activations
+    if distributed.active() and acts is not None and not acts.dynamic and plan.act_observer != "minmax":
+        raise LowbitError(f"the {plan.act_observer} observer of static activations keeps random samples of one "
+                          f"process: use activations observer minmax under torchrun, or run in one process")
 
 
 def rounding_plan(steps: Sequence[Step]) -> tuple[bool, ...]:
@@ -124,6 +133,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     from lowbit.sparsity import check_masks, validate_order
 
     validate_order(steps)
+    check_data_parallel(plan)
     io = io or BlockIO()
     validate(model, adapter, plan)
     mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids, keep_fp_weights=on_block_done is not None,
@@ -134,15 +144,16 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     acts = plan.activations
     needs_acts = any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
     calibrate = needs_acts or on_block_done is not None  # diagnostics measure the block output error
+    diag_windows = distributed.leading(DIAG_WINDOWS, plan.batch_size)  # this rank's of the windows diagnostics use
     if calibrate:  # diagnostics alone need only the windows they measure on
         inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids if needs_acts
-                                                    else calib_ids[:DIAG_WINDOWS], io.store)
+                                                    else calib_ids[:diag_windows], io.store)
     else:  # nothing reads activations: skip every forward pass
         inputs, args, kwargs = torch.empty(0), (), {}
     fp_inputs = inputs if any(s.needs_fp_targets for s in steps) else None
     start, inputs, fp_inputs, args, kwargs = io.begin(mctx, inputs, fp_inputs, args, kwargs)
     # (after a resume the diagnostics' FP path restarts from the resumed block's inputs)
-    diag_fp = inputs[:DIAG_WINDOWS] if on_block_done is not None and fp_inputs is None else None
+    diag_fp = inputs[:diag_windows] if on_block_done is not None and fp_inputs is None else None
     blocks = adapter.blocks(model)
     for i in tqdm(range(start, len(blocks)), desc="compressing blocks", disable=not progress,
                   initial=start, total=len(blocks)):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit import distributed
 from lowbit.actquant import ActQuantizer
 from lowbit.context import BlockContext, frozen
 from lowbit.errors import LowbitError
@@ -224,6 +225,7 @@ def optimize(mods: list[SoftRounding], batch_loss: Callable[[torch.Generator], t
         loss = rec + lam * sum(m.regularizer(beta) for m in mods) if lam > 0 else rec
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(p for g in groups for p in g["params"])  # the same step on every rank
         opt.step()
         history.append(rec.item())
     return history
@@ -255,7 +257,7 @@ def reconstruct_layers(ctx: BlockContext, args: ReconArgs, init: "Step | None" =
     """AdaRound: each linear on its own output, in execution order, with inputs from the quantized path
     (so later layers see earlier layers' hardened weights); target = FP weight times the same input."""
     histories = {}
-    x_all = ctx.q_inputs[: args.n_samples]
+    x_all = ctx.first_windows(args.n_samples)
     rels = ctx.pending()
     initial = initial_rounding(ctx, rels, init)
     trained: list[SoftRounding] = []
@@ -305,14 +307,14 @@ def reconstruct_block(ctx: BlockContext, args: BlockReconArgs, init: "Step | Non
         raise LowbitError("block reconstruction needs FP targets: the step must set needs_fp_targets")
     rels = ctx.pending()
     n = args.n_samples
-    q_in, fp_in, target = ctx.q_inputs[:n], ctx.fp_inputs[:n], ctx.fp_outputs[:n]
+    q_in, fp_in, target = (ctx.first_windows(n, t) for t in (ctx.q_inputs, ctx.fp_inputs, ctx.fp_outputs))
     initial = initial_rounding(ctx, rels, init)
     quantizers = ctx.state.quantizers(ctx.name + ".") if quantize_acts else []
     if quantizers:
         ctx.calibrate_activations()
     steps_sizes = [q.scale for q in quantizers if q.scale is not None]
     drop_gen = torch.Generator().manual_seed(args.seed + 1)
-    weights = fisher[:n] if fisher is not None else None
+    weights = fisher[:distributed.leading(n, ctx.plan.batch_size)] if fisher is not None else None
     for s in steps_sizes:
         s.requires_grad_(True)
     try:

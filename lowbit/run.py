@@ -11,6 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -22,11 +23,11 @@ from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.calibration import calibration_set
 from lowbit.data import SHIPPED, eval_windows, load_text, tokenize
-from lowbit import streaming
+from lowbit import distributed, streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
 from lowbit.devices import resolve_device, resolve_dtype
-from lowbit.diagnostics import BlockLog, peak_rss_gb
+from lowbit.diagnostics import BlockLog, BlockReport, peak_rss_gb
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.eval.streamed import streamed_perplexity
@@ -115,11 +116,14 @@ def _baseline_text(model: nn.Module, tokenizer, model_path: str, recipe: Recipe,
     key_file = cache / f"{_baseline_key(model_path, recipe, cfg)}.json"
     try:
         result = json.loads(key_file.read_text(encoding="utf-8"))
-        if isinstance(result, dict) and "ppl" in result:
-            return {**result, "cached": True}
+        cached = isinstance(result, dict) and "ppl" in result
     except (OSError, ValueError):
-        pass  # missing or damaged: evaluate again and rewrite it
+        cached = False  # missing or damaged: evaluate again and rewrite it
+    if distributed.reduce_float(float(cached), "min"):  # under torchrun every rank evaluates or none does
+        return {**result, "cached": True}
     result = evaluate_ppl(model, tokenizer, cfg, f"perplexity (FP) {cfg.data}", progress, streamed)
+    if not distributed.is_main():
+        return {**result, "cached": False}
     try:
         cache.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(cache)
@@ -197,7 +201,11 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     took that name first. An interrupted run leaves at most a hidden staging folder that names its process; if it
     holds a block checkpoint (and the run was interrupted or crashed, not refused with an error), `resume` (that
     folder or the output folder) continues it from there."""
-    device = resolve_device(recipe.device)
+    device = distributed.init_from_env(resolve_device(recipe.device))
+    main = distributed.is_main()  # under torchrun only rank 0 writes the run folder, checkpoints and logs
+    progress = progress and main
+    if recipe.budget is not None and distributed.active():
+        raise LowbitError("budget measures sensitivities in one process: run budget recipes without torchrun")
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
@@ -208,17 +216,22 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         offload = plan_run(recipe, probe=False).offload  # refuses a budget it cannot meet, before anything loads
     staging, block_log = None, None
     explicit = out_dir is not None
-    if resume is not None:
+    if resume is not None and main:
         staging, out_dir = _resume_folder(Path(resume))
         explicit = True
-    elif recipe.save:
+    elif recipe.save and main:
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
     if staging is not None:
         block_log = BlockLog(staging / "blocks.jsonl")
     handler = _log_to(staging)
     try:
-        result = _run(recipe, plan, steps, staging, progress, device, resume is not None, block_log, offload)
+        folder = distributed.broadcast_text(None if staging is None else str(staging))  # checkpoints, on every rank
+        # every rank computes the block diagnostics (their sums are combined over ranks); rank 0 logs them
+        diagnose = block_log if main or folder is None else (lambda _report: None)
+        result = _run(recipe, plan, steps, staging, progress, device, resume is not None, diagnose,
+                      None if folder is None else Path(folder), offload)
+        distributed.barrier()  # every rank finished: only now may rank 0 publish
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
@@ -229,7 +242,8 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     except BaseException as exc:
         if staging is not None and staging.exists():
             block_log.close()
-            if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)):
+            if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)
+                                       or isinstance(exc, distributed.RankLost)):
                 # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
@@ -280,6 +294,18 @@ def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: li
     return size > memory_budget(recipe.max_memory, torch.device("cpu")) / 2
 
 
+def shard_windows(calib_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """This rank's calibration windows under torchrun: whole forward batches, as many on every rank (so each rank
+    computes its batches exactly as one process would, and learned steps take as many optimizer steps everywhere);
+    all of them in a single process."""
+    n, unit = calib_ids.shape[0], distributed.world_size() * batch
+    if distributed.active() and n % unit:
+        raise LowbitError(f"calibration n_samples {n} does not split into whole batches of {batch} over "
+                          f"{distributed.world_size()} ranks: use a multiple of {unit} (e.g. --set "
+                          f"calibration.n_samples={n + unit - n % unit}) or a smaller calibration.batch_size")
+    return distributed.shard(calib_ids, batch)
+
+
 def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
     """What a checkpoint must match to be resumed: everything that changes the compressed weights."""
     data = recipe.model_dump(mode="json", exclude={"name", "threads", "evaluation", "save", "device", "max_memory",
@@ -288,7 +314,8 @@ def fingerprint(recipe: Recipe, model_path: str, stream: bool) -> str:
 
 
 def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, progress: bool,
-         device: torch.device, resume: bool, block_log: BlockLog | None = None, offload: str = "device") -> RunResult:
+         device: torch.device, resume: bool, block_log: Callable[[BlockReport], None] | None = None,
+         checkpoint_dir: Path | None = None, offload: str = "device") -> RunResult:
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -299,6 +326,9 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
     stream = use_streaming(recipe, model_path, dtype, steps)
     if stream and any(recipe.outer_formats()):
         raise LowbitError("head and embedding formats need the whole model in memory: set stream: false")
+    if stream and resume and distributed.active():
+        raise LowbitError("a streamed run resumes in one process only (the other ranks' copies of the finished "
+                          "blocks are gone): resume without torchrun, or set stream: false")
     reader = streaming.ShardReader(model_path) if stream else None
     if stream:
         model, tokenizer = load_skeleton(recipe.model, dtype)
@@ -312,7 +342,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
                      "weights": plan.weights.describe() if plan.weights else "fp",
                      "activations": plan.activations.describe() if plan.activations else "fp",
                      "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6,
-                     "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream}
+                     "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream,
+                     "ranks": distributed.world_size()}
     if recipe.evaluation and recipe.evaluation.baseline:
         source = Streamed(reader, dtype, device) if stream else None
         metrics |= text_metrics("ppl_fp", baseline_ppl(model, tokenizer, model_path, recipe, progress, source))
@@ -320,7 +351,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
             log.info("FP perplexity %.4f over %d tokens of %s", res["ppl"], res["tokens"], text)
 
     cal = recipe.calibration
-    calib_ids = calibration_set(model, tokenizer, model_path, cal, progress)
+    calib_ids = shard_windows(calibration_set(model, tokenizer, model_path, cal, progress), cal.batch_size)
     if recipe.budget is not None:
         if stream:
             raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
@@ -336,14 +367,15 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         out_model = (staging if staging is not None else Path(scratch)) / "model"
         if stream:
             out_model.mkdir(exist_ok=True)
-        checkpoints = Checkpoints(staging, fingerprint(recipe, model_path, stream)) if staging is not None else None
+        checkpoints = (Checkpoints(checkpoint_dir, fingerprint(recipe, model_path, stream))
+                       if checkpoint_dir is not None else None)
         io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume,
                      store=ActivationStore(offload, device, staging))
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter)
         quantize_outer(model, adapter, outer_targets(model, adapter, *recipe.outer_formats()), state)
-        if checkpoints is not None:  # every block is in the output now; the folder seals without them
+        if checkpoints is not None and staging is not None:  # every block is in the output now: seal without them
             checkpoints.remove()
         metrics["quant_time_s"] = time.perf_counter() - start
         metrics["peak_rss_gb"] = peak_rss_gb()

@@ -10,13 +10,14 @@ from typing import Sequence
 
 import torch
 
+from lowbit import distributed
 from lowbit.context import BlockContext, StopForward
 
 
 @torch.no_grad()
 def channel_ranges(ctx: BlockContext, rels: Sequence[str], x: torch.Tensor | None = None
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel (min, max) of each listed module's input over every calibration token."""
+    """Per-channel (min, max) of each listed module's input over every calibration token (of every rank)."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fn(rel: str, inp: torch.Tensor, _out: torch.Tensor) -> None:
@@ -28,6 +29,13 @@ def channel_ranges(ctx: BlockContext, rels: Sequence[str], x: torch.Tensor | Non
 
     with ctx.act_quant(False):
         ctx.collect(list(dict.fromkeys(rels)), fn, x)
+    if not distributed.active():
+        return out
+    inf = torch.tensor(float("inf"))
+    for rel in dict.fromkeys(rels):  # over every rank's tokens (a rank without windows adds nothing)
+        width = ctx.block.get_submodule(rel).weight.shape[1]
+        lo, hi = out.get(rel, (inf.expand(width), -inf.expand(width)))
+        out[rel] = (distributed.reduce(lo, "min"), distributed.reduce(hi, "max"))
     return out
 
 
@@ -37,7 +45,7 @@ def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch
 
     The block's forward stops right after `scope`, so measuring attention skips the MLP.
     """
-    if scope is None:
+    if scope is None or x.shape[0] == 0:
         return ctx.forward(x)
     outs: list[torch.Tensor] = []
 
@@ -61,10 +69,15 @@ def scope_output(ctx: BlockContext, x: torch.Tensor, scope: str | None) -> torch
 @torch.no_grad()
 def quantized_error(ctx: BlockContext, x: torch.Tensor, target: torch.Tensor, rels: Sequence[str],
                     scope: str | None) -> float:
-    """Mean squared error of `scope`'s output against `target` with `rels` quantized (weights and inputs)."""
+    """Mean squared error of `scope`'s output against `target` with `rels` quantized (weights and inputs), over
+    the search windows of every rank."""
     with ctx.rounded(rels), ctx.act_quant(True, rels):
         out = scope_output(ctx, x, scope)
-    return (out.float() - target.float()).pow(2).mean().item()
+    err = (out.float() - target.float()).pow(2)
+    if not distributed.active():
+        return err.mean().item()
+    total = distributed.reduce(torch.tensor([err.sum().item(), err.numel()], dtype=torch.float64))
+    return (total[0] / total[1]).item()
 
 
 def scope_for(ctx: BlockContext, rels: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def dense_pass(ctx: "ModelContext", visit: Callable[["BlockContext"], None]) -> 
 
 
 def input_sq_norms(bctx: "BlockContext") -> dict[str, torch.Tensor]:
-    """Per block linear, the squared L2 norm of each input feature over all calibration tokens."""
+    """Per block linear, the squared L2 norm of each input feature over all calibration tokens (of all ranks)."""
     sums: dict[str, torch.Tensor] = {}
 
     def add(rel: str, x: torch.Tensor, _out) -> None:
@@ -188,7 +189,8 @@ def input_sq_norms(bctx: "BlockContext") -> dict[str, torch.Tensor]:
         sums[rel] = sums[rel] + sq if rel in sums else sq
 
     bctx.collect(list(bctx.linears()), add, stop_early=True)
-    return sums
+    return {rel: distributed.reduce(sums.get(rel, lin.weight.new_zeros(lin.weight.shape[1], dtype=torch.float32)))
+            for rel, lin in bctx.linears().items()}
 
 
 def detect_pattern(masks: dict[str, torch.Tensor]) -> str:

@@ -185,7 +185,7 @@ class AWQ(Step):
 
     def on_block(self, ctx: BlockContext) -> None:
         a = self.args
-        x = ctx.q_inputs[:a.search_samples]
+        x = ctx.gathered_windows(a.search_samples)  # the same search windows on every rank: same decisions
         for unit in scale_units(ctx):
             if ctx.pending(unit.linears):
                 fold_scale(ctx, unit, search_scale(ctx, unit, x, a.n_grid))

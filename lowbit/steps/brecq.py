@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit import distributed
 from lowbit.context import BlockContext, ModelContext
 from lowbit.models.base import Adapter
 from lowbit.reconstruction import BlockReconArgs, reconstruct_block
@@ -23,7 +24,7 @@ class BRECQArgs(BlockReconArgs):
 
 def fisher_diagonal(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> list[torch.Tensor]:
     """Per block, the squared gradient of the summed next-token loss w.r.t. its output, window by window,
-    scaled to mean 1 per block so the regularizer weight keeps its meaning."""
+    scaled to mean 1 per block (over every rank's windows) so the regularizer weight keeps its meaning."""
     blocks = adapter.blocks(model)
     grads: list[list[torch.Tensor]] = [[] for _ in blocks]
     outputs: list[torch.Tensor] = []
@@ -47,8 +48,9 @@ def fisher_diagonal(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> li
             h.remove()
     result = []
     for per_window in grads:
-        f = torch.cat(per_window)
-        result.append((f.float() / f.float().mean().clamp_min(1e-30)).to(torch.bfloat16))
+        f = torch.cat(per_window).float()
+        mean = distributed.reduce(torch.stack([f.sum(), torch.tensor(f.numel(), dtype=f.dtype)]).double())
+        result.append((f / (mean[0] / mean[1]).float().clamp_min(1e-30)).to(torch.bfloat16))
     return result
 
 
@@ -73,7 +75,8 @@ class BRECQ(Step):
         if self.init is not None:
             self.init.before_blocks(ctx)
         if self.args.fisher:
-            self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ctx.calib_ids[: self.args.n_samples])
+            ids = ctx.calib_ids[:distributed.leading(self.args.n_samples, ctx.plan.batch_size)]
+            self.fisher = fisher_diagonal(ctx.model, ctx.adapter, ids)
 
     def on_block(self, ctx: BlockContext) -> None:
         reconstruct_block(ctx, self.args, self.init, quantize_acts=ctx.plan.activations is not None,

@@ -8,6 +8,7 @@ from typing import Literal, Protocol
 import torch
 from pydantic import Field
 
+from lowbit import distributed
 from lowbit.context import BlockContext
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, params_shape
@@ -169,8 +170,8 @@ def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, sp
 
 def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
                         x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """H = 2 X Xᵀ / N for each group's shared input (N = number of tokens), summed in float64, over the block
-    inputs `x` (default: the quantized-path calibration inputs)."""
+    """H = 2 X Xᵀ / N for each group's shared input (N = number of tokens), summed in float64 over the block
+    inputs `x` (default: the quantized-path calibration inputs) and over ranks."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -181,7 +182,13 @@ def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
         counts[rel] = counts.get(rel, 0) + x.shape[0]
 
     ctx.collect([g[0] for g in groups], add, x=x, stop_early=True)
-    return {g[0]: (2 * sums[g[0]] / counts[g[0]]).float() for g in groups}
+    out = {}
+    for g in groups:  # summed over ranks (a rank without windows adds zeros), then normalized once
+        w = ctx.block.get_submodule(g[0]).weight
+        total = distributed.reduce(sums.get(g[0], w.new_zeros(w.shape[1], w.shape[1], dtype=torch.float64)))
+        n = distributed.reduce_float(counts.get(g[0], 0))
+        out[g[0]] = (2 * total / n).float()
+    return out
 
 
 @register_step

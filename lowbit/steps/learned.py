@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit import distributed
 from lowbit.context import BlockContext, ModelContext
 from lowbit.sparsity import block_linears, dense_pass, global_rate, input_sq_norms, project_to_target, round_ratios
 from lowbit.steps.base import Step, StepArgs, register_step
@@ -69,7 +70,7 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
     sizes = torch.tensor([float(linears[n].weight.numel()) for n in names], dtype=torch.float64)
     lo, hi = max(0.0, a.target - a.max_shift), min(0.99, a.target + a.max_shift)
     rates = nn.Parameter(torch.full((len(names),), a.target))
-    ids = ctx.calib_ids[: a.n_samples, : a.seq_len]
+    ids = ctx.calib_ids[:distributed.leading(a.n_samples, ctx.plan.batch_size), : a.seq_len]
     with torch.no_grad():
         teacher = [F.log_softmax(model(ids[i: i + a.batch_size], use_cache=False).logits.float(), -1).to(torch.bfloat16)
                    for i in range(0, ids.shape[0], a.batch_size)]
@@ -89,6 +90,7 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
             loss = F.kl_div(logp, teacher[b].float(), log_target=True, reduction="batchmean") / x.shape[1]
             opt.zero_grad()
             loss.backward()
+            distributed.average_gradients([rates])  # the same step on every rank
             opt.step()
             with torch.no_grad():
                 rates.copy_(project_to_target(rates.double(), sizes, a.target, lo, hi).float())

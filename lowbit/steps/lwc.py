@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit import distributed
 from lowbit.context import BlockContext, frozen
 from lowbit.formats import QuantSpec, fake_quant, group_view, params_shape, round_ste
 from lowbit.reconstruction import Loss, output_error
@@ -104,4 +105,5 @@ class LWC(Step):
                     loss = output_error(ctx.run(x[idx]), ctx.on_device(y[idx]), loss=a.loss)
                     opt.zero_grad()
                     loss.backward()
+                    distributed.average_gradients(params)  # the same step on every rank
                     opt.step()

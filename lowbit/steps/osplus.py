@@ -69,7 +69,7 @@ class OutlierSuppressionPlus(Step):
 
     def on_block(self, ctx: BlockContext) -> None:
         block, adapter = ctx.block, ctx.adapter
-        x = ctx.q_inputs[: self.args.search_samples]
+        x = ctx.first_windows(self.args.search_samples)
         pairs = adapter.linear_pairs if self.args.pairs else ()
         # every transform below is exact, so all ranges can be measured once, before any of them
         ranges = channel_ranges(ctx, [g.linears[0] for g in adapter.norm_groups] + [p.nexts[0] for p in pairs])

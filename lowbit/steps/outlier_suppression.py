@@ -19,6 +19,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
+from lowbit import distributed
 from lowbit.context import BlockContext, ModelContext
 from lowbit.errors import LowbitError
 from lowbit.fold import scale_norm_group
@@ -57,7 +58,7 @@ class OutlierSuppression(Step):
                 gamma = ctx.block.get_submodule(group.norm).weight.detach().float()
                 scale_norm_group(ctx.block, group, torch.where(gamma.abs() > 1e-6, gamma, torch.ones_like(gamma)))
         if self.clip:
-            x = ctx.q_inputs[: self.args.search_samples]
+            x = ctx.gathered_windows(self.args.search_samples)  # every rank searches the same windows
             target = scope_output(ctx, x, None)
             for rels in ctx.adapter.input_groups():
                 self._clip_site(ctx, rels, x, target)
@@ -97,5 +98,6 @@ def token_extremes(ctx: BlockContext, rel: str) -> tuple[torch.Tensor, torch.Ten
 
     with ctx.act_quant(False):
         ctx.collect([rel], fn)
-    return torch.cat(mins), torch.cat(maxs)
+    windows, bs = ctx.q_inputs.shape[0], ctx.plan.batch_size  # every rank's tokens, for quantiles over all of them
+    return tuple(distributed.gather(torch.cat(t).reshape(windows, -1), bs).reshape(-1) for t in (mins, maxs))
 

@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from lowbit import distributed
 from lowbit.context import BlockContext, frozen
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant
@@ -139,10 +140,10 @@ def plan_reassembly(amax: torch.Tensor, gram_x: torch.Tensor, gram_w: torch.Tens
     return Reassembly(src_a, src_b, coef_a, coef_b)
 
 
-def _block_loss(ctx: BlockContext, n: int) -> float:
+def _block_loss(ctx: BlockContext, x: torch.Tensor, target: torch.Tensor) -> float:
     with torch.no_grad(), ctx.rounded(), ctx.act_quant(True):
-        out = ctx.forward(ctx.q_inputs[:n])
-    return float((out - ctx.fp_outputs[:n]).pow(2).mean())
+        out = ctx.forward(x)
+    return float((out - target).pow(2).mean())
 
 
 class _LoRAQuant(nn.Module):
@@ -181,6 +182,7 @@ def lora_tune(ctx: BlockContext, rank: int, epochs: int, lr: float) -> None:
                         loss = (ctx.run(ctx.q_inputs[s: s + bs]) - ctx.on_device(ctx.fp_outputs[s: s + bs])).pow(2).mean()
                         opt.zero_grad()
                         loss.backward()
+                        distributed.average_gradients(params)  # every rank takes the same step
                         opt.step()
         finally:
             for rel, module in lora.items():
@@ -189,8 +191,8 @@ def lora_tune(ctx: BlockContext, rank: int, epochs: int, lr: float) -> None:
                     linears[rel].weight.data.add_(module.b @ module.a)
 
 
-def _group_stats(ctx: BlockContext, first: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel max |x| and the Gram matrix X^T X of a linear's input over the first n calibration windows."""
+def _group_stats(ctx: BlockContext, first: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel max |x| and the Gram matrix X^T X of a linear's input over block inputs `x`."""
     amax, gram = None, None
 
     def fn(_rel, x, _out):
@@ -200,7 +202,7 @@ def _group_stats(ctx: BlockContext, first: str, n: int) -> tuple[torch.Tensor, t
         amax = a if amax is None else torch.maximum(amax, a)
         gram = g if gram is None else gram + g
 
-    ctx.collect([first], fn, ctx.q_inputs[:n])
+    ctx.collect([first], fn, x)
     return amax, gram
 
 
@@ -208,16 +210,17 @@ def _group_stats(ctx: BlockContext, first: str, n: int) -> tuple[torch.Tensor, t
 def reassemble_block(ctx: BlockContext, args: QLLMArgs) -> dict[str, float]:
     """Choose and apply a channel reassembly for each norm output of the block; returns the chosen thresholds."""
     chosen = {}
-    n = min(args.search_samples, ctx.q_inputs.shape[0])
+    # the same search windows on every rank (gathered under torchrun), so every rank chooses the same
+    x, target = (ctx.gathered_windows(args.search_samples, t) for t in (ctx.q_inputs, ctx.fp_outputs))
     for group in ctx.adapter.norm_groups:
         names = [ctx.full_name(r) for r in group.linears]
         if any(nm in ctx.state.transforms for nm in names):
             raise LowbitError(f"{names[0]} already has an online input transform; put qllm before steps that add one")
         linears = [ctx.block.get_submodule(r) for r in group.linears]
-        amax, gram_x = _group_stats(ctx, group.linears[0], n)
+        amax, gram_x = _group_stats(ctx, group.linears[0], x)
         w = torch.cat([lin.weight.data.double() for lin in linears])
         gram_w = w.T @ w
-        best = (_block_loss(ctx, n), None, math.inf)
+        best = (_block_loss(ctx, x, target), None, math.inf)
         width = amax.numel()
         for k in range(1, args.candidates):
             extra = int(args.channel_ratio * width * k / (args.candidates - 1))
@@ -227,7 +230,7 @@ def reassemble_block(ctx: BlockContext, args: QLLMArgs) -> dict[str, float]:
             plan = plan_reassembly(amax, gram_x, gram_w, t)
             with ctx.trial():
                 _apply(ctx, plan, names, linears)
-                loss = _block_loss(ctx, n)
+                loss = _block_loss(ctx, x, target)
             if loss < best[0]:
                 best = (loss, plan, t)
         if best[1] is not None:

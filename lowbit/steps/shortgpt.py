@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from lowbit import distributed
 from lowbit.context import BlockContext, ModelContext
 from lowbit.errors import LowbitError
 from lowbit.sparsity import dense_pass
@@ -36,7 +37,8 @@ class ShortGPT(Step):
         def visit(bctx: BlockContext) -> None:
             out = bctx.forward()
             cos = F.cosine_similarity(bctx.q_inputs.float(), out.float(), dim=-1)
-            influence.append(1 - cos.mean().item())
+            total = distributed.reduce(torch.tensor([cos.double().sum().item(), cos.numel()], dtype=torch.float64))
+            influence.append(1 - (total[0] / total[1]).item())  # mean over every rank's tokens
 
         dense_pass(ctx, visit)
         n = round(self.args.target * len(influence))

@@ -55,7 +55,7 @@ class SmoothQuant(Step):
         if self.args.pairs:
             sites += [((p.prev, *p.nexts), p.nexts[0], lambda s, p=p: scale_pair(block, p, s, ctx.head_dim), p)
                       for p in adapter.linear_pairs]
-        x = ctx.q_inputs[: self.args.search_samples]
+        x = ctx.first_windows(self.args.search_samples)
         target = scope_output(ctx, x, None) if self.args.alpha_grid else None
         ranges = channel_ranges(ctx, [site[1] for site in sites])  # the transforms are exact: measure once
         chosen = {}
