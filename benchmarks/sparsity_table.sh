@@ -25,7 +25,7 @@ first)
   run wanda-70 --set "steps=[{wanda: {ratio: 0.7}}]"
   run learned-wanda-70 --set "steps=[{learned: {target: 0.7}}, wanda]" ;;
 second)
-  run sparsegpt-50-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {ratio: 0.5}}, gptq]"
+  run sparsegpt-50-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {ratio: 0.5}}, {gptq: {damp: 0.01, act_order: false}}]"
   run sparsegpt-2of4-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {pattern: '2:4'}}, gptq]"
   run owl-wanda-70 --set "steps=[{owl: {target: 0.7}}, wanda]"
   run sparsegpt-70 --set "steps=[{sparsegpt: {ratio: 0.7}}]"

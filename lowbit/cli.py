@@ -98,7 +98,7 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(recipe.model)
     adapter = get_adapter(model)
     cal = recipe.calibration
-    tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
+    tokens = tokenize(tokenizer, load_text(cal.text("sensitivity"), cal.split))
     calib_ids = calibration_windows(tokens, cal.n_samples, cal.seq_len, cal.seed)
     heldout = heldout_windows(tokens, cal.n_samples, cal.seq_len, args.heldout, cal.seed)
     plan = recipe.plan()

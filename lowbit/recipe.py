@@ -16,6 +16,7 @@ from lowbit.formats import NAMED_FORMATS, QuantSpec
 from lowbit.gguf_types import TYPES
 from lowbit.devices import DEVICE_PATTERN
 from lowbit.loading import EMBEDDED
+from lowbit.outer import OuterFormat
 from lowbit.sparsity import validate_order
 from lowbit.steps import Step, build_step
 
@@ -129,21 +130,77 @@ class BudgetConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    data: str = "wikitext2"
+    """Where the calibration windows come from: one source, or a weighted mix of sources ([{wikitext2: 0.5},
+    {lambada: 0.5}]); a source is a text (see `lowbit.data.load_text`) or `self` (text the model writes)."""
+
+    data: str | list[dict[str, float]] = "wikitext2"
     split: str = "validation"
     n_samples: int = Field(64, gt=0)
     seq_len: int = Field(512, gt=1)
     seed: int = 0
     batch_size: int = Field(8, gt=0)
 
+    @field_validator("data")
+    @classmethod
+    def _mix(cls, value: str | list[dict[str, float]]) -> str | list[dict[str, float]]:
+        """A mix lists each source once as {name: weight}, weights > 0 summing to 1."""
+        if isinstance(value, str):
+            return value
+        if not value or any(len(item) != 1 for item in value):
+            raise ValueError("a calibration mix is a list of one-key entries {source: weight}, e.g. "
+                             "[{wikitext2: 0.5}, {lambada: 0.5}]")
+        names = [name for item in value for name in item]
+        if len(set(names)) < len(names):
+            raise ValueError(f"calibration mix names a source twice ({', '.join(names)}): list each once")
+        weights = [w for item in value for w in item.values()]
+        if any(not w > 0 for w in weights):
+            raise ValueError(f"calibration mix weights must be > 0, got {weights}")
+        if abs(sum(weights) - 1) > 1e-6:
+            raise ValueError(f"calibration mix weights sum to {sum(weights):g}, not 1: rescale them")
+        return value
+
+    def mix(self) -> list[tuple[str, float]]:
+        """(source, weight) pairs; one source has weight 1."""
+        if isinstance(self.data, str):
+            return [(self.data, 1.0)]
+        return [(name, w) for item in self.data for name, w in item.items()]
+
+    def text(self, why: str) -> str:
+        """The one calibration text, for uses that need held-out windows of it (`why` says which)."""
+        if not isinstance(self.data, str) or self.data == "self":
+            raise LowbitError(f"{why} needs one calibration text, not {self.data!r}: set calibration.data to a text "
+                              f"such as wikitext2")
+        return self.data
+
+
+DEFAULT_TEXTS = ["wikitext2", "lambada"]  # in domain (the calibration text's) and out of domain (novels)
+
 
 class EvaluationConfig(_Strict):
-    data: str = "wikitext2"
+    """Perplexity on one text or several (each scored on its own; seq_len and max_tokens apply to each)."""
+
+    data: str | list[str] = DEFAULT_TEXTS
     split: str = "test"
     seq_len: int = Field(2048, gt=1)
     max_tokens: int | None = Field(32768, gt=1)
     batch_size: int = Field(1, gt=0)
     baseline: bool = True  # also evaluate the uncompressed model (cached per model and settings)
+
+    @field_validator("data")
+    @classmethod
+    def _texts(cls, value: str | list[str]) -> str | list[str]:
+        """A list names each text once, at least one."""
+        if isinstance(value, list) and (not value or len(set(value)) < len(value)):
+            raise ValueError(f"evaluation.data lists {value}: give at least one text, each once")
+        return value
+
+    def texts(self) -> list[str]:
+        """The evaluation texts in order; the first is the one `ppl` in metrics.json reports."""
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    def for_text(self, text: str) -> "EvaluationConfig":
+        """These settings for one of the texts."""
+        return self.model_copy(update={"data": text})
 
 
 class StepConfig(_Strict):
@@ -164,6 +221,8 @@ class Recipe(_Strict):
     weights: FormatConfig | None = FormatConfig(bits=4, symmetric=False, granularity="group", group_size=64)
     activations: FormatConfig | None = None
     layers: dict[str, FormatConfig | None] = {}
+    head: FormatConfig | None = None  # the LM head's format (None: kept in 16 bits), see lowbit.outer
+    embedding: FormatConfig | None = None  # the input token embedding's format (per row = per token)
     steps: list[StepConfig] = [StepConfig(name="rtn")]
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig | None = EvaluationConfig()
@@ -227,6 +286,10 @@ class Recipe(_Strict):
             overrides=tuple((p, f.spec() if f else None) for p, f in self.layers.items()),
             batch_size=self.calibration.batch_size,
         )
+
+    def outer_formats(self) -> tuple[OuterFormat | None, OuterFormat | None]:
+        """The head's and the embedding's formats with their observers."""
+        return tuple(OuterFormat(f.spec(), f.observer) if f is not None else None for f in (self.head, self.embedding))
 
     def build_steps(self) -> list[Step]:
         steps = [build_step(sc.name, sc.args, f"steps[{i}].{sc.name}") for i, sc in enumerate(self.steps)]

@@ -23,25 +23,42 @@ def model_size(model: nn.Module, state: QuantState | None) -> float:
     return total_bits / 8
 
 
-def _ppl(m: dict, key: str) -> str:
-    return f"{m[key]['ppl']:.3f}" if key in m else "-"
+def _by_text(m: dict, key: str) -> dict[str, dict]:
+    """A run's perplexities by text (`key` is ppl or ppl_fp); runs from before several texts have one, unnamed."""
+    return m.get(f"{key}_texts") or ({"": m[key]} if key in m else {})
+
+
+def _texts(rows: list[dict]) -> list[str]:
+    """Every evaluation text of the runs, in order; an unnamed single text shares the first column."""
+    names = list(dict.fromkeys(t for m in rows for key in ("ppl", "ppl_fp") for t in _by_text(m, key)))
+    named = [t for t in names if t]
+    return named or [""]
+
+
+def _ppl_cells(m: dict, text: str, first: bool) -> str:
+    """' FP | compressed | Δppl (Δ%) |' for one text ('-' where the run lacks it)."""
+    fp, q = (_by_text(m, k).get(text) or (_by_text(m, k).get("") if first else None) for k in ("ppl_fp", "ppl"))
+    delta = f"{q['ppl'] - fp['ppl']:+.3f} ({q['ppl'] / fp['ppl'] - 1:+.1%})" if fp and q else "-"
+    return "".join(f" {r['ppl']:.3f} |" if r else " - |" for r in (fp, q)) + f" {delta} |"
 
 
 def results_table(rows: list[dict]) -> str:
-    """Markdown table of runs: method, formats, perplexity (FP and compressed), size, time, peak memory, and the
-    achieved sparsity of block linears when any run prunes."""
+    """Markdown table of runs: method, formats, perplexity (FP, compressed, change) on each evaluation text, size,
+    time, peak memory, and the achieved sparsity of block linears when any run prunes."""
     sparse = any("sparsity" in m for m in rows)
-    head = ("| method | weights | activations | ppl FP | ppl | Δppl | size MB (FP16) | quant time s | "
+    texts = _texts(rows)
+    ppl_head = "".join(f" ppl FP{t} | ppl{t} | Δppl{t} |" for t in (f" {t}" if t else "" for t in texts))
+    head = (f"| method | weights | activations |{ppl_head} size MB (FP16) | quant time s | "
             "peak RSS GB | eval tokens |" + (" sparsity |" if sparse else ""))
     tasks = list(dict.fromkeys(name for m in rows for name in m.get("tasks", {})))
     head += "".join(f" {name} |" for name in tasks)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in rows:
-        delta = f"{m['ppl']['ppl'] - m['ppl_fp']['ppl']:+.3f}" if "ppl" in m and "ppl_fp" in m else "-"
         tokens = m.get("ppl", m.get("ppl_fp", {})).get("tokens", "-")
         cells = "".join(f" {_task_cell(m['tasks'][t]) if t in m.get('tasks', {}) else '-'} |" for t in tasks)
-        lines.append(f"| {'+'.join(m['steps'])} | {m['weights']} | {m['activations']} | {_ppl(m, 'ppl_fp')} | "
-                     f"{_ppl(m, 'ppl')} | {delta} | {m['size_mb']:.1f} ({m['size_fp16_mb']:.1f}) | "
+        ppl = "".join(_ppl_cells(m, t, i == 0) for i, t in enumerate(texts))
+        lines.append(f"| {'+'.join(m['steps'])} | {m['weights']} | {m['activations']} |{ppl} "
+                     f"{m['size_mb']:.1f} ({m['size_fp16_mb']:.1f}) | "
                      f"{m['quant_time_s']:.1f} | {m['peak_rss_gb']:.2f} | {tokens} |"
                      + (f" {m['sparsity']['overall']:.2%} |" if "sparsity" in m else " - |" if sparse else "") + cells)
     return "\n".join(lines)

@@ -21,7 +21,8 @@ from lowbit import __version__
 from lowbit.activations import ActivationStore
 from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
-from lowbit.data import calibration_windows, eval_windows, load_text, tokenize
+from lowbit.calibration import calibration_set
+from lowbit.data import SHIPPED, eval_windows, load_text, tokenize
 from lowbit import distributed, streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
@@ -34,6 +35,7 @@ from lowbit.files import (_STAGING, check_utf8_path, publish, resumable, staging
                           write_error)
 from lowbit.loading import cache_dir, empty_model, load_model, load_skeleton, resolve_model_path
 from lowbit.models import get_adapter
+from lowbit.outer import check_outer, outer_targets, quantize_outer
 from lowbit.pipeline import check_finite, compress, validate
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
@@ -64,6 +66,7 @@ class Streamed:
 
 def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True,
                  streamed: Streamed | None = None) -> dict:
+    """Perplexity on `cfg`'s one text."""
     tokens = tokenize(tokenizer, load_text(cfg.data, cfg.split))
     windows = eval_windows(tokens, cfg.seq_len, cfg.max_tokens)
     if streamed is not None:
@@ -72,26 +75,45 @@ def evaluate_ppl(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, 
     return perplexity(model, windows, cfg.batch_size, progress=progress, desc=desc).to_dict()
 
 
-def _baseline_key(model_path: str, recipe: Recipe) -> str:
-    """Identify an FP baseline by model files, eval settings, dtype and library versions."""
-    parts = [model_path, recipe.dtype, recipe.evaluation.model_dump_json(), torch.__version__]
+def evaluate_texts(model: nn.Module, tokenizer, cfg: EvaluationConfig, desc: str, progress: bool = True,
+                   streamed: Streamed | None = None) -> dict[str, dict]:
+    """Perplexity on each of `cfg`'s texts, by text."""
+    return {text: evaluate_ppl(model, tokenizer, cfg.for_text(text), f"{desc} {text}", progress, streamed)
+            for text in cfg.texts()}
+
+
+def text_metrics(key: str, by_text: dict[str, dict]) -> dict:
+    """metrics.json entries for one model's perplexities: `key` (the first text, as before) and `key`_texts."""
+    return {key: next(iter(by_text.values())), f"{key}_texts": by_text}
+
+
+def _baseline_key(model_path: str, recipe: Recipe, cfg: EvaluationConfig) -> str:
+    """Identify an FP baseline by model files, eval settings of one text, dtype and library versions."""
+    parts = [model_path, recipe.dtype, cfg.model_dump_json(), torch.__version__]
     path = Path(model_path)
     if path.is_dir():
         for f in sorted(path.glob("*")):
             if f.suffix in (".json", ".safetensors", ".bin"):
                 st = f.stat()
                 parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    if recipe.evaluation.data != "wikitext2":
-        data = Path(recipe.evaluation.data)
+    if cfg.data not in SHIPPED:
+        data = Path(cfg.data)
         parts.append(f"{data.stat().st_mtime_ns}" if data.exists() else "")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, progress: bool,
-                 streamed: Streamed | None = None) -> dict:
-    """Perplexity of the uncompressed model, cached on disk since it is the same for every recipe."""
+                 streamed: Streamed | None = None) -> dict[str, dict]:
+    """Perplexity of the uncompressed model on each evaluation text, by text."""
+    return {text: _baseline_text(model, tokenizer, model_path, recipe, recipe.evaluation.for_text(text), progress,
+                                 streamed) for text in recipe.evaluation.texts()}
+
+
+def _baseline_text(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, cfg: EvaluationConfig,
+                   progress: bool, streamed: Streamed | None) -> dict:
+    """Perplexity of the uncompressed model on one text, cached on disk since it is the same for every recipe."""
     cache = cache_dir() / "baselines"
-    key_file = cache / f"{_baseline_key(model_path, recipe)}.json"
+    key_file = cache / f"{_baseline_key(model_path, recipe, cfg)}.json"
     try:
         result = json.loads(key_file.read_text(encoding="utf-8"))
         cached = isinstance(result, dict) and "ppl" in result
@@ -99,7 +121,7 @@ def baseline_ppl(model: nn.Module, tokenizer, model_path: str, recipe: Recipe, p
         cached = False  # missing or damaged: evaluate again and rewrite it
     if distributed.reduce_float(float(cached), "min"):  # under torchrun every rank evaluates or none does
         return {**result, "cached": True}
-    result = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (FP)", progress, streamed)
+    result = evaluate_ppl(model, tokenizer, cfg, f"perplexity (FP) {cfg.data}", progress, streamed)
     if not distributed.is_main():
         return {**result, "cached": False}
     try:
@@ -119,6 +141,7 @@ def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
     empty = empty_model(recipe.model, resolve_dtype(recipe.dtype, resolve_model_path(recipe.model)))
     validate(empty, get_adapter(empty), plan)
+    check_outer(empty, get_adapter(empty), *recipe.outer_formats())
     params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
 
@@ -301,6 +324,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
     model_path = resolve_model_path(recipe.model)
     dtype = resolve_dtype(recipe.dtype, model_path)
     stream = use_streaming(recipe, model_path, dtype, steps)
+    if stream and any(recipe.outer_formats()):
+        raise LowbitError("head and embedding formats need the whole model in memory: set stream: false")
     if stream and resume and distributed.active():
         raise LowbitError("a streamed run resumes in one process only (the other ranks' copies of the finished "
                           "blocks are gone): resume without torchrun, or set stream: false")
@@ -321,16 +346,17 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
                      "ranks": distributed.world_size()}
     if recipe.evaluation and recipe.evaluation.baseline:
         source = Streamed(reader, dtype, device) if stream else None
-        metrics["ppl_fp"] = baseline_ppl(model, tokenizer, model_path, recipe, progress, source)
-        log.info("FP perplexity %.4f over %d tokens", metrics["ppl_fp"]["ppl"], metrics["ppl_fp"]["tokens"])
+        metrics |= text_metrics("ppl_fp", baseline_ppl(model, tokenizer, model_path, recipe, progress, source))
+        for text, res in metrics["ppl_fp_texts"].items():
+            log.info("FP perplexity %.4f over %d tokens of %s", res["ppl"], res["tokens"], text)
 
     cal = recipe.calibration
-    cal_tokens = tokenize(tokenizer, load_text(cal.data, cal.split))
-    calib_ids = shard_windows(calibration_windows(cal_tokens, cal.n_samples, cal.seq_len, cal.seed), cal.batch_size)
+    calib_ids = shard_windows(calibration_set(model, tokenizer, model_path, cal, progress), cal.batch_size)
     if recipe.budget is not None:
         if stream:
             raise LowbitError("budget measures every linear's sensitivity on the model in memory: run it without "
                               "streaming (stream: false)")
+        cal_tokens = tokenize(tokenizer, load_text(cal.text("budget"), cal.split))
         recipe, allocation = allocate_recipe(recipe, model, adapter, cal_tokens, calib_ids, progress)
         plan = recipe.plan()
         metrics["weights"] = allocation.describe()
@@ -348,6 +374,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter)
+        quantize_outer(model, adapter, outer_targets(model, adapter, *recipe.outer_formats()), state)
         if checkpoints is not None and staging is not None:  # every block is in the output now: seal without them
             checkpoints.remove()
         metrics["quant_time_s"] = time.perf_counter() - start
@@ -365,9 +392,10 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
 
         if recipe.evaluation:
             source = Streamed(streaming.ShardReader(out_model), dtype, device, state) if stream else None
-            metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (compressed)", progress,
-                                          source)
-            log.info("compressed perplexity %.4f", metrics["ppl"]["ppl"])
+            metrics |= text_metrics("ppl", evaluate_texts(model, tokenizer, recipe.evaluation,
+                                                          "perplexity (compressed)", progress, source))
+            for text, res in metrics["ppl_texts"].items():
+                log.info("compressed perplexity %.4f on %s", res["ppl"], text)
     if staging is not None:
         try:
             save_run(staging, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)

@@ -6,7 +6,7 @@ from lowbit.formats import QuantSpec, dequantize, fake_quant, quantize
 from lowbit.models import get_adapter
 from lowbit.observers import observe
 from lowbit.pipeline import FormatPlan, compress
-from lowbit.steps.gptq import GPTQ, accumulate_hessians, gptq_quantize
+from lowbit.steps.gptq import GPTQ, accumulate_hessians, gptq_quantize, group_order
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
 SPECS = [QuantSpec(4, symmetric=False, group_size=32), QuantSpec(3), QuantSpec(4, granularity="tensor"),
@@ -35,7 +35,7 @@ def test_identity_hessian_equals_rtn(spec, observer):
 def test_gptq_beats_rtn_and_stays_on_grid(spec):
     w, x, h = _data()
     scale, zero = observe(w, spec)
-    for act_order in (False, True):
+    for act_order in (False, True, "group"):
         q, s, z = gptq_quantize(w, h, spec, act_order=act_order)
         assert ((x @ (q - w).T) ** 2).sum() < 0.7 * ((x @ (fake_quant(w, scale, zero, spec) - w).T) ** 2).sum()
         assert torch.equal(dequantize(quantize(q, s, z, spec), s, z, spec), q)
@@ -48,6 +48,19 @@ def test_act_order_static_groups_keep_group_scales():
     q, s_act, z_act = gptq_quantize(w, h, spec, act_order=True)
     assert torch.equal(s_plain, s_act) and torch.equal(z_plain, z_act)
     assert torch.equal(s_plain, observe(w, spec)[0])
+
+
+def test_group_order_visits_whole_groups_by_their_largest_diagonal():
+    diag = torch.tensor([1., 7, 2, 3, 8, 0, 5, 4, 9, 6, 0.5, 0.1])
+    perm = group_order(diag, 4)
+    assert perm.tolist() == [8, 9, 10, 11, 4, 6, 7, 5, 1, 3, 2, 0]
+    w, x, h = _data()
+    spec = QuantSpec(4, symmetric=False, group_size=32)
+    q, s, _ = gptq_quantize(w, h, spec, act_order="group")
+    # each group's range comes from its error-compensated weights, not the original ones (as with act_order=True)
+    assert not torch.equal(s, observe(w, spec)[0])
+    plain, _, _ = gptq_quantize(w, h, spec)
+    assert ((x @ (q - w).T) ** 2).sum() < 1.05 * ((x @ (plain - w).T) ** 2).sum()
 
 
 def test_dead_columns_and_singular_hessian_without_damping():

@@ -4,7 +4,7 @@
       the calibration windows a lowbit run of RECIPE uses (same data, count, length, seed)
   python benchmarks/peers/to_run.py import RECIPE PEER_DIR OUT_RUN
       a peer's output (save_dequantized in common.py) as a lowbit run folder: the peer's model, metrics.json with
-      perplexity on RECIPE's evaluation tokens (the FP baseline from lowbit's cache), size of RECIPE's weight format,
+      perplexity on each of RECIPE's evaluation texts (the FP baseline from lowbit's cache), size of RECIPE's weight format,
       the peer's quantization time and peak memory, and blocks.jsonl with the per-block output error against the FP
       path on the first 8 calibration windows and each linear's weight error against the FP weight (per-block
       time and memory are not known for peers: null). `lowbit report` and `lowbit eval --tasks` then work on it.
@@ -20,23 +20,22 @@ from pathlib import Path
 
 import torch
 
-from lowbit.data import calibration_windows, load_text, tokenize
+from lowbit.calibration import calibration_set
 from lowbit.diagnostics import DIAG_WINDOWS, rel_error
 from lowbit.errors import LowbitError
 from lowbit.loading import load_model, resolve_model_path
 from lowbit.models import get_adapter
 from lowbit.recipe import load_recipe
 from lowbit.report import model_size
-from lowbit.run import baseline_ppl, evaluate_ppl
+from lowbit.run import baseline_ppl, evaluate_texts, text_metrics
 from lowbit.runfolder import save_state
 from lowbit.state import QuantState, WeightRecord
 
 
 def windows(recipe_path: str, out: str) -> None:
     recipe = load_recipe(recipe_path, [])
-    _, tokenizer = load_model(recipe.model)
-    cal = recipe.calibration
-    ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples, cal.seq_len, cal.seed)
+    model, tokenizer = load_model(recipe.model)
+    ids = calibration_set(model, tokenizer, resolve_model_path(recipe.model), recipe.calibration, progress=False)
     torch.save(ids, out)
     print(f"{tuple(ids.shape)} windows -> {out}; FP model folder: {resolve_model_path(recipe.model)}")
 
@@ -73,12 +72,13 @@ def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
                "activations": "fp", "threads": peer.get("threads"), "tool": peer["tool"],
                "size_fp16_mb": model_size(model, None) / 1e6, "size_mb": model_size(model, state) / 1e6,
                "quant_time_s": peer["quant_time_s"], "peak_rss_gb": peer["peak_rss_gb"]}
-    metrics["ppl_fp"] = baseline_ppl(fp, tokenizer, resolve_model_path(recipe.model), recipe, progress=False)
-    metrics["ppl"] = evaluate_ppl(model, tokenizer, recipe.evaluation, "perplexity (peer)", progress=False)
+    metrics |= text_metrics("ppl_fp", baseline_ppl(fp, tokenizer, resolve_model_path(recipe.model), recipe,
+                                                   progress=False))
+    metrics |= text_metrics("ppl", evaluate_texts(model, tokenizer, recipe.evaluation, "perplexity (peer)",
+                                                  progress=False))
 
-    cal = recipe.calibration
-    ids = calibration_windows(tokenize(tokenizer, load_text(cal.data, cal.split)), cal.n_samples, cal.seq_len,
-                              cal.seed)[:DIAG_WINDOWS]
+    ids = calibration_set(fp, tokenizer, resolve_model_path(recipe.model), recipe.calibration,
+                          progress=False)[:DIAG_WINDOWS]
     y_fp, y_q = _block_outputs(fp, get_adapter(fp), ids), _block_outputs(model, adapter, ids)
     fp_blocks = get_adapter(fp).blocks(fp)
     rows = []
@@ -101,8 +101,10 @@ def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ppl = ", ".join(f"{t} {r['ppl']:.3f} (FP {metrics['ppl_fp_texts'][t]['ppl']:.3f})"
+                    for t, r in metrics["ppl_texts"].items())
     print(json.dumps({k: metrics[k] for k in ("name", "size_mb", "quant_time_s", "peak_rss_gb")}),
-          f"ppl {metrics['ppl']['ppl']:.3f} (FP {metrics['ppl_fp']['ppl']:.3f}) -> {out_dir}")
+          f"ppl {ppl} -> {out_dir}")
 
 
 if __name__ == "__main__":

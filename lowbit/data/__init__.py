@@ -1,4 +1,4 @@
-"""Text sources and token windows: shipped WikiText-2, a text or JSONL file, or a HF dataset id."""
+"""Text sources and token windows: shipped WikiText-2 or LAMBADA passages, a text or JSONL file, or a HF dataset id."""
 from __future__ import annotations
 
 import json
@@ -9,16 +9,17 @@ import torch
 from lowbit.errors import LowbitError
 
 WIKITEXT2 = Path(__file__).parent / "wikitext2"
+SHIPPED = {"wikitext2": WIKITEXT2, "lambada": Path(__file__).parent / "lambada"}  # name -> folder (see its README)
 _SPLITS = {"test": "test.txt", "validation": "valid.txt", "valid": "valid.txt"}
 
 
 def load_text(source: str, split: str = "test") -> str:
-    """Raw text of `source`: 'wikitext2' (shipped, by split), a .txt file, a .jsonl file with a 'text'
-    field, or a Hugging Face dataset id 'name' or 'name:config' (needs the datasets package and a hub)."""
-    if source == "wikitext2":
+    """Raw text of `source`: 'wikitext2' or 'lambada' (shipped, by split), a .txt file, a .jsonl file with a
+    'text' field, or a Hugging Face dataset id 'name' or 'name:config' (needs the datasets package and a hub)."""
+    if source in SHIPPED:
         if split not in _SPLITS:
-            raise LowbitError(f"wikitext2 has splits test and validation, not {split!r}")
-        return (WIKITEXT2 / _SPLITS[split]).read_text(encoding="utf-8")
+            raise LowbitError(f"{source} has splits test and validation, not {split!r}")
+        return (SHIPPED[source] / _SPLITS[split]).read_text(encoding="utf-8")
     path = Path(source).expanduser()
     looks_local = source.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.exists())
     if path.suffix in (".txt", ".jsonl", ".json") or path.exists() or looks_local:

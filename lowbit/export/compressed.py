@@ -130,6 +130,11 @@ def write_compressed_tensors(run: LoadedRun, path: Path) -> list[str]:
     from compressed_tensors.quantization import apply_quantization_config
 
     model = run.model
+    embedding = next((n for n, s in run.schemes.items() if s is not None
+                      and not isinstance(model.get_submodule(n), nn.Linear)), None)
+    if embedding is not None:
+        raise LowbitError(f"compressed-tensors stores quantized linear layers only, not the embedding {embedding}: "
+                          f"rerun without an embedding format (a quantized head exports)")
     _check_block_widths(run)
     config = build_config(run)
     apply_quantization_config(model, config, show_progress=False)

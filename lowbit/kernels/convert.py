@@ -145,6 +145,8 @@ def to_real(model: nn.Module, state: QuantState, compute_dtype: torch.dtype | No
     plans, absorbed = [], set()
     for name, rec in state.weights.items():
         linear = model.get_submodule(name)
+        if isinstance(linear, nn.Embedding):  # a table lookup, not a matmul: stays dequantized
+            continue
         if not isinstance(linear, nn.Linear):
             raise LowbitError(f"{name} is a {type(linear).__name__}, not a linear layer: to_real needs a simulated "
                               f"model (load the run with lowbit.runfolder.load_run)")

@@ -28,9 +28,14 @@ class Selector(Protocol):
 
 
 class GPTQArgs(StepArgs):
-    damp: float = Field(0.01, ge=0)  # added to H's diagonal, as a fraction of its mean diagonal
+    # added to H's diagonal, as a fraction of its mean diagonal; 0.05 (GPTQModel's) generalizes better out of
+    # domain than 0.01 (docs/results.md, "Quality outside the calibration text")
+    damp: float = Field(0.05, ge=0)
     block_size: int = Field(128, gt=0)  # columns updated lazily together
-    act_order: bool = False  # quantize columns by decreasing H_ii (group parameters stay static)
+    # quantize columns by decreasing H_ii: true (group parameters static, from the original weights) or group
+    # (groups ordered by their largest H_ii and kept contiguous, each group's parameters from its compensated
+    # weights when reached: GPTQModel's group-aware order)
+    act_order: bool | Literal["group"] = "group"
     static_groups: bool = False  # group parameters from the original weights (always on with act_order)
     true_sequential: bool = False  # re-collect inputs after each group of linears is quantized (1.4x slower)
     observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
@@ -58,7 +63,8 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, observer: str = "minmax",
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool | str = False,
+                  static_groups: bool = False,
                   gs: torch.Tensor | None = None, mask: torch.Tensor | None = None, select: Selector | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Quantize `w` [out, in] given the Hessian `h` [in, in] of its inputs; returns (dequantized w, scale, zero).
@@ -66,8 +72,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     Scale and zero are shaped like `params_shape(w, spec)`. Columns with H_ii = 0 never see any input:
     they are set to zero. Per-channel and per-tensor parameters come from the whole (original) weight;
     per-group parameters from each group's columns as they are reached, or from the original weight if
-    `static_groups` (forced by `act_order`, so groups stay contiguous in the original column order); 2-D blocks
-    always from the original weight. `gs`: NVFP4's per-tensor scale (shared across fused linears).
+    `static_groups` (forced by `act_order=True`, whose column order splits groups; `act_order="group"` keeps
+    them whole, see `group_order`); 2-D blocks always from the original weight. `gs`: NVFP4's per-tensor scale (shared across fused linears).
 
     Sparsity (SparseGPT, Frantar & Alistarh 2023): weights where `mask` [out, in] is True become exactly zero
     and their error is compensated like a rounding error. `select` fills `mask` in place as columns are
@@ -85,7 +91,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     if mask is not None:
         w.masked_fill_(mask, 0)
     grouped = spec is not None and spec.granularity in ("group", "block")
-    static = spec is None or spec.granularity != "group" or static_groups or act_order or spec.gguf is not None
+    by_group = act_order == "group" and spec is not None and spec.granularity == "group" and spec.gguf is None
+    full_order = bool(act_order) and not by_group
+    static = spec is None or spec.granularity != "group" or static_groups or full_order or spec.gguf is not None
     scale = zero = None
     if spec is not None:
         if gs is None:  # every group's FP8 scale must sit under the same tensor scale
@@ -104,7 +112,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
         else:
             row_scale = torch.empty(rows, cols // spec.group_size)
             row_zero = torch.empty_like(row_scale)
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols)
+    perm = (group_order(h.diagonal(), spec.group_size) if by_group else
+            torch.argsort(h.diagonal(), descending=True) if full_order else torch.arange(cols))
     w, h = w[:, perm], h[perm][:, perm]
     pmask = mask[:, perm] if mask is not None and act_order else mask
     group_of = perm // width if grouped else torch.zeros(cols, dtype=torch.long)
@@ -124,7 +133,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
                 if pmask is not None:
                     chunk = chunk.masked_fill(pmask[:, c:c + spec.group_size], 0)
                 s, z = observe(chunk, col_spec, observer, gs=gs)
-                row_scale[:, c // spec.group_size], row_zero[:, c // spec.group_size] = s[:, 0], z[:, 0]
+                row_scale[:, group_of[c]], row_zero[:, group_of[c]] = s[:, 0], z[:, 0]
             col = w1[:, i]
             qc = col if spec is None else _round_column(col, row_scale[:, group_of[c]], row_zero[:, group_of[c]],
                                                         col_spec)
@@ -140,6 +149,15 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
         return q, scale, zero
     shape = params_shape(q, spec)
     return q, row_scale.reshape(shape), row_zero.reshape(shape)
+
+
+def group_order(diag: torch.Tensor, width: int) -> torch.Tensor:
+    """Column order that visits whole groups of `width`: groups by their largest H_ii, columns within a group by
+    H_ii, both decreasing (the most sensitive columns early, as act-order, without splitting a group)."""
+    per_group = diag.reshape(-1, width)
+    groups = torch.argsort(per_group.max(dim=1).values, descending=True)
+    within = torch.argsort(per_group, dim=1, descending=True)
+    return (within[groups] + groups[:, None] * width).reshape(-1)
 
 
 def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
