@@ -161,3 +161,12 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: boo
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+def model_file_stamps(model_path: str) -> list[str]:
+    """Name, size and mtime of a local model folder's weight and config files: what changes when the model does."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return []
+    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(path.glob("*"))
+            if f.suffix in (".json", ".safetensors", ".bin")]

@@ -33,7 +33,8 @@ from lowbit.eval import perplexity
 from lowbit.eval.streamed import streamed_perplexity
 from lowbit.files import (_STAGING, check_utf8_path, publish, resumable, staging_path, sweep_leftovers, write_atomic,
                           write_error)
-from lowbit.loading import cache_dir, empty_model, load_model, load_skeleton, resolve_model_path
+from lowbit.loading import (cache_dir, empty_model, load_model, load_skeleton, model_file_stamps,
+                            resolve_model_path)
 from lowbit.models import get_adapter
 from lowbit.outer import check_outer, outer_targets, quantize_outer
 from lowbit.pipeline import check_finite, compress, validate
@@ -90,12 +91,7 @@ def text_metrics(key: str, by_text: dict[str, dict]) -> dict:
 def _baseline_key(model_path: str, recipe: Recipe, cfg: EvaluationConfig) -> str:
     """Identify an FP baseline by model files, eval settings of one text, dtype and library versions."""
     parts = [model_path, recipe.dtype, cfg.model_dump_json(), torch.__version__]
-    path = Path(model_path)
-    if path.is_dir():
-        for f in sorted(path.glob("*")):
-            if f.suffix in (".json", ".safetensors", ".bin"):
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    parts += model_file_stamps(model_path)
     if cfg.data not in SHIPPED:
         data = Path(cfg.data)
         parts.append(f"{data.stat().st_mtime_ns}" if data.exists() else "")

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.files import sweep_leftovers, write_atomic
-from lowbit.loading import cache_dir
+from lowbit.loading import cache_dir, model_file_stamps
 
 log = logging.getLogger("lowbit")
 CHUNK = 8  # sequences sampled together (one batch) and cached in one file
@@ -23,12 +23,7 @@ CHUNK = 8  # sequences sampled together (one batch) and cached in one file
 def model_key(model_path: str, model: nn.Module) -> str:
     """Identify the model a generated text came from: its files (name, size, mtime), dtype and torch version."""
     parts = [str(model_path), str(next(model.parameters()).dtype), torch.__version__]
-    path = Path(model_path)
-    if path.is_dir():
-        for f in sorted(path.glob("*")):
-            if f.suffix in (".json", ".safetensors", ".bin"):
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    parts += model_file_stamps(model_path)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
