@@ -43,13 +43,23 @@ def prune(model_path: str, calib: str, method: str, sparsity: float, mask: str, 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cls = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
-    modifier = cls(sparsity=sparsity, mask_structure=mask, targets=["Linear"], ignore=["lm_head"])
+    # lm_head is excluded as on lowbit's side (it is tied to embed_tokens in this model, so pruning it prunes the
+    # embedding too). llm-compressor 0.14's pruning modifiers match `ignore` against "<target name>." with a
+    # trailing dot (sgpt_base.py, on_calibration_start), so the exact name "lm_head" never matches and lm_head
+    # (hence the tied embedding) was pruned; the regex form is what its own warning recommends.
+    modifier = cls(sparsity=sparsity, mask_structure=mask, targets=["Linear"], ignore=["re:.*lm_head"])
+    head = model.get_output_embeddings().weight
+    fingerprint = (int((head == 0).sum()), float(head.abs().sum(dtype=torch.float64)))  # no clone (peak RSS)
     start = time.perf_counter()
     oneshot(model=model, dataset=data, recipe=modifier, max_seq_length=ids.shape[1],
             num_calibration_samples=ids.shape[0])
     seconds = time.perf_counter() - start
     weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     achieved = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    head = model.get_output_embeddings().weight
+    if (int((head == 0).sum()), float(head.abs().sum(dtype=torch.float64))) != fingerprint:
+        raise SystemExit("llm-compressor changed lm_head (tied to embed_tokens): the comparison with lowbit, which "
+                         "leaves it dense, would not be fair; not saving")
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, save_compressed=False)
     tokenizer.save_pretrained(out)
