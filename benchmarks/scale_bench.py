@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/scale_bench.py MODEL_DIR METHOD RESULTS.jsonl [--dtype auto] [--n-samples 8]
        [--seq-len 512] [--label NAME]
-Runs `lowbit run` in a fresh process (threads 2, stream: true, W4 g128 asymmetric, no evaluation), keeps its
+Runs `lowbit run` in a fresh process (threads 2, stream: true, W4 g128 asymmetric, no evaluation, no per-block
+diagnostics: their bf16 forward passes would dominate a data-free RTN run on a CPU without bf16 units), keeps its
 metrics.json and deletes the written model afterwards (random weights, kept only to measure).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     recipe = {"name": label, "model": str(model), "threads": 2, "dtype": args.dtype, "stream": True,
               "weights": {"bits": 4, "group_size": 128, "symmetric": False}, "steps": [args.method],
               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len, "batch_size": 8},
-              "evaluation": None}
+              "evaluation": None, "diagnostics": False}
     recipe_file = work / f"{label}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = work / label

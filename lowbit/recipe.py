@@ -227,6 +227,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = CalibrationConfig()
     evaluation: EvaluationConfig | None = EvaluationConfig()
     save: bool = True
+    diagnostics: bool = True  # per-block errors in blocks.jsonl; false: data-free steps skip every forward pass
     target: str | None = None  # export target the formats must fit (see `lowbit backends`), checked up front
     budget: BudgetConfig | None = None  # choose `layers` automatically (replaced by the chosen map when run)
 

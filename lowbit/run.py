@@ -218,37 +218,39 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     elif recipe.save and main:
         out_dir = Path(out_dir) if explicit else default_out_dir(recipe)
         staging = _staging_folder(out_dir, explicit, need_bytes)
-    if staging is not None:
+    if staging is not None and recipe.diagnostics:
         block_log = BlockLog(staging / "blocks.jsonl")
     handler = _log_to(staging)
     try:
         folder = distributed.broadcast_text(None if staging is None else str(staging))  # checkpoints, on every rank
         # every rank computes the block diagnostics (their sums are combined over ranks); rank 0 logs them
-        diagnose = block_log if main or folder is None else (lambda _report: None)
+        diagnose = (block_log if main or folder is None else (lambda _report: None)) if recipe.diagnostics else None
         result = _run(recipe, plan, steps, staging, progress, device, resume is not None, diagnose,
                       None if folder is None else Path(folder), offload)
         distributed.barrier()  # every rank finished: only now may rank 0 publish
         if staging is not None:
             logging.getLogger("lowbit").removeHandler(handler)
             handler.close()
-            block_log.close()
+            if block_log is not None:
+                block_log.close()
             seal_run(staging, result.metrics["run_id"])
             result.out_dir = publish(staging, out_dir, unique=not explicit)
         return result
     except BaseException as exc:
         if staging is not None and staging.exists():
-            block_log.close()
+            if block_log is not None:
+                block_log.close()
             if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)
                                        or isinstance(exc, distributed.RankLost)):
                 # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
-                if block_log.path.exists():  # readable beside the output while the staging waits for --resume
+                if block_log is not None and block_log.path.exists():  # readable beside the output while the staging waits for --resume
                     copy = staging_path(blocks_log_path(out_dir))
                     shutil.copyfile(block_log.path, copy)
                     publish(copy, blocks_log_path(out_dir), unique=True)
             else:
-                if block_log.path.exists():  # the finished blocks' diagnostics outlive the run
+                if block_log is not None and block_log.path.exists():  # the finished blocks' diagnostics outlive the run
                     publish(block_log.path, blocks_log_path(out_dir), unique=True)
                 shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -86,3 +86,20 @@ def test_interrupted_run_keeps_finished_blocks(tiny_llama, tmp_path, monkeypatch
     assert set(rows[0]["weight_rel_error"]) == LINEARS and rows[0]["output_rel_error"] > 0
     assert main(["report", str(kept[0]), "--blocks"]) == 0
     assert "| 0 |" in capsys.readouterr().out
+
+
+def test_diagnostics_off_skips_every_forward_for_data_free_steps(tiny_llama, tmp_path, monkeypatch):
+    """`diagnostics: false`: no blocks.jsonl, RTN never runs the model, and the weights equal a diagnosed run's."""
+    from safetensors.torch import load_file
+
+    import lowbit.pipeline as pipeline
+
+    on = run_recipe(_recipe(tiny_llama), tmp_path / "on", progress=False)
+    calls = []
+    capture = pipeline.capture_block_inputs
+    monkeypatch.setattr(pipeline, "capture_block_inputs", lambda *a, **k: calls.append(1) or capture(*a, **k))
+    recipe = parse_recipe({**_recipe(tiny_llama).model_dump(), "diagnostics": False})
+    off = run_recipe(recipe, tmp_path / "off", progress=False)
+    assert calls == [] and not (off.out_dir / "blocks.jsonl").exists() and (on.out_dir / "blocks.jsonl").exists()
+    w_on, w_off = (load_file(next((r.out_dir / "model").glob("*.safetensors"))) for r in (on, off))
+    assert w_on.keys() == w_off.keys() and all(torch.equal(w_on[k], w_off[k]) for k in w_on)
