@@ -20,7 +20,7 @@ mixed 3.296875
 # ground truth for the rank correlation: loss increase of every linear alone in W3 g64 (one eval each), on one
 # held-out window of 256 tokens (calibration windows of 256 tokens too, to keep the 240 evaluations affordable)
 run "$OUT/sens-loss-w3g64" "$LB" sensitivity $R --set threads=2 --set calibration.seq_len=256 --formats w3g64 \
-    --metric both --heldout 1 --out "$OUT/sens-loss-w3g64" --quiet
+    --metric all --heldout 1 --out "$OUT/sens-loss-w3g64" --quiet
 uniform 3
 uniform 4
 mixed 3.55

@@ -82,13 +82,15 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     from lowbit.models import get_adapter
     from lowbit.recipe import candidate_formats, load_recipe
     from lowbit.runfolder import write_atomic
-    from lowbit.sensitivity import Candidate, heatmap, heldout_windows, measure, most_sensitive
+    from lowbit.sensitivity import METRICS, Candidate, heatmap, heldout_windows, measure, most_sensitive
 
     recipe = load_recipe(args.recipe, args.set or [])
     if recipe.weights is None:
         raise LowbitError("sensitivity measures weight formats: set weights in the recipe (its symmetry and observer "
                           "apply to the candidates)")
-    metrics = ["hessian", "loss"] if args.metric == "both" else [args.metric]
+    metrics = list(METRICS) if args.metric == "all" else [m for m in args.metric.split(",") if m]
+    if not metrics or any(m not in METRICS for m in metrics):
+        raise LowbitError(f"--metric {args.metric!r}: give hessian, fisher, loss (comma-separated) or all")
     fmts = candidate_formats(recipe, [f for f in args.formats.split(",") if f])
     out = Path(args.out or f"runs/sensitivity-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists():
@@ -113,8 +115,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> None:
     print(f"ten most sensitive linears in {narrowest}:")
     for name, vals in most_sensitive(table, narrowest):
         print(f"  {name:40s} " + "  ".join(f"{m} {v:.4g}" for m, v in vals.items()))
-    for fmt, rho in table.spearman().items():
-        print(f"spearman(hessian, loss) {fmt}: {rho:.3f}")
+    for metric, rhos in table.spearman().items():
+        print(f"spearman({metric}, loss): " + "  ".join(f"{fmt} {rho:.3f}" for fmt, rho in rhos.items()))
     print(f"saved to {out}")
 
 
@@ -442,9 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("sensitivity", help="per-linear error of candidate formats: JSON table, heatmap, top ten")
     se.add_argument("recipe")
     se.add_argument("--formats", default="w2g64,w3g64,w4g64,w8", help="comma-separated candidate formats")
-    se.add_argument("--metric", choices=["hessian", "loss", "both"], default="hessian",
-                    help="hessian: Hessian-weighted output error (cheap); loss: loss increase (one eval per layer "
-                         "and format)")
+    se.add_argument("--metric", default="hessian", metavar="M[,M]",
+                    help="hessian: Hessian-weighted output error (cheapest); fisher: the same weighted per output "
+                         "channel by the loss's Fisher (one backward pass more); loss: loss increase (one eval per "
+                         "layer and format); comma-separated, or all")
     se.add_argument("--heldout", type=POSITIVE, default=4, help="held-out calibration windows to measure on")
     se.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key")
     se.add_argument("--out", help="output folder (default runs/sensitivity-NAME-TIMESTAMP)")

@@ -1,8 +1,11 @@
 """Per-layer sensitivity to candidate weight formats, measured on held-out calibration windows.
 
-Two metrics per linear and format: `hessian`, the cheap one, tr((W-Q) H (W-Q)ᵀ) with H = 2 XᵀX / N the
-held-out Hessian that GPTQ's collection gives (twice the mean squared output error per token), and `loss`,
-the ground truth, the model's loss increase on the held-out windows when only that linear is quantized.
+Three metrics per linear and format: `hessian`, the cheapest, tr((W-Q) H (W-Q)ᵀ) with H = 2 XᵀX / N the
+held-out Hessian that GPTQ's collection gives (twice the mean squared output error per token); `fisher`, the
+same output error per output channel weighted by the diagonal Fisher of that channel (the mean squared gradient
+of the loss with respect to it, from one backward pass of the full-precision model), a second-order estimate of
+the loss increase that, unlike `hessian`, compares layers whose outputs matter differently to the loss; and
+`loss`, the ground truth, the model's loss increase on the held-out windows when only that linear is quantized.
 Q is what the recipe's solver makes of the weight: GPTQ (with the recipe's arguments, on the calibration
 windows' Hessian) if the recipe has a `gptq` step, else round to nearest. Blocks get the same two numbers
 with all their linears quantized. The pass walks the full-precision model with the blockwise pipeline.
@@ -31,7 +34,8 @@ from lowbit.pipeline import compress
 from lowbit.steps.base import Step
 from lowbit.steps.gptq import GPTQArgs, accumulate_hessians, gptq_quantize
 
-METRICS = ("hessian", "loss")
+METRICS = ("hessian", "fisher", "loss")
+CHEAP = ("hessian", "fisher")  # estimates, compared with `loss` by rank correlation
 
 
 @dataclass(frozen=True)
@@ -72,15 +76,16 @@ class SensitivityTable:
                 out[i, j] = row[fmt]
         return out
 
-    def spearman(self) -> dict[str, float]:
-        """Rank correlation of the cheap and the ground-truth metric over all linears, per format and pooled."""
-        names = [n for n, r in self.layers.items() if "loss" in r and "hessian" in r]
-        if not names:
-            return {}
+    def spearman(self) -> dict[str, dict[str, float]]:
+        """Rank correlation of each cheap metric with the ground truth over all linears, per format and pooled."""
+        out = {}
         fmts = list(self.formats)
-        h, lo = self.values("hessian", names, fmts), self.values("loss", names, fmts)
-        out = {f: spearman(h[:, j], lo[:, j]) for j, f in enumerate(fmts)}
-        out["all"] = spearman(h.ravel(), lo.ravel())
+        for metric in CHEAP:
+            names = [n for n, r in self.layers.items() if "loss" in r and metric in r]
+            if names:
+                c, lo = self.values(metric, names, fmts), self.values("loss", names, fmts)
+                out[metric] = {f: spearman(c[:, j], lo[:, j]) for j, f in enumerate(fmts)}
+                out[metric]["all"] = spearman(c.ravel(), lo.ravel())
         return out
 
     def to_json(self) -> str:
@@ -159,10 +164,11 @@ class _Probe(Step):
     name = "sensitivity-probe"
 
     def __init__(self, table: SensitivityTable, candidates: dict[str, Candidate], gptq: GPTQArgs | None,
-                 include: Callable[[str], bool], heldout_ids: torch.Tensor, metrics: Sequence[str], bar: tqdm):
+                 include: Callable[[str], bool], heldout_ids: torch.Tensor, metrics: Sequence[str], bar: tqdm,
+                 fisher: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.table, self.candidates, self.gptq, self.include = table, candidates, gptq, include
-        self.heldout_ids, self.metrics, self.bar = heldout_ids, tuple(metrics), bar
+        self.heldout_ids, self.metrics, self.bar, self.fisher = heldout_ids, tuple(metrics), bar, fisher
 
     @torch.no_grad()
     def on_block(self, ctx: BlockContext) -> None:
@@ -175,21 +181,26 @@ class _Probe(Step):
         h_cal = accumulate_hessians(ctx, groups, x_cal) if self.gptq is not None else {}
         h_ho = accumulate_hessians(ctx, groups, x_ho)
         solved: dict[str, dict[str, torch.Tensor]] = {}
-        block_h = {f: 0.0 for f in self.candidates}
+        cheap = [m for m in CHEAP if m == "hessian" or m in self.metrics]
+        block = {m: {f: 0.0 for f in self.candidates} for m in cheap}
         for group in groups:
             weights = {rel: ctx.block.get_submodule(rel).weight.data.float() for rel in group}
             h = h_ho[group[0]].double()
             for rel, w in weights.items():
-                self.table.layers[ctx.full_name(rel)] = {"shape": list(w.shape), "hessian": {}}
+                self.table.layers[ctx.full_name(rel)] = {"shape": list(w.shape), **{m: {} for m in cheap}}
                 solved[rel] = {}
             for fname, cand in self.candidates.items():
                 for rel, q in _solve_group(weights, h_cal.get(group[0]), cand, self.gptq).items():
                     d = (weights[rel] - q).double()
-                    err = float(((d @ h) * d).sum())
-                    self.table.layers[ctx.full_name(rel)]["hessian"][fname] = err
-                    block_h[fname] += err
+                    per_channel = ((d @ h) * d).sum(1)  # 2 x mean squared output error of each output channel
+                    values = {"hessian": float(per_channel.sum())}
+                    if "fisher" in cheap:  # dL ~ 1/2 sum_c F_c E[dy_c^2], E[dy_c^2] = per_channel / 2
+                        values["fisher"] = float(0.25 * (self.fisher[ctx.full_name(rel)] * per_channel).sum())
+                    for m in cheap:
+                        self.table.layers[ctx.full_name(rel)][m][fname] = values[m]
+                        block[m][fname] += values[m]
                     solved[rel][fname] = q
-        self.table.blocks[ctx.name] = {"hessian": block_h}
+        self.table.blocks[ctx.name] = block
         self.bar.update(1)
         if "loss" in self.metrics:
             self._losses(ctx, x_ho, solved)
@@ -225,13 +236,53 @@ class _Probe(Step):
         self.table.blocks[ctx.name]["loss"] = block_loss
 
 
+def output_fisher(model: nn.Module, adapter: Adapter, include: Callable[[str], bool], ids: torch.Tensor,
+                  batch_size: int) -> dict[str, torch.Tensor]:
+    """Per linear, the mean over tokens of the squared gradient of the summed next-token loss of `ids` with
+    respect to each output channel (the diagonal empirical Fisher of the linear's output), in float64.
+
+    One forward and backward pass of the whole model (weights frozen, only activations need gradients)."""
+    names = {lin: f"{adapter.block_name(i)}.{rel}" for i, block in enumerate(adapter.blocks(model))
+             for rel, lin in adapter.linears(block).items() if include(f"{adapter.block_name(i)}.{rel}")}
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, _args, out: torch.Tensor) -> None:
+        def accumulate(grad: torch.Tensor) -> None:
+            g2 = grad.detach().double().pow(2).reshape(-1, grad.shape[-1]).sum(0)
+            sums[names[module]] = sums.get(names[module], 0) + g2
+        out.register_hook(accumulate)
+
+    def needs_grad(_module: nn.Module, _args, out: torch.Tensor) -> torch.Tensor:
+        return out.detach().requires_grad_(True)  # the graph starts at the embedding output
+
+    handles = [lin.register_forward_hook(hook) for lin in names]
+    handles.append(model.get_input_embeddings().register_forward_hook(needs_grad))
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for s in range(0, ids.shape[0], batch_size):
+                batch = ids[s: s + batch_size]
+                logits = model(batch).logits[:, :-1].float()
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                reduction="sum").backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    tokens = ids.numel()
+    return {name: sums[name] / tokens for name in names.values()}
+
+
 def measure(model: nn.Module, adapter: Adapter, candidates: dict[str, Candidate], gptq: GPTQArgs | None,
             include: Callable[[str], bool], calib_ids: torch.Tensor, heldout_ids: torch.Tensor,
             metrics: Sequence[str] = ("hessian",), batch_size: int = 8, progress: bool = True) -> SensitivityTable:
     """The sensitivity table of every linear `include` accepts (model left unchanged)."""
     bad = [m for m in metrics if m not in METRICS]
     if bad:
-        raise LowbitError(f"unknown sensitivity metric {bad[0]!r}: choose hessian, loss or both")
+        raise LowbitError(f"unknown sensitivity metric {bad[0]!r}: choose from {', '.join(METRICS)} or all")
     table = SensitivityTable({n: c.key() for n, c in candidates.items()},
                              "gptq" if gptq is not None else "rtn", heldout_ids.numel())
     blocks = adapter.blocks(model)
@@ -240,7 +291,8 @@ def measure(model: nn.Module, adapter: Adapter, candidates: dict[str, Candidate]
         n_lin = len([r for r in adapter.linear_order if include(f"{adapter.block_name(0)}.{r}")])
         per_block += (n_lin + 1) * len(candidates)
     with tqdm(total=len(blocks) * per_block + ("loss" in metrics), desc="sensitivity", disable=not progress) as bar:
-        probe = _Probe(table, candidates, gptq, include, heldout_ids, metrics, bar)
+        fisher = output_fisher(model, adapter, include, heldout_ids, batch_size) if "fisher" in metrics else None
+        probe = _Probe(table, candidates, gptq, include, heldout_ids, metrics, bar, fisher)
         compress(model, adapter, FormatPlan(batch_size=batch_size), [probe],
                  torch.cat([calib_ids, heldout_ids]), progress=False)
     return table
@@ -263,7 +315,7 @@ def heldout_windows(tokens: torch.Tensor, n_cal: int, seq_len: int, n: int, seed
 
 def most_sensitive(table: SensitivityTable, fmt: str, k: int = 10) -> list[tuple[str, dict[str, float]]]:
     """The k linears with the largest loss increase in format `fmt` (hessian error if loss was not measured)."""
-    metric = "loss" if "loss" in table.metrics() else "hessian"
+    metric = next(m for m in ("loss", "fisher", "hessian") if m in table.metrics())
     rows = sorted(table.layers.items(), key=lambda kv: -kv[1][metric][fmt])
     return [(name, {m: row[m][fmt] for m in METRICS if m in row}) for name, row in rows[:k]]
 
@@ -291,7 +343,7 @@ def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:
             grids.append(grid)
         allv = np.concatenate([g.ravel() for g in grids])
         allv = allv[np.isfinite(allv)]
-        if metric == "hessian":
+        if metric in CHEAP:  # non-negative by construction: log scale
             pos = allv[allv > 0]
             norm = LogNorm(vmin=pos.min() if pos.size else 1e-12, vmax=max(pos.max() if pos.size else 1, 1e-12))
         else:
@@ -299,11 +351,12 @@ def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:
             norm = SymLogNorm(linthresh=max(span * 1e-3, 1e-6), vmin=-span, vmax=span)
         for fi, (fmt, grid) in enumerate(zip(fmts, grids)):
             ax = axes[fi, mi]
-            im = ax.imshow(grid, aspect="auto", cmap="viridis" if metric == "hessian" else "RdBu_r", norm=norm,
+            im = ax.imshow(grid, aspect="auto", cmap="viridis" if metric in CHEAP else "RdBu_r", norm=norm,
                            interpolation="nearest")
             ax.set_yticks(range(len(rels)), rels if mi == 0 else [], fontsize=7)
             ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=6)
-            label = "output error tr(ΔHΔᵀ)" if metric == "hessian" else "loss increase (nats/token)"
+            label = {"hessian": "output error tr(ΔHΔᵀ)", "fisher": "Fisher-weighted output error (nats/token, est.)",
+                     "loss": "loss increase (nats/token)"}[metric]
             ax.set_title(f"{fmt}: {label}", fontsize=8, loc="left")
             fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
         axes[-1, mi].set_xlabel("block", fontsize=8)

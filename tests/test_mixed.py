@@ -66,7 +66,7 @@ def _tiny_table(path, formats, metric="hessian"):
     recipe = parse_recipe({**TINY_RECIPE, "model": str(path)})
     cands = {f: Candidate(f, format_from_name(f, recipe.weights).spec(), recipe.weights.observer) for f in formats}
     table = measure(model, adapter, cands, None, lambda n: True, calib, heldout_windows(tokens, 4, 64, 2, 0),
-                    [metric], progress=False)
+                    [metric] if isinstance(metric, str) else metric, progress=False)
     linears = {f"{adapter.block_name(i)}.{r}": m for i, b in enumerate(adapter.blocks(model))
                for r, m in adapter.linears(b).items()}
     return model, adapter, table, cands, linears, tokens, calib
@@ -112,6 +112,36 @@ def test_hessian_metric_is_the_heldout_output_error_and_loss_metric_the_model_lo
     assert table.layers[name]["loss"]["w2g32"] == pytest.approx(quantized - base, abs=2e-5)
     assert table.base_loss == pytest.approx(base, abs=2e-5)
     assert set(table.blocks) == {"model.layers.0", "model.layers.1"}
+
+
+def test_fisher_metric_weights_each_output_channel_error_by_the_loss_gradient(tiny_llama):
+    """fisher = 1/4 sum_c E_t[(dL/dy_tc)^2] (2 E_t[dy_tc^2]) for L the summed held-out loss, computed here with
+    autograd on the model directly; it sits next to the hessian value of the same solve and is non-negative."""
+    model, _, table, cands, linears, tokens, _ = _tiny_table(tiny_llama, ["w2g32", "w3g32"], ["fisher", "loss"])
+    heldout = heldout_windows(tokens, 4, 64, 2, 0)
+    name = "model.layers.0.self_attn.o_proj"
+    lin = linears[name]
+    seen = {}
+
+    def keep(_m, args, out):
+        seen["x"] = args[0].detach().reshape(-1, args[0].shape[-1])
+        out.retain_grad()
+        seen["y"] = out
+
+    handle = lin.register_forward_hook(keep)
+    model.zero_grad()
+    model(heldout, labels=heldout).loss.mul(heldout[:, 1:].numel()).backward()
+    handle.remove()
+    model.zero_grad()
+    g = seen["y"].grad.double().reshape(-1, lin.out_features).pow(2).mean(0)
+    x, w = seen["x"].double(), lin.weight.data.double()
+    for fmt in ("w2g32", "w3g32"):
+        d = w - solve_weight(lin.weight.data, None, cands[fmt], None).double()
+        per_channel = 2 * ((x @ d.T) ** 2).sum(0) / x.shape[0]
+        assert table.layers[name]["fisher"][fmt] == pytest.approx(0.25 * (g * per_channel).sum().item(), rel=1e-4)
+        assert table.layers[name]["hessian"][fmt] == pytest.approx(per_channel.sum().item(), rel=1e-4)
+    assert set(table.spearman()) == {"hessian", "fisher"}
+    assert all(row["fisher"]["w2g32"] > 0 for row in table.layers.values())
 
 
 def test_budget_run_resolves_to_a_layers_map_that_reruns_identically(tiny_llama, tmp_path):
@@ -197,11 +227,11 @@ def test_sensitivity_cli_writes_table_heatmap_and_top_ten(capsys, tiny_llama, tm
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**TINY_RECIPE, "model": str(tiny_llama)}))
     capsys.readouterr()
-    assert main(["sensitivity", str(path), "--formats", "w2g32,w4g32", "--metric", "both", "--heldout", "2",
+    assert main(["sensitivity", str(path), "--formats", "w2g32,w4g32", "--metric", "hessian,loss", "--heldout", "2",
                  "--out", str(tmp_path / "s"), "--quiet"]) == 0
     out = capsys.readouterr().out
     table = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
-    assert len(table["layers"]) == 14 and set(table["spearman"]) == {"w2g32", "w4g32", "all"}
+    assert len(table["layers"]) == 14 and set(table["spearman"]["hessian"]) == {"w2g32", "w4g32", "all"}
     top = [line.split()[0] for line in out.splitlines()[1:11]]
     by_loss = sorted(table["layers"], key=lambda n: -table["layers"][n]["loss"]["w2g32"])
     assert top == by_loss[:10]
