@@ -1,6 +1,7 @@
 """Perplexity against size of uniform and budgeted mixed-precision runs (their metrics.json), as a PNG and a table.
 
-Usage: python benchmarks/mixed_plot.py OUT.png RUN_DIR ...   (runs named uniform-* and mixed-*)
+Usage: python benchmarks/mixed_plot.py OUT.png RUN_DIR ...   (uniform runs, and budgeted runs: one curve per
+allocation metric)
 """
 from __future__ import annotations
 
@@ -15,22 +16,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load(dirs: list[str]) -> dict[str, list[dict]]:
-    """metrics.json of each run, split into the uniform and the mixed curve, each sorted by size."""
-    curves: dict[str, list[dict]] = {"uniform": [], "mixed": []}
+    """metrics.json of each run, split into the uniform curve and one mixed curve per allocation metric, each
+    sorted by size."""
+    curves: dict[str, list[dict]] = {"uniform": []}
     for d in dirs:
         m = json.loads((Path(d) / "metrics.json").read_text())
-        curves["mixed" if "allocation" in m else "uniform"].append(m)
+        key = f"mixed, {m['allocation']['metric']} metric" if "allocation" in m else "uniform"
+        curves.setdefault(key, []).append(m)
     return {k: sorted(v, key=lambda m: m["size_mb"]) for k, v in curves.items()}
 
 
 def main(out: str, dirs: list[str]) -> None:
     curves = load(dirs)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, style in (("uniform", "o-"), ("mixed", "s--")):
+    for label, style in zip(curves, ("o-", "s--", "^-.", "v:")):
         rows = curves[label]
         if rows:
             ax.plot([m["size_mb"] for m in rows], [m["ppl"]["ppl"] for m in rows], style,
-                    label=f"{label} (GPTQ act-order + mse)" if label == "uniform" else "mixed precision (allocated)")
+                    label="uniform (GPTQ act-order + mse)" if label == "uniform" else f"{label} (same solver)")
     for m in curves["uniform"]:
         ax.annotate(m["weights"].split(" asym")[0], (m["size_mb"], m["ppl"]["ppl"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
@@ -45,12 +48,13 @@ def main(out: str, dirs: list[str]) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    print("| run | weights | avg bits | size MB | ppl |\n|---|---|---|---|---|")
-    for label in ("uniform", "mixed"):
-        for m in curves[label]:
+    print("| run | weights | avg bits | size MB | WikiText-2 ppl | LAMBADA ppl |\n|---|---|---|---|---|---|")
+    for rows in curves.values():
+        for m in rows:
             bits = m["allocation"]["avg_bits"] if "allocation" in m else ""
+            ood = m.get("ppl_texts", {}).get("lambada", {}).get("ppl")
             print(f"| {m['name']} | {m['weights']} | {bits and f'{bits:.3f}'} | {m['size_mb']:.2f} | "
-                  f"{m['ppl']['ppl']:.3f} |")
+                  f"{m['ppl']['ppl']:.3f} | {'-' if ood is None else f'{ood:.3f}'} |")
 
 
 if __name__ == "__main__":
