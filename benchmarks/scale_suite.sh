@@ -19,4 +19,5 @@ bash benchmarks/resume_check.sh "$R/resume" > "$R/resume.txt" 2>&1
 synth llama-3.2-3b llama-3.2-3b
 bench "$R/llama-3.2-3b" rtn "$R/results.jsonl"
 bench "$R/llama-3.2-1b" gptq "$R/results.jsonl" --dtype float32
+$PY benchmarks/scale_plot.py "$R/results.jsonl" "$R/scale_memory.png"
 echo "end $(date -u)"
