@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 
 def load(dirs: list[str]) -> dict[str, list[dict]]:
@@ -41,6 +42,8 @@ def main(out: str, dirs: list[str]) -> None:
     if fp:
         ax.axhline(fp, color="grey", lw=0.8, ls=":", label=f"FP32 ({fp:.2f})")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("size MB (codes, scales, zero points; other parameters at 16 bits)")
     ax.set_ylabel("WikiText-2 perplexity (8188 tokens)")
     ax.set_title("SmolLM2-135M: perplexity vs size", fontsize=10)
