@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("sensitivity", help="per-linear error of candidate formats: JSON table, heatmap, top ten")
     se.add_argument("recipe")
     se.add_argument("--formats", default="w2g64,w3g64,w4g64,w8", help="comma-separated candidate formats")
-    se.add_argument("--metric", default="hessian", metavar="M[,M]",
+    se.add_argument("--metric", default="hessian,fisher", metavar="M[,M]",
                     help="hessian: Hessian-weighted output error (cheapest); fisher: the same weighted per output "
                          "channel by the loss's Fisher (one backward pass more); loss: loss increase (one eval per "
                          "layer and format); comma-separated, or all")

@@ -116,7 +116,7 @@ class BudgetConfig(_Strict):
     avg_bits: float | None = Field(None, gt=0)
     size_mb: float | None = Field(None, gt=0)
     formats: list[str] = DEFAULT_CANDIDATES
-    metric: Literal["hessian", "fisher", "loss"] = "hessian"  # predicted loss per layer (see lowbit.sensitivity)
+    metric: Literal["hessian", "fisher", "loss"] = "fisher"  # predicted loss per layer (see lowbit.sensitivity)
     sensitivity: str | None = None  # a table written by `lowbit sensitivity` (else measured at the start of the run)
     heldout: int = Field(4, gt=0)  # held-out calibration windows the sensitivity is measured on
 
