@@ -97,8 +97,9 @@ def read_blocks(path: str | Path) -> list[dict]:
     if path.is_dir():
         path = path / "blocks.jsonl"
     if not path.is_file():
-        raise LowbitError(f"no block diagnostics at {path}: give a run folder written by 'lowbit run' or the "
-                          f"OUT.blocks.jsonl an interrupted or killed run leaves next to its output folder")
+        raise LowbitError(f"no block diagnostics at {path}: give a run folder written by 'lowbit run' (without "
+                          f"diagnostics: false) or the OUT.blocks.jsonl an interrupted or killed run leaves next to "
+                          f"its output folder")
     rows = []
     for line in path.read_text().splitlines():
         try:
