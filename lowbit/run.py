@@ -224,7 +224,7 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     try:
         folder = distributed.broadcast_text(None if staging is None else str(staging))  # checkpoints, on every rank
         # every rank computes the block diagnostics (their sums are combined over ranks); rank 0 logs them
-        diagnose = (block_log if main or folder is None else (lambda _report: None)) if recipe.diagnostics else None
+        diagnose = None if not recipe.diagnostics else block_log if main or folder is None else (lambda _report: None)
         result = _run(recipe, plan, steps, staging, progress, device, resume is not None, diagnose,
                       None if folder is None else Path(folder), offload)
         distributed.barrier()  # every rank finished: only now may rank 0 publish
@@ -240,17 +240,18 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
         if staging is not None and staging.exists():
             if block_log is not None:
                 block_log.close()
+            logged = block_log is not None and block_log.path.exists()
             if resumable(staging) and (resume is not None or not isinstance(exc, LowbitError)
                                        or isinstance(exc, distributed.RankLost)):
                 # interrupted or crashed (not refused), or a refused resume: never delete what may be resumed
                 log.warning("unfinished run kept in %s: continue it with --resume %s", staging, staging)
                 exc.resumable = str(staging)
-                if block_log is not None and block_log.path.exists():  # readable beside the output while the staging waits for --resume
+                if logged:  # readable beside the output while the staging waits for --resume
                     copy = staging_path(blocks_log_path(out_dir))
                     shutil.copyfile(block_log.path, copy)
                     publish(copy, blocks_log_path(out_dir), unique=True)
             else:
-                if block_log is not None and block_log.path.exists():  # the finished blocks' diagnostics outlive the run
+                if logged:  # the finished blocks' diagnostics outlive the run
                     publish(block_log.path, blocks_log_path(out_dir), unique=True)
                 shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -7,8 +7,8 @@ of the loss with respect to it, from one backward pass of the full-precision mod
 the loss increase that, unlike `hessian`, compares layers whose outputs matter differently to the loss; and
 `loss`, the ground truth, the model's loss increase on the held-out windows when only that linear is quantized.
 Q is what the recipe's solver makes of the weight: GPTQ (with the recipe's arguments, on the calibration
-windows' Hessian) if the recipe has a `gptq` step, else round to nearest. Blocks get the same two numbers
-with all their linears quantized. The pass walks the full-precision model with the blockwise pipeline.
+windows' Hessian) if the recipe has a `gptq` step, else round to nearest. Blocks get the same numbers with
+all their linears quantized. The pass walks the full-precision model with the blockwise pipeline.
 """
 from __future__ import annotations
 
@@ -355,8 +355,8 @@ def heatmap(table: SensitivityTable, path: str | Path, title: str = "") -> None:
                            interpolation="nearest")
             ax.set_yticks(range(len(rels)), rels if mi == 0 else [], fontsize=7)
             ax.set_xticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=6)
-            label = {"hessian": "output error tr(ΔHΔᵀ)", "fisher": "Fisher-weighted output error (nats/token, est.)",
-                     "loss": "loss increase (nats/token)"}[metric]
+            label = {"hessian": "output error tr(ΔHΔᵀ)", "loss": "loss increase (nats/token)",
+                     "fisher": "Fisher-weighted output error (nats/token, est.)"}[metric]
             ax.set_title(f"{fmt}: {label}", fontsize=8, loc="left")
             fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=6)
         axes[-1, mi].set_xlabel("block", fontsize=8)
