@@ -112,7 +112,7 @@ class BlockIO:
             inputs = distributed.gather(inputs, bs)
             fp_inputs = None if fp_inputs is None else distributed.gather(fp_inputs, bs)
             if distributed.is_main():
-                self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state)
+                self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state, ctx.name + ".")
 
     def finish(self, model: torch.nn.Module, adapter) -> None:
         """Streamed: write the tensors outside the blocks (unchanged: streamed steps change only blocks) as the
@@ -134,6 +134,7 @@ def _merge_state(mctx: "ModelContext", loaded, finished: int) -> None:
     state = mctx.state
     state.weights.update(loaded.weights)
     state.transforms.update(loaded.transforms)
+    state.masks.update(loaded.masks)
     for kind in ("input_quantizers", "output_quantizers"):
         table = getattr(state, kind)
         for name, q in getattr(loaded, kind).items():

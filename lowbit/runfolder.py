@@ -52,7 +52,7 @@ def write_state(state: QuantState, directory: Path) -> None:
                 tensors[f"{name}.{kind}_zero"] = q.zero.contiguous()
     for name, mask in state.masks.items():
         tensors[f"{name}.weight_mask"] = mask.to(torch.uint8).contiguous()
-    write_atomic(directory / "quant_state.json", json.dumps(meta, indent=1))
+    write_atomic(directory / "quant_state.json", json.dumps(meta, indent=1, sort_keys=True))  # order-free bytes
     write_atomic(directory / "quant_state.safetensors", save(tensors))
 
 

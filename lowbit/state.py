@@ -83,6 +83,19 @@ class QuantState:
         cfg = self.transforms.get(name)
         return INPUT_TRANSFORMS[cfg["kind"]](cfg, module) if cfg else None
 
+    def select(self, keep: Callable[[str], bool]) -> "QuantState":
+        """The entries whose module names `keep` accepts (sharing their tensors; no hooks)."""
+        return QuantState({n: r for n, r in self.weights.items() if keep(n)},
+                          {n: q for n, q in self.input_quantizers.items() if keep(n)},
+                          {n: q for n, q in self.output_quantizers.items() if keep(n)},
+                          {n: t for n, t in self.transforms.items() if keep(n)},
+                          {n: m for n, m in self.masks.items() if keep(n)})
+
+    def update(self, other: "QuantState") -> None:
+        """Add (or replace) every entry of `other` (hooks are not touched: call `install`)."""
+        for table in ("weights", "input_quantizers", "output_quantizers", "transforms", "masks"):
+            getattr(self, table).update(getattr(other, table))
+
     def quantizers(self, prefix: str = "") -> list[ActQuantizer]:
         return [q for n, q in (*self.input_quantizers.items(), *self.output_quantizers.items()) if n.startswith(prefix)]
 

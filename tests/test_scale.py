@@ -348,3 +348,20 @@ def test_budget_offloads_activations_instead_of_refusing(sharded, tmp_path):
     assert plan.offload == "disk" and plan.peak["cpu"] <= plan.budget["cpu"]
     with pytest.raises(LowbitError, match="offload: disk"):
         plan_run(parse_recipe({**tight, "offload": "none"}), probe=False)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_resumed_sparse_run_keeps_the_finished_blocks_masks(sharded, tmp_path, monkeypatch, stream):
+    base = recipe(sharded, stream=stream, weights={"bits": 4, "group_size": 32},
+                  steps=[{"sparsegpt": {"ratio": 0.5}}, "gptq"])
+    full = run_recipe(parse_recipe(base), tmp_path / "full", progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(parse_recipe(base), tmp_path / "cut", progress=False)
+    resumed = run_recipe(parse_recipe(base), progress=False, resume=tmp_path / "cut")
+    assert_same_weights(tmp_path / "full", tmp_path / "cut")
+    assert resumed.metrics.get("sparsity") == full.metrics.get("sparsity")
+    assert len(resumed.state.masks) == len(full.state.masks) == 3 * 7
+    for name in ("quant_state.json", "quant_state.safetensors"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
