@@ -43,6 +43,8 @@ more)
   run wanda-4of8 --set "steps=[{wanda: {pattern: '4:8'}}]"
   run sparsegpt-4of8 --set "steps=[{sparsegpt: {pattern: '4:8'}}]"
   run magnitude-4of8 --set "steps=[{magnitude: {pattern: '4:8'}}]"
-  run shortgpt-25 --set "steps=[{shortgpt: {target: 0.25}}]" ;;
+  run shortgpt-25 --set "steps=[{shortgpt: {target: 0.25}}]"
+  run owl-magnitude-70 --set "steps=[{owl: {target: 0.7}}, magnitude]"
+  run learned-magnitude-70 --set "steps=[{learned: {target: 0.7}}, magnitude]" ;;
 esac; done
 "${LB[@]}" report "$OUT"/*/ > "$OUT/table.md"
