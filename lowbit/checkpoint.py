@@ -5,8 +5,8 @@ calibration inputs (quantized and, when kept, full-precision path), the random g
 quantization state of everything outside the finished blocks, and a manifest with the SHA-256 of these files,
 of every finished block's weights file and of its quantization state (written once, when the block finishes,
 to `checkpoint/blocks/state-NNNNN`: sparsity masks are as large as the weights, so rewriting all of them at
-every checkpoint would grow quadratically with the depth of the model). It is written under a temporary name and renamed, then older ones are removed, so a process
-killed at any moment leaves the newest complete checkpoint (at most the block in progress is lost).
+every checkpoint would grow quadratically with the depth of the model). It is written under a temporary name
+and renamed, then older ones are removed, so a process killed at any moment leaves the newest complete checkpoint (at most the block in progress is lost).
 A resume refuses a checkpoint whose recipe fingerprint differs (foreign) or whose files do not match their
 hashes (corrupted), with a one-line error.
 """
@@ -52,7 +52,7 @@ class Checkpoints:
         self.root = self.run_dir / "checkpoint"
         self.fingerprint = fingerprint
         self.block_hashes: dict[str, str] = {}  # run-folder-relative path of each finished block's file -> hash
-        self.states: list[dict] = []  # each finished block's state folder: {"dir", "prefix", "files": {name: hash}}
+        self.states: dict[str, dict] = {}  # block name prefix -> its state folder: {"dir", "files": {name: hash}}
 
     def block_dir(self) -> Path:
         """Where finished blocks' weights go when the output model is not written block by block."""
@@ -71,10 +71,9 @@ class Checkpoints:
         part = self.block_dir() / f"state-{finished - 1:05d}"
         part.mkdir(exist_ok=True)
         write_state(state.select(lambda n: n.startswith(block_prefix)), part)
-        self.states = [s for s in self.states if s["prefix"] != block_prefix]
-        self.states.append({"dir": str(part.relative_to(self.run_dir)), "prefix": block_prefix,
-                            "files": {p.name: file_sha256(p) for p in sorted(part.iterdir())}})
-        done = tuple(s["prefix"] for s in self.states)
+        self.states[block_prefix] = {"dir": str(part.relative_to(self.run_dir)),
+                                     "files": {p.name: file_sha256(p) for p in sorted(part.iterdir())}}
+        done = tuple(self.states)
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
         tensors = {"inputs": inputs.detach().cpu().contiguous(), "rng": torch.get_rng_state()}
         if fp_inputs is not None:
@@ -121,19 +120,19 @@ class Checkpoints:
             self._verify(path / name, digest)
         for rel, digest in manifest["blocks"].items():
             self._verify(self.run_dir / rel, digest)
-        for part in manifest["states"]:
+        for part in manifest["states"].values():
             for name, digest in part["files"].items():
                 self._verify(self.run_dir / part["dir"] / name, digest)
         try:
             tensors = load_file(str(path / "inputs.safetensors"))
             state = load_state(path)
-            for part in manifest["states"]:
+            for part in manifest["states"].values():
                 state.update(load_state(self.run_dir / part["dir"]))
         except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
             raise LowbitError(f"checkpoint {path} is unreadable ({exc}): remove {self.run_dir} and start again") from None
         torch.set_rng_state(tensors["rng"])
         self.block_hashes = dict(manifest["blocks"])
-        self.states = list(manifest["states"])
+        self.states = dict(manifest["states"])
         files = {}
         for rel in manifest["blocks"]:
             match = re.search(r"(\d+)", Path(rel).name)
