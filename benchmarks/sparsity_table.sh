@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Post-training sparsity on the embedded model (docs/results.md, "Sparsity"), most informative rows first.
-# Usage: bash benchmarks/sparsity_table.sh OUT_DIR GROUP...   GROUP: first second more grid
+# Usage: bash benchmarks/sparsity_table.sh OUT_DIR GROUP...   GROUP: first second more grid (= grid-owl grid-learned)
 # On a shared machine run each group under the bench lock: flock LOCK bash benchmarks/sparsity_table.sh OUT first
 # Evaluation on the first $TOKENS (default 8192) WikiText-2 test tokens; 64 x 512 calibration tokens; 2 threads.
 set -euo pipefail
@@ -46,9 +46,12 @@ more)
   run shortgpt-25 --set "steps=[{shortgpt: {target: 0.25}}]"
   run owl-magnitude-70 --set "steps=[{owl: {target: 0.7}}, magnitude]"
   run learned-magnitude-70 --set "steps=[{learned: {target: 0.7}}, magnitude]" ;;
-grid)  # the rest of the allocation grid: OWL and learned allocation at 50, 60 and 80% for each pruning step
+grid|grid-owl)  # the rest of the allocation grid: OWL and learned allocation at 50, 60 and 80% per pruning step
   for r in 50 60 80; do for m in wanda sparsegpt magnitude; do
     run owl-$m-$r --set "steps=[{owl: {target: 0.$r}}, $m]"
+  done; done ;;&
+grid|grid-learned)
+  for r in 50 60 80; do for m in wanda sparsegpt magnitude; do
     run learned-$m-$r --set "steps=[{learned: {target: 0.$r}}, $m]"
   done; done ;;
 esac; done

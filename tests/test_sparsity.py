@@ -128,46 +128,6 @@ def test_learned_allocation_moves_rates_by_the_output_loss(tiny_llama):
     assert max(learned.values()) - min(learned.values()) > 0.02
 
 
-def test_obs_saliency_is_the_compensated_error_of_removing_one_weight():
-    """w²/[H⁻¹]_jj is the output error of removing weight j with the best update of the others (least squares)."""
-    from lowbit.steps.learned import obs_saliency
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 12, generator=gen, dtype=torch.float64) @ torch.randn(12, 12, generator=gen,
-                                                                             dtype=torch.float64)
-    w = torch.randn(3, 12, generator=gen, dtype=torch.float64)
-    saliency = obs_saliency((x.T @ x).float(), w.float(), damp=0.0)
-    for row in range(3):
-        for j in (0, 5, 11):
-            others = [k for k in range(12) if k != j]
-            target = x @ w[row]
-            best = torch.linalg.lstsq(x[:, others], target[:, None]).solution[:, 0]
-            assert float(saliency[row, j]) == pytest.approx(float((target - x[:, others] @ best).pow(2).sum()),
-                                                            rel=1e-4)
-
-
-def test_sparsegpt_surrogate_matches_sparsegpts_error_at_each_rate():
-    """Before SparseGPT the learned allocation removes a(r) of each pruned weight: at the grid rates the layer's
-    output error then equals SparseGPT's own, and a < 1 because SparseGPT's update recovers part of the removal."""
-    from lowbit.steps.learned import obs_saliency, rank_scores, sparsegpt_keep
-    from lowbit.steps.sparsegpt import SparseGPTArgs
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 16, generator=gen) @ torch.randn(16, 64, generator=gen)  # inputs near a 16-dim subspace
-    x += 0.1 * torch.randn(512, 64, generator=gen)
-    w = torch.randn(32, 64, generator=gen)
-    h = x.T @ x / x.shape[0]
-    ranks = rank_scores(obs_saliency(h, w, 0.01), "layer")
-    args = SparseGPTArgs()
-    keep = sparsegpt_keep(h, w, [0.5, 0.7], args, ranks)
-    assert bool((keep > 0.05).all() and (keep < 0.95).all())
-    mask = torch.zeros_like(w, dtype=torch.bool)
-    q, _, _ = gptq_quantize(w, h, None, damp=0.01, mask=mask, select=ObsSelector(128, 0.7, Pattern(), "layer"))
-    surrogate = w * (ranks.float() < 0.7) * keep[1]
-    assert float(((surrogate @ h) * surrogate).sum()) == pytest.approx(float((((w - q) @ h) * (w - q)).sum()),
-                                                                       rel=1e-3)
-
-
 def test_shortgpt_removes_the_least_influential_blocks_exactly(calib_ids):
     model = make_tiny("llama")
     blocks = get_adapter(model).blocks(model)

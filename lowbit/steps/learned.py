@@ -11,12 +11,6 @@ model's on calibration windows. After every Adam step the rates are projected ba
 common shift, found by bisection, so the size-weighted mean rate equals the target, within [lo, hi]); the
 final rates are rounded to whole weights with the error carried across layers, so the global rate lands
 on the target up to one weight per row. The next pruning step then prunes each layer at its learned rate.
-
-Before SparseGPT the surrogate follows what SparseGPT does: the score is the OBS saliency w²/[H⁻¹]_jj, and the
-pruned weights are only partly removed, by a factor a_l(t) per layer, so that at each of three rates (the lowest,
-the target, the highest) the layer's output error Δ H Δᵀ under the hard mask equals that of SparseGPT itself
-(measured by pruning the layer with SparseGPT on the dense path's Hessian); a_l is linear between those rates.
-Layers where SparseGPT's weight update recovers most of the removal error then take more of the budget.
 """
 from __future__ import annotations
 
@@ -30,18 +24,8 @@ from torch.nn.utils import parametrize
 
 from lowbit import distributed
 from lowbit.context import BlockContext, ModelContext
-from lowbit.sparsity import (
-    Pattern,
-    block_linears,
-    dense_pass,
-    global_rate,
-    input_sq_norms,
-    project_to_target,
-    round_ratios,
-)
+from lowbit.sparsity import block_linears, dense_pass, global_rate, input_sq_norms, project_to_target, round_ratios
 from lowbit.steps.base import Step, StepArgs, register_step
-from lowbit.steps.gptq import accumulate_hessians, gptq_quantize
-from lowbit.steps.sparsegpt import ObsSelector, SparseGPTArgs
 
 log = logging.getLogger("lowbit")
 
@@ -67,61 +51,24 @@ def rank_scores(score: torch.Tensor, group: str) -> torch.Tensor:
     return (ranks / flat.shape[1]).reshape(score.shape).to(torch.float16)
 
 
-def sparsegpt_keep(h: torch.Tensor, w: torch.Tensor, rates: list[float], prune: SparseGPTArgs,
-                   ranks: torch.Tensor) -> torch.Tensor:
-    """For each rate, sqrt of SparseGPT's output error over the error of removing the same share of weights by
-    `ranks` without an update (both as ΔHΔᵀ on the Hessian H): the fraction of removal the surrogate applies."""
-    out = []
-    for r in rates:
-        mask = torch.zeros_like(w, dtype=torch.bool)
-        select = ObsSelector(prune.block_size, r, Pattern(), prune.group)
-        q, _, _ = gptq_quantize(w, h, None, damp=prune.damp, block_size=prune.block_size, mask=mask, select=select)
-        removed = w.float() * (ranks.float() < r)
-        err = [float(((d @ h) * d).sum()) for d in (w.float() - q, removed)]
-        out.append(min(1.0, (err[0] / max(err[1], 1e-30)) ** 0.5))
-    return torch.tensor(out)
-
-
-def obs_saliency(h: torch.Tensor, w: torch.Tensor, damp: float) -> torch.Tensor:
-    """w²/[H⁻¹]_jj: the output error of removing one weight with the best update of the others (OBS)."""
-    hd = h.double() + damp * h.diagonal().double().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=torch.float64)
-    return (w.double().pow(2) / torch.linalg.inv(hd).diagonal().clamp_min(1e-30)[None, :]).float()
-
-
 class SoftMask(nn.Module):
-    """Weight parametrization W · sigmoid((rank - t) / τ), with t one entry of a shared rate vector; with a `keep`
-    curve (values at `grid` rates), the pruned part is removed only by a(t): W · (1 - (1 - m) · a(t))."""
+    """Weight parametrization W · sigmoid((rank - t) / τ), with t one entry of a shared rate vector."""
 
-    def __init__(self, ranks: torch.Tensor, rates: nn.Parameter, index: int, tau: float,
-                 keep: torch.Tensor | None = None, grid: torch.Tensor | None = None):
+    def __init__(self, ranks: torch.Tensor, rates: nn.Parameter, index: int, tau: float):
         super().__init__()
         self.register_buffer("ranks", ranks)
-        self.keep, self.grid = keep, grid
         self.rates, self.index, self.tau = rates, index, tau
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        t = self.rates[self.index]
-        m = torch.sigmoid((self.ranks.float() - t) / self.tau)
-        if self.keep is None:
-            return weight * m
-        k = int(torch.searchsorted(self.grid[1:-1], t.detach()))  # segment of the piecewise-linear a(t)
-        frac = ((t - self.grid[k]) / (self.grid[k + 1] - self.grid[k])).clamp(0, 1)
-        return weight * (1 - (1 - m) * (self.keep[k] + frac * (self.keep[k + 1] - self.keep[k])))
+        return weight * torch.sigmoid((self.ranks.float() - self.rates[self.index]) / self.tau)
 
 
-def rate_bounds(a: LearnedArgs) -> tuple[float, float]:
-    return max(0.0, a.target - a.max_shift), min(0.99, a.target + a.max_shift)
-
-
-def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, a: LearnedArgs,
-                keep: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Train the per-layer rates on the whole model's output (see the module docstring); `keep` gives, per
-    linear, the share of removal the surrogate applies at the rates (lo, target, hi) (default: all of it)."""
+def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, a: LearnedArgs) -> dict[str, float]:
+    """Train the per-layer rates on the whole model's output (see the module docstring)."""
     model, names = ctx.model, list(scores)
     linears = {n: model.get_submodule(n) for n in names}
     sizes = torch.tensor([float(linears[n].weight.numel()) for n in names], dtype=torch.float64)
-    lo, hi = rate_bounds(a)
-    grid = torch.tensor([lo, a.target, hi])
+    lo, hi = max(0.0, a.target - a.max_shift), min(0.99, a.target + a.max_shift)
     rates = nn.Parameter(torch.full((len(names),), a.target))
     ids = ctx.calib_ids[:distributed.leading(a.n_samples, ctx.plan.batch_size), : a.seq_len]
     with torch.no_grad():
@@ -132,8 +79,8 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
         p.requires_grad_(False)
     try:
         for i, n in enumerate(names):
-            soft = SoftMask(rank_scores(scores[n], group), rates, i, a.tau, keep[n] if keep else None, grid)
-            parametrize.register_parametrization(linears[n], "weight", soft, unsafe=True)
+            parametrize.register_parametrization(linears[n], "weight", SoftMask(rank_scores(scores[n], group), rates,
+                                                                                i, a.tau), unsafe=True)
         opt = torch.optim.Adam([rates], lr=a.lr)
         gen = torch.Generator().manual_seed(a.seed)
         for it in range(a.iters):
@@ -171,27 +118,15 @@ class Learned(Step):
         targets = self.targets
         pruner = targets[0]
         scores: dict[str, torch.Tensor] = {}
-        keep: dict[str, torch.Tensor] = {}
 
         def visit(bctx: BlockContext) -> None:
-            if pruner.name == "sparsegpt":
-                groups = bctx.adapter.input_groups()
-                hessians = accumulate_hessians(bctx, groups)
-                for g in groups:
-                    for rel in g:
-                        name, w = bctx.full_name(rel), bctx.block.get_submodule(rel).weight.data
-                        scores[name] = obs_saliency(hessians[g[0]], w, pruner.args.damp)
-                        lo, hi = rate_bounds(self.args)
-                        keep[name] = sparsegpt_keep(hessians[g[0]], w, [lo, self.args.target, hi], pruner.args,
-                                                    rank_scores(scores[name], pruner.args.group))
-                return
             norms = input_sq_norms(bctx) if pruner.name != "magnitude" else {}
             for rel, lin in bctx.linears().items():
                 w = lin.weight.data.float().abs()
                 scores[bctx.full_name(rel)] = w * norms[rel].sqrt()[None, :] if norms else w
 
         dense_pass(ctx, visit)
-        rates = learn_rates(ctx, scores, pruner.args.group, self.args, keep or None)
+        rates = learn_rates(ctx, scores, pruner.args.group, self.args)
         shapes = {n: lin.weight.shape for n, lin in block_linears(ctx.model, ctx.adapter).items()}
         for step in targets:
             ratios = round_ratios(rates, shapes, step.args.group)
