@@ -126,6 +126,13 @@ def test_learned_allocation_moves_rates_by_the_output_loss(tiny_llama):
     sizes = {n: model.get_submodule(n).weight.numel() for n in learned}
     assert sum(learned[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.7, abs=1e-6)
     assert max(learned.values()) - min(learned.values()) > 0.02
+    per_block = learn_rates(ctx, scores, "row", args.model_copy(update={"iters": 25, "share": "block"}))
+    assert sum(per_block[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.7, abs=1e-6)
+    by_block = {}
+    for n, r in per_block.items():
+        by_block.setdefault(n.split(".self_attn")[0].split(".mlp")[0], set()).add(round(r, 9))
+    assert len(by_block) == 2 and all(len(v) == 1 for v in by_block.values())  # one rate per block
+    assert len({next(iter(v)) for v in by_block.values()}) == 2  # and the blocks differ
 
 
 def test_shortgpt_removes_the_least_influential_blocks_exactly(calib_ids):

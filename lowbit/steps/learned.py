@@ -1,6 +1,7 @@
 """Learned per-layer sparsity for a global target, in the spirit of FCPTS (Gong et al. 2024, "Fast and
-Controllable Post-training Sparsity"): one learnable rate per linear, a differentiable map from rates to soft
-masks, trained on the whole model's output against the uncompressed model's, under the global constraint.
+Controllable Post-training Sparsity"): one learnable rate per linear (or per block, `share: block`), a
+differentiable map from rates to soft masks, trained on the whole model's output against the uncompressed
+model's, under the global constraint.
 
 Our design: FCPTS learns a magnitude threshold per layer and estimates the resulting rate with a kernel
 density estimate. Here each weight's pruning score (Wanda's |W|·||X||, or |W| before magnitude pruning) is
@@ -15,6 +16,7 @@ on the target up to one weight per row. The next pruning step then prunes each l
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ class LearnedArgs(StepArgs):
     seq_len: int = Field(128, gt=1)  # tokens per window used (the first ones)
     batch_size: int = Field(2, gt=0)  # windows per step
     seed: int = 0
+    share: Literal["linear", "block"] = "linear"  # one rate per linear, or one per decoder block (as OWL)
 
 
 def rank_scores(score: torch.Tensor, group: str) -> torch.Tensor:
@@ -67,9 +70,14 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
     """Train the per-layer rates on the whole model's output (see the module docstring)."""
     model, names = ctx.model, list(scores)
     linears = {n: model.get_submodule(n) for n in names}
-    sizes = torch.tensor([float(linears[n].weight.numel()) for n in names], dtype=torch.float64)
+    blocks = [ctx.adapter.block_name(i) + "." for i in range(len(ctx.adapter.blocks(model)))]
+    unit = {n: n if a.share == "linear" else next(b for b in blocks if n.startswith(b)) for n in names}
+    index = {u: i for i, u in enumerate(dict.fromkeys(unit.values()))}  # rate index of each linear's unit
+    sizes = torch.zeros(len(index), dtype=torch.float64)
+    for n in names:
+        sizes[index[unit[n]]] += linears[n].weight.numel()
     lo, hi = max(0.0, a.target - a.max_shift), min(0.99, a.target + a.max_shift)
-    rates = nn.Parameter(torch.full((len(names),), a.target))
+    rates = nn.Parameter(torch.full((len(index),), a.target))
     ids = ctx.calib_ids[:distributed.leading(a.n_samples, ctx.plan.batch_size), : a.seq_len]
     with torch.no_grad():
         teacher = [F.log_softmax(model(ids[i: i + a.batch_size], use_cache=False).logits.float(), -1).to(torch.bfloat16)
@@ -78,9 +86,9 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
     for p in frozen:
         p.requires_grad_(False)
     try:
-        for i, n in enumerate(names):
-            parametrize.register_parametrization(linears[n], "weight", SoftMask(rank_scores(scores[n], group), rates,
-                                                                                i, a.tau), unsafe=True)
+        for n in names:
+            soft = SoftMask(rank_scores(scores[n], group), rates, index[unit[n]], a.tau)
+            parametrize.register_parametrization(linears[n], "weight", soft, unsafe=True)
         opt = torch.optim.Adam([rates], lr=a.lr)
         gen = torch.Generator().manual_seed(a.seed)
         for it in range(a.iters):
@@ -103,7 +111,7 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
                 parametrize.remove_parametrizations(linears[n], "weight", leave_parametrized=False)
         for p in frozen:
             p.requires_grad_(True)
-    return {n: float(r) for n, r in zip(names, rates.detach())}
+    return {n: float(rates[index[unit[n]]]) for n in names}
 
 
 @register_step
