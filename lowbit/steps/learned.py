@@ -111,7 +111,7 @@ def learn_rates(ctx: ModelContext, scores: dict[str, torch.Tensor], group: str, 
                 parametrize.remove_parametrizations(linears[n], "weight", leave_parametrized=False)
         for p in frozen:
             p.requires_grad_(True)
-    return {n: float(rates[index[unit[n]]]) for n in names}
+    return {n: float(rates.detach()[index[unit[n]]]) for n in names}
 
 
 @register_step
