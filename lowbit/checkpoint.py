@@ -6,7 +6,8 @@ quantization state of everything outside the finished blocks, and a manifest wit
 of every finished block's weights file and of its quantization state (written once, when the block finishes,
 to `checkpoint/blocks/state-NNNNN`: sparsity masks are as large as the weights, so rewriting all of them at
 every checkpoint would grow quadratically with the depth of the model). It is written under a temporary name
-and renamed, then older ones are removed, so a process killed at any moment leaves the newest complete checkpoint (at most the block in progress is lost).
+and renamed, then older ones are removed, so a process killed at any moment leaves the newest complete
+checkpoint (at most the block in progress is lost).
 A resume refuses a checkpoint whose recipe fingerprint differs (foreign) or whose files do not match their
 hashes (corrupted), with a one-line error.
 """
