@@ -2,7 +2,9 @@
 runs in ~/.cache/lowbit-peers/llmcompressor (benchmarks/peers/venv.sh llmcompressor llmcompressor).
 
   ~/.cache/lowbit-peers/llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py MODEL_DIR CALIB.pt OUT_DIR \
-      --method gptq|awq|sq-gptq [--bits 4 --group-size 64 --sym]
+      --method gptq|awq|sq-gptq [--bits 4 --group-size 64 --sym] [--act-bits 8]
+--group-size 0 quantizes per output channel; --act-bits 8 adds llm-compressor's dynamic per-token symmetric
+activations (its W8A8 scheme with --bits 8 --group-size 0 --sym --method sq-gptq).
 The dequantized weights (compressed-tensors' own fake_quantize of the stored scales / zero points) and any norm
 the smoothing methods changed are copied into the FP checkpoint by common.save_dequantized.
 """
@@ -18,6 +20,7 @@ from common import peer_arguments, block_linears, load_windows, save_dequantized
 def main() -> None:
     p = peer_arguments()
     p.add_argument("--method", choices=["gptq", "awq", "sq-gptq"], required=True)
+    p.add_argument("--act-bits", type=int, default=None)
     a = p.parse_args()
     import llmcompressor
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -35,8 +38,13 @@ def main() -> None:
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     ids = load_windows(a.calib)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    scheme = {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": a.bits, "type": "int", "symmetric": a.sym, "strategy": "group", "group_size": a.group_size}}}
+    weights = {"num_bits": a.bits, "type": "int", "symmetric": a.sym, "strategy": "group", "group_size": a.group_size}
+    if not a.group_size:
+        weights = {"num_bits": a.bits, "type": "int", "symmetric": a.sym, "strategy": "channel"}
+    scheme = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    if a.act_bits:
+        scheme["group_0"]["input_activations"] = {"num_bits": a.act_bits, "type": "int", "symmetric": True,
+                                                  "strategy": "token", "dynamic": True}
     quant = dict(config_groups=scheme, ignore=["lm_head"])
     recipe = {"gptq": [GPTQModifier(**quant)], "awq": [AWQModifier(**quant)],
               "sq-gptq": [SmoothQuantModifier(), GPTQModifier(**quant)]}[a.method]
@@ -48,13 +56,13 @@ def main() -> None:
     with torch.no_grad():
         for name, m in block_linears(model).items():
             g_idx = getattr(m, "weight_g_idx", None)
-            if g_idx is not None and (g_idx != torch.arange(g_idx.numel()) // a.group_size).any():
+            if a.group_size and g_idx is not None and (g_idx != torch.arange(g_idx.numel()) // a.group_size).any():
                 raise SystemExit(f"{name}: permuted groups (actorder='group') are not supported here")
             params[f"{name}.weight"] = fake_quantize(m.weight, m.weight_scale, m.weight_zero_point,
                                                      m.quantization_scheme.weights)
     save_dequantized(a.model, params, a.out, {
         "tool": f"llmcompressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
-        "group_size": a.group_size, "symmetric": a.sym, "quant_time_s": seconds, "threads": a.threads,
+        "group_size": a.group_size, "symmetric": a.sym, "act_bits": a.act_bits, "quant_time_s": seconds, "threads": a.threads,
         "calibration": list(ids.shape)})
 
 

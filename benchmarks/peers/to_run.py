@@ -1,17 +1,20 @@
 """lowbit's side of the peer harness (runs in lowbit's venv).
 
-  python benchmarks/peers/to_run.py windows RECIPE OUT.pt
+  python benchmarks/peers/to_run.py windows RECIPE OUT.pt [--set KEY=VALUE ...]
       the calibration windows a lowbit run of RECIPE uses (same data, count, length, seed)
-  python benchmarks/peers/to_run.py import RECIPE PEER_DIR OUT_RUN
+  python benchmarks/peers/to_run.py import RECIPE PEER_DIR OUT_RUN [--set KEY=VALUE ...]
       a peer's output (save_dequantized in common.py) as a lowbit run folder: the peer's model, metrics.json with
       perplexity on each of RECIPE's evaluation texts (the FP baseline from lowbit's cache), size of RECIPE's weight format,
       the peer's quantization time and peak memory, and blocks.jsonl with the per-block output error against the FP
       path on the first 8 calibration windows and each linear's weight error against the FP weight (per-block
       time and memory are not known for peers: null). `lowbit report` and `lowbit eval --tasks` then work on it.
+      A recipe with dynamic activations (e.g. W8A8 per token) gets those quantizers on every block linear's
+      input, as lowbit's own run of that recipe has them, so the peer is scored as simulated W8A8.
       The run has no quant_state parameters (the peer's scales are not imported), so it cannot be exported.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.actquant import ActQuantizer
 from lowbit.calibration import calibration_set
 from lowbit.diagnostics import DIAG_WINDOWS, rel_error
 from lowbit.errors import LowbitError
@@ -32,8 +36,8 @@ from lowbit.runfolder import save_state
 from lowbit.state import QuantState, WeightRecord
 
 
-def windows(recipe_path: str, out: str) -> None:
-    recipe = load_recipe(recipe_path, [])
+def windows(recipe_path: str, out: str, overrides: list[str]) -> None:
+    recipe = load_recipe(recipe_path, overrides)
     model, tokenizer = load_model(recipe.model)
     ids = calibration_set(model, tokenizer, resolve_model_path(recipe.model), recipe.calibration, progress=False)
     torch.save(ids, out)
@@ -52,13 +56,28 @@ def _block_outputs(model, adapter, ids: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(o) for o in outs]
 
 
-def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
-    recipe = load_recipe(recipe_path, [])
+def _activation_quantizers(recipe, model, adapter) -> dict[str, ActQuantizer]:
+    """Dynamic input quantizers on every block linear, as a lowbit run of `recipe` attaches them."""
+    spec = recipe.plan().activations
+    if spec is None:
+        return {}
+    if not spec.dynamic:
+        raise LowbitError("peer import supports dynamic activation quantization only: the peer's static scales are "
+                          "not imported")
+    return {f"{adapter.block_name(i)}.{rel}": ActQuantizer(spec)
+            for i, block in enumerate(adapter.blocks(model)) for rel in adapter.linears(block)}
+
+
+def import_run(recipe_path: str, peer_dir: str, out: str, overrides: list[str]) -> None:
+    recipe = load_recipe(recipe_path, overrides)
     peer = json.loads((Path(peer_dir) / "peer_metrics.json").read_text())
-    spec = recipe.plan().weights
-    if (peer["bits"], peer["group_size"], peer["symmetric"]) != (spec.bits, spec.group_size, spec.symmetric):
-        raise LowbitError(f"peer format {peer['bits']} bits g{peer['group_size']} sym={peer['symmetric']} differs from "
-                          f"the recipe's {spec.describe()}")
+    spec, acts = recipe.plan().weights, recipe.plan().activations
+    peer_acts = peer.get("act_bits")
+    if ((peer["bits"], peer["group_size"] or None, peer["symmetric"]) != (spec.bits, spec.group_size, spec.symmetric)
+            or peer_acts != (acts.bits if acts else None)):
+        raise LowbitError(f"peer format {peer['bits']} bits g{peer['group_size']} sym={peer['symmetric']} "
+                          f"activations {peer_acts} differs from the recipe's {spec.describe()} "
+                          f"activations {acts.describe() if acts else None}")
     torch.set_num_threads(recipe.threads or 2)
     fp, tokenizer = load_model(recipe.model)
     model, _ = load_model(peer_dir)
@@ -67,9 +86,11 @@ def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
     for i, block in enumerate(adapter.blocks(model)):
         for rel in adapter.linears(block):
             state.weights[f"{adapter.block_name(i)}.{rel}"] = WeightRecord(spec, torch.empty(0), torch.empty(0))
+    saved = QuantState(input_quantizers=_activation_quantizers(recipe, model, adapter))
+    saved.install(model)
     metrics = {"name": f"{peer['tool'].split()[0]}-{peer['method']}", "model": recipe.model,
                "steps": [f"{peer['tool'].split()[0]}:{peer['method']}"], "weights": spec.describe(),
-               "activations": "fp", "threads": peer.get("threads"), "tool": peer["tool"],
+               "activations": acts.describe() if acts else "fp", "threads": peer.get("threads"), "tool": peer["tool"],
                "size_fp16_mb": model_size(model, None) / 1e6, "size_mb": model_size(model, state) / 1e6,
                "quant_time_s": peer["quant_time_s"], "peak_rss_gb": peer["peak_rss_gb"]}
     metrics |= text_metrics("ppl_fp", baseline_ppl(fp, tokenizer, resolve_model_path(recipe.model), recipe,
@@ -93,7 +114,7 @@ def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         shutil.copytree(peer_dir, tmp / "model")
-        save_state(QuantState(), tmp)
+        save_state(saved, tmp)
         (tmp / "recipe.yaml").write_text(Path(recipe_path).read_text())
         (tmp / "blocks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -108,5 +129,14 @@ def import_run(recipe_path: str, peer_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    cmd, *rest = sys.argv[1:]
-    {"windows": windows, "import": import_run}[cmd](*rest)
+    cli = argparse.ArgumentParser(description="lowbit's side of the peer harness (see the module docstring)")
+    cli.add_argument("command", choices=["windows", "import"])
+    cli.add_argument("paths", nargs="+", help="windows: RECIPE OUT.pt; import: RECIPE PEER_DIR OUT_RUN")
+    cli.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, as lowbit run")
+    a = cli.parse_args()
+    if len(a.paths) != {"windows": 2, "import": 3}[a.command]:
+        cli.error(f"{a.command} takes {'RECIPE OUT.pt' if a.command == 'windows' else 'RECIPE PEER_DIR OUT_RUN'}")
+    try:
+        {"windows": windows, "import": import_run}[a.command](*a.paths, a.set)
+    except LowbitError as exc:
+        sys.exit(f"error: {exc}")
