@@ -128,7 +128,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
     weights = None if args.wbits == 16 else {
         "bits": args.wbits, "format": args.wformat, "granularity": "group" if args.group_size else "channel",
         "group_size": args.group_size or None, "observer": args.observer}
-    if args.wformat == "int":  # FP formats are always symmetric
+    if weights and args.wformat == "int":  # FP formats are always symmetric
         weights["symmetric"] = args.sym
     acts = None if args.abits == 16 else {
         "bits": args.abits, "format": args.aformat, "symmetric": True,

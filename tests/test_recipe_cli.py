@@ -106,6 +106,15 @@ def test_cli_quantize_saves_run_and_eval_reloads(capsys, tiny_dirs, tmp_path):
     assert reloaded["ppl"] == pytest.approx(metrics["ppl"]["ppl"], rel=1e-4)
 
 
+def test_cli_quantize_16_bits_keeps_the_fp_model(capsys, tiny_dirs, tmp_path):
+    """`--wbits 16` (the FP reference run a comparison evaluates tasks on): nothing quantized, perplexity = FP's."""
+    code = main(["quantize", "--model", tiny_dirs["llama"], "--wbits", "16", "--nsamples", "2", "--calib-seq-len", "32",
+                 "--seq-len", "128", "--max-tokens", "512", "--out", str(tmp_path / "fp"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "fp" / "metrics.json").read_text())
+    assert metrics["ppl"]["ppl"] == pytest.approx(metrics["ppl_fp"]["ppl"], rel=1e-6)
+
+
 def test_failed_run_leaves_no_folder(capsys, tiny_dirs, tmp_path):
     out = tmp_path / "run"
     code = main(["quantize", "--model", tiny_dirs["llama"], "--group-size", "48", "--out", str(out), "--quiet"])
