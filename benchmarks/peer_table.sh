@@ -6,7 +6,7 @@
 # Phase 1 compresses every method (times and peak memory: run it with nothing else on the machine) and then
 # measures the block diagnostics' cost (timed); phase 2 scores tasks (no times taken), then the table, figure and page.
 # Usage: VENVS=/path/to/peer/venvs bash benchmarks/peer_table.sh OUT [LIMIT] [AUTOROUND_ITERS]
-# Re-running skips what OUT already holds.
+# AUTOROUND_ITERS 0 leaves AutoRound out. Re-running skips what OUT already holds.
 set -euo pipefail
 OUT=${1:?output folder}; LIMIT=${2:-100}; AR_ITERS=${3:-50}
 VENVS=${VENVS:-$HOME/.cache/lowbit-peers}
@@ -52,7 +52,8 @@ ours w8a8-lowbit-rtn "$W8A8"
 ours w8a8-lowbit-sq-gptq "$W8A8" --set 'steps=[smoothquant, gptq]'
 peer w8a8-llmc-sq-gptq "$W8A8" llmcompressor llmcompressor_run.py "$MODEL" "$CAL8" "$PEERS/w8a8-llmc-sq-gptq" \
   --method sq-gptq --bits 8 --group-size 0 --sym --act-bits 8
-peer w4-autoround "$W4" autoround autoround_run.py "$MODEL" "$CAL" "$PEERS/w4-autoround" --iters "$AR_ITERS"
+[ "$AR_ITERS" = 0 ] || peer w4-autoround "$W4" autoround autoround_run.py "$MODEL" "$CAL" "$PEERS/w4-autoround" \
+  --iters "$AR_ITERS"  # 0 skips AutoRound (on 2 cores: about 45 s per block at 50 iterations)
 [ -f "$OUT/diag_cost.txt" ] || "$PY" "$HERE/diag_cost.py" 16 > "$OUT/diag_cost.txt"
 
 # phase 2: task accuracy (not timed)
