@@ -6,7 +6,8 @@ from lowbit.formats import QuantSpec, dequantize, fake_quant, quantize
 from lowbit.models import get_adapter
 from lowbit.observers import observe
 from lowbit.pipeline import FormatPlan, compress
-from lowbit.steps.gptq import GPTQ, accumulate_hessians, gptq_quantize, group_order
+from lowbit.steps.gptq import (GPTQ, accumulate_hessians, add_upper_gram, gptq_quantize, group_order,
+                               inverse_cholesky_upper, symmetric_from_upper)
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
 SPECS = [QuantSpec(4, symmetric=False, group_size=32), QuantSpec(3), QuantSpec(4, granularity="tensor"),
@@ -19,6 +20,31 @@ def _data(cols=128, rows=48, seed=0):
     w = torch.randn(rows, cols, generator=gen)
     x = torch.randn(1024, cols, generator=gen) @ torch.randn(cols, cols, generator=gen) * 0.3
     return w, x, 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("cols", [5, 128, 300])
+def test_upper_gram_strips_sum_to_the_full_gram(cols):
+    gen = torch.Generator().manual_seed(cols)
+    acc = torch.zeros(cols, cols, dtype=torch.float64)
+    full = torch.zeros_like(acc)
+    for _ in range(3):  # accumulated over batches, as over calibration batches
+        x = torch.randn(200, cols, generator=gen)
+        add_upper_gram(acc, x, strip=16)
+        full += x.double().T @ x.double()
+    width = max(16, -(-cols // 8))  # strips of 16 columns, at most 8 strips
+    assert torch.equal(acc.tril(-width), torch.zeros_like(acc))  # below the diagonal strips: never computed
+    torch.testing.assert_close(symmetric_from_upper(acc), full, rtol=1e-5, atol=1e-4)
+
+
+def test_inverse_cholesky_factor_without_forming_the_inverse():
+    _, _, h = _data(cols=96)
+    h = h + 0.01 * h.diagonal().mean() * torch.eye(96)
+    u, info = inverse_cholesky_upper(h)
+    assert info == 0 and torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+    torch.testing.assert_close(u.T @ u @ h, torch.eye(96), rtol=0, atol=2e-4)  # UᵀU = H⁻¹
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True)
+    torch.testing.assert_close(u.double(), ref, rtol=1e-4, atol=1e-5)  # the factor the usual chain computes
+    assert inverse_cholesky_upper(-torch.eye(4))[1] != 0  # not positive definite: reported, not raised
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())

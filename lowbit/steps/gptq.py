@@ -41,6 +41,20 @@ class GPTQArgs(StepArgs):
     observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
 
 
+def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Upper triangular U with UᵀU = H⁻¹ (and positive diagonal), and LAPACK's info (0: H positive definite).
+
+    With J the reversal permutation and J H J = L Lᵀ, H = R Rᵀ for the upper triangular R = J L J, so
+    H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky factorization and one triangular inverse, never H⁻¹
+    itself (the usual cholesky → cholesky_inverse → cholesky costs twice as much and forms the explicit inverse).
+    """
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if info:
+        return lower, int(info)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1), 0
+
+
 def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
 
@@ -51,14 +65,11 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     tries = [damp] + [max(damp, 1e-4) * 10 ** k for k in range(8)]
     for i, d in enumerate(tries):
-        chol, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
-        if info == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                if i:
-                    log.warning("GPTQ: Hessian not positive definite at damp=%g, used damp=%g", damp, d)
-                return upper
+        upper, info = inverse_cholesky_upper(h + d * mean_diag * eye)
+        if info == 0 and torch.isfinite(upper).all():
+            if i:
+                log.warning("GPTQ: Hessian not positive definite at damp=%g, used damp=%g", damp, d)
+            return upper
     raise AssertionError("Cholesky failed even with damp=1e3; the Hessian is not finite")
 
 
@@ -78,6 +89,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     Sparsity (SparseGPT, Frantar & Alistarh 2023): weights where `mask` [out, in] is True become exactly zero
     and their error is compensated like a rounding error. `select` fills `mask` in place as columns are
     reached, from the compensated weights (adaptive mask selection). `spec` None prunes without quantizing.
+
+    The column loop works on the transposed weight (one contiguous row per column) with preallocated buffers:
+    it is a Python loop of small operations, so their count and memory layout set its speed.
     """
     w = w.detach().float().clone()
     h = h.detach().float().clone()
@@ -95,11 +109,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     full_order = bool(act_order) and not by_group
     static = spec is None or spec.granularity != "group" or static_groups or full_order or spec.gguf is not None
     scale = zero = None
+    perm = (group_order(h.diagonal(), spec.group_size) if by_group else
+            torch.argsort(h.diagonal(), descending=True) if full_order else torch.arange(cols))
+    group_of = perm // (spec.block[1] if spec.granularity == "block" else spec.group_size) if grouped \
+        else torch.zeros(cols, dtype=torch.long)
     if spec is not None:
         if gs is None:  # every group's FP8 scale must sit under the same tensor scale
             gs = global_scale(w.abs().max(), spec)
         col_spec = spec.row_spec()
-        width = spec.block[1] if spec.granularity == "block" else spec.group_size
         if static:
             scale, zero = observe(w, spec, observer, gs=gs)
             if spec.granularity == "tensor":
@@ -109,46 +126,47 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
                 row_zero = zero.repeat_interleave(spec.block[0], 0)[:rows]
             else:
                 row_scale, row_zero = scale.reshape(rows, -1), zero.reshape(rows, -1)
+            # [groups, rows]: one contiguous row of parameters per group
+            group_scale, group_zero = row_scale.t().contiguous(), row_zero.t().contiguous()
         else:
-            row_scale = torch.empty(rows, cols // spec.group_size)
-            row_zero = torch.empty_like(row_scale)
-    perm = (group_order(h.diagonal(), spec.group_size) if by_group else
-            torch.argsort(h.diagonal(), descending=True) if full_order else torch.arange(cols))
-    w, h = w[:, perm], h[perm][:, perm]
-    pmask = mask[:, perm] if mask is not None and act_order else mask
-    group_of = perm // width if grouped else torch.zeros(cols, dtype=torch.long)
+            group_scale = torch.empty(cols // spec.group_size, rows)
+            group_zero = torch.empty_like(group_scale)
+    wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
+    h = h[perm][:, perm]
+    pmask = None if mask is None else mask.t()[perm] if act_order else mask.t()  # views of `mask`: select writes it
     u = robust_inverse_cholesky(h, damp)
-    q = torch.empty_like(w)
+    qt = torch.empty_like(wt)
+    groups = group_of.tolist()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
         err = torch.empty_like(w1)
         for i in range(i2 - i1):
             c = i1 + i
             if select is not None and i % select.every == 0:
                 n = min(select.every, i2 - c)
-                pmask[:, c:c + n] = select(w1[:, i:i + n], u1.diagonal()[i:i + n])
+                pmask[c:c + n] = select(w1[i:i + n].t(), u1.diagonal()[i:i + n]).t()
             if not static and c % spec.group_size == 0:
-                chunk = torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :spec.group_size]
+                chunk = torch.cat([w1[i:], wt[i2:]])[:spec.group_size].t()
                 if pmask is not None:
-                    chunk = chunk.masked_fill(pmask[:, c:c + spec.group_size], 0)
+                    chunk = chunk.masked_fill(pmask[c:c + spec.group_size].t(), 0)
                 s, z = observe(chunk, col_spec, observer, gs=gs)
-                row_scale[:, group_of[c]], row_zero[:, group_of[c]] = s[:, 0], z[:, 0]
-            col = w1[:, i]
-            qc = col if spec is None else _round_column(col, row_scale[:, group_of[c]], row_zero[:, group_of[c]],
-                                                        col_spec)
+                group_scale[groups[c]], group_zero[groups[c]] = s[:, 0], z[:, 0]
+            col, qc = w1[i], qt[c]
+            if spec is None:
+                qc.copy_(col)
+            else:
+                _round_column(col, group_scale[groups[c]], group_zero[groups[c]], col_spec, out=qc)
             if pmask is not None:
-                qc = qc.masked_fill(pmask[:, c], 0)
-            q[:, c] = qc
-            e = (col - qc) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    q = q[:, torch.argsort(perm)]
+                qc.masked_fill_(pmask[c], 0)
+            e = torch.sub(col, qc, out=err[i]).div_(u1[i, i])
+            w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    q = qt[torch.argsort(perm)].t().contiguous()
     if static:
         return q, scale, zero
     shape = params_shape(q, spec)
-    return q, row_scale.reshape(shape), row_zero.reshape(shape)
+    return q, group_scale.t().reshape(shape), group_zero.t().reshape(shape)
 
 
 def group_order(diag: torch.Tensor, width: int) -> torch.Tensor:
@@ -160,12 +178,17 @@ def group_order(diag: torch.Tensor, width: int) -> torch.Tensor:
     return (within[groups] + groups[:, None] * width).reshape(-1)
 
 
-def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Fake-quantize one weight column with per-row parameters (inlined for integers: this is the hot loop)."""
+def _round_column(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                  out: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize one weight column with per-row parameters into `out` (inlined, in place, for integers: this
+    is the hot loop)."""
     if spec.format == "fp":
-        return fake_quant(col[:, None], scale[:, None], zero[:, None], spec)[:, 0]
-    codes = torch.round(col / scale + zero) if spec.gguf else torch.round(col / scale) + zero  # GGUF: real zeros
-    return (torch.clamp(codes, spec.qmin, spec.qmax) - zero) * scale
+        return out.copy_(fake_quant(col[:, None], scale[:, None], zero[:, None], spec)[:, 0])
+    if spec.gguf:  # GGUF: real zeros, inside the rounding
+        torch.div(col, scale, out=out).add_(zero).round_()
+    else:
+        torch.div(col, scale, out=out).round_().add_(zero)
+    return out.clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
 
 
 def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
@@ -177,8 +200,9 @@ def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
 
     def add(rel: str, x: torch.Tensor, _out: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        xtx = (x.T @ x).double()
-        sums[rel] = sums[rel] + xtx if rel in sums else xtx
+        if rel not in sums:
+            sums[rel] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        add_upper_gram(sums[rel], x)
         counts[rel] = counts.get(rel, 0) + x.shape[0]
 
     ctx.collect([g[0] for g in groups], add, x=x, stop_early=True)
@@ -187,8 +211,25 @@ def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
         w = ctx.block.get_submodule(g[0]).weight
         total = distributed.reduce(sums.get(g[0], w.new_zeros(w.shape[1], w.shape[1], dtype=torch.float64)))
         n = distributed.reduce_float(counts.get(g[0], 0))
-        out[g[0]] = (2 * total / n).float()
+        out[g[0]] = (2 * symmetric_from_upper(total) / n).float()
     return out
+
+
+def add_upper_gram(acc: torch.Tensor, x: torch.Tensor, strip: int = 128) -> None:
+    """acc += XᵀX on and above the diagonal (below it, only inside the diagonal tiles), in strips of rows: about
+    half the products of a full XᵀX with several strips (BLAS's syrk, which torch does not expose). Read the
+    result with `symmetric_from_upper`."""
+    n = x.shape[1]
+    strip = max(strip, -(-n // 8))
+    for a in range(0, n, strip):
+        b = min(a + strip, n)
+        acc[a:b, a:] += (x[:, a:b].T @ x[:, a:]).double()
+
+
+def symmetric_from_upper(a: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is that of `a`."""
+    upper = a.triu()
+    return upper + upper.triu(1).T
 
 
 @register_step
