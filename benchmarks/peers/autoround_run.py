@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common import load_windows, peer_arguments, save_dequantized
+from common import load_windows, peer_arguments, peak_rss_gb, save_dequantized
 
 
 def main() -> None:
@@ -36,13 +36,13 @@ def main() -> None:
                    device_map="cpu", seed=0)
     with tempfile.TemporaryDirectory() as scratch:
         ar.quantize_and_save(scratch, format="fake")
-        seconds = time.perf_counter() - start
+        seconds, peak = time.perf_counter() - start, peak_rss_gb()  # before saving loads a second copy
         params = {}
         for f in sorted(Path(scratch).rglob("*.safetensors")):
             params.update(load_file(str(f)))
     save_dequantized(a.model, params, a.out, {
         "tool": f"auto-round {auto_round.__version__}", "method": "autoround", "bits": a.bits,
-        "group_size": a.group_size, "symmetric": a.sym, "quant_time_s": seconds, "threads": a.threads,
+        "group_size": a.group_size, "symmetric": a.sym, "quant_time_s": seconds, "peak_rss_gb": peak, "threads": a.threads,
         "iters": a.iters, "calibration": list(ids.shape)})
 
 

@@ -45,7 +45,8 @@ def block_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 def save_dequantized(model_path: str, params: dict[str, torch.Tensor], out: str, metrics: dict) -> None:
     """The FP model with the peer's parameters copied in (`params`: state-dict name -> tensor; every block linear's
     dequantized weight, plus any norm or bias a smoothing method changed), saved with the tokenizer, and
-    `metrics` (plus peak RSS) as peer_metrics.json. Names the FP model lacks (scales, zero points) are ignored."""
+    `metrics` as peer_metrics.json (its peak_rss_gb: the runner's, taken right after compressing, before this
+    loads a second copy of the model; the peak so far if it has none). Names the FP model lacks (scales, zero points) are ignored."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -60,6 +61,6 @@ def save_dequantized(model_path: str, params: dict[str, torch.Tensor], out: str,
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
-    metrics = {**metrics, "peak_rss_gb": peak_rss_gb()}
+    metrics = {"peak_rss_gb": peak_rss_gb(), **metrics}
     (Path(out) / "peer_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics))

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from common import load_windows, peer_arguments, save_dequantized
+from common import load_windows, peer_arguments, peak_rss_gb, save_dequantized
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     model = GPTQModel.load(a.model, QuantizeConfig(bits=a.bits, group_size=a.group_size, sym=a.sym, offload_to_disk=False), device="cpu")
     start = time.perf_counter()
     model.quantize(calibration, batch_size=1)
-    seconds = time.perf_counter() - start
+    seconds, peak = time.perf_counter() - start, peak_rss_gb()  # before saving loads a second copy
     params = {}
     with torch.no_grad():
         for name, m in model.model.named_modules():
@@ -40,7 +40,7 @@ def main() -> None:
                 params[f"{name}.weight"] = w
     save_dequantized(a.model, params, a.out, {
         "tool": f"gptqmodel {gptqmodel.__version__}", "method": "gptq", "bits": a.bits, "group_size": a.group_size,
-        "symmetric": a.sym, "quant_time_s": seconds, "threads": a.threads, "calibration": list(ids.shape)})
+        "symmetric": a.sym, "quant_time_s": seconds, "peak_rss_gb": peak, "threads": a.threads, "calibration": list(ids.shape)})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from common import block_linears, save_dequantized
+from common import block_linears, peak_rss_gb, save_dequantized
 
 
 def main() -> None:
@@ -33,10 +33,10 @@ def main() -> None:
         w_q, meta = Quantizer.quantize(linear.weight.data, nbits=a.bits, group_size=a.group_size, optimize=True,
                                        axis=1, bitpack=False, compute_dtype=torch.float32, device="cpu")
         params[f"{name}.weight"] = Quantizer.dequantize(w_q, meta).reshape(linear.weight.shape)
-    seconds = time.perf_counter() - start
+    seconds, peak = time.perf_counter() - start, peak_rss_gb()  # before saving loads a second copy
     save_dequantized(a.model, params, a.out, {
         "tool": f"hqq {getattr(hqq, '__version__', '?')}", "method": "hqq", "bits": a.bits, "group_size": a.group_size,
-        "symmetric": False, "quant_time_s": seconds, "threads": a.threads, "calibration": "none"})
+        "symmetric": False, "quant_time_s": seconds, "peak_rss_gb": peak, "threads": a.threads, "calibration": "none"})
 
 
 if __name__ == "__main__":

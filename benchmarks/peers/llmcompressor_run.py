@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import peer_arguments, block_linears, load_windows, save_dequantized
+from common import peer_arguments, block_linears, load_windows, peak_rss_gb, save_dequantized
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     start = time.perf_counter()
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
-    seconds = time.perf_counter() - start
+    seconds, peak = time.perf_counter() - start, peak_rss_gb()  # before saving loads a second copy
     params = {k: v for k, v in model.state_dict().items() if "layers." in k and k.endswith(("weight", "bias"))}
     with torch.no_grad():
         for name, m in block_linears(model).items():
@@ -62,7 +62,7 @@ def main() -> None:
                                                      m.quantization_scheme.weights)
     save_dequantized(a.model, params, a.out, {
         "tool": f"llmcompressor {llmcompressor.__version__}", "method": a.method, "bits": a.bits,
-        "group_size": a.group_size, "symmetric": a.sym, "act_bits": a.act_bits, "quant_time_s": seconds, "threads": a.threads,
+        "group_size": a.group_size, "symmetric": a.sym, "act_bits": a.act_bits, "quant_time_s": seconds, "peak_rss_gb": peak, "threads": a.threads,
         "calibration": list(ids.shape)})
 
 
