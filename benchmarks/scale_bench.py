@@ -3,7 +3,8 @@
 Usage: python benchmarks/scale_bench.py MODEL_DIR METHOD RESULTS.jsonl [--dtype auto] [--n-samples 8]
        [--seq-len 512] [--label NAME]
 Runs `lowbit run` in a fresh process (threads 2, stream: true, W4 g128 asymmetric, no evaluation, no per-block
-diagnostics: their bf16 forward passes would dominate a data-free RTN run on a CPU without bf16 units), keeps its
+diagnostics: their bf16 forward passes would dominate a data-free RTN run on a CPU without bf16 units; GPTQ with
+llm-compressor's default settings: act-order with static groups, damp 0.01), keeps its
 metrics.json and deletes the written model afterwards (random weights, kept only to measure).
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     work = Path(args.results).parent / "bench"
     work.mkdir(parents=True, exist_ok=True)
     recipe = {"name": label, "model": str(model), "threads": 2, "dtype": args.dtype, "stream": True,
-              "weights": {"bits": 4, "group_size": 128, "symmetric": False}, "steps": [args.method],
+              "weights": {"bits": 4, "group_size": 128, "symmetric": False}, "steps": [args.method if args.method == "rtn" else {"gptq": {"damp": 0.01, "act_order": True}}],
               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len, "batch_size": 8},
               "evaluation": None, "diagnostics": False}
     recipe_file = work / f"{label}.yaml"

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# lowbit (streamed, one block in memory) against llm-compressor's oneshot (whole model in memory) on the
+# Llama-3.2-1B and -3B shapes (docs/scale.md, "Side by side with llm-compressor"): data-free RTN W4 g128 in bf16,
+# and GPTQ W4 g128 on the 1B shape in float32 (llm-compressor's default GPTQ settings on both sides, the same
+# 8 x 512 windows), 2 threads, one run at a time; peak RSS and compression time, rows appended to R/peers.jsonl.
+# Usage: VENVS=/path/to/peer/venvs bash benchmarks/scale_peers.sh [R]       (run it alone on the machine)
+set -euo pipefail
+R=${1:-runs/scale}
+VENVS=${VENVS:-$HOME/.cache/lowbit-peers}
+PY=${PY:-.venv/bin/python}
+LLMC="$VENVS/llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py"
+mkdir -p "$R"
+row() {  # MODEL METHOD DTYPE PEER_DIR: llm-compressor's metrics as a row of R/peers.jsonl
+  "$PY" - "$@" "$R/peers.jsonl" <<'PYEOF'
+import json, sys, time
+from pathlib import Path
+model, method, dtype, peer, out = sys.argv[1:]
+m = json.loads((Path(peer) / "peer_metrics.json").read_text())
+weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+row = {"label": f"{Path(model).name}-{method}-{dtype}-llmc", "tool": m["tool"], "model": Path(model).name,
+       "method": method, "dtype": dtype, "weights_gb": weights / 1e9, "peak_rss_gb": m["peak_rss_gb"],
+       "quant_time_s": m["quant_time_s"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+open(out, "a").write(json.dumps(row) + "\n")
+print(json.dumps(row))
+PYEOF
+}
+for shape in llama-3.2-1b llama-3.2-3b; do
+  M=$R/$shape
+  [ -d "$M" ] || "$PY" -m lowbit synth "$shape" "$M" --threads 2
+  "$PY" benchmarks/scale_bench.py "$M" rtn "$R/peers.jsonl" --label "$shape-rtn-bfloat16-lowbit"
+  $LLMC "$M" - "$R/llmc-$shape-rtn" --method rtn --group-size 128 --dtype bfloat16 --metrics-only
+  row "$M" rtn bfloat16 "$R/llmc-$shape-rtn"
+done
+M=$R/llama-3.2-1b
+printf 'model: %s\nsteps: [rtn]\ncalibration: {n_samples: 8, seq_len: 512}\n' "$M" > "$R/windows.yaml"
+[ -f "$R/calib-1b.pt" ] || "$PY" benchmarks/peers/to_run.py windows "$R/windows.yaml" "$R/calib-1b.pt"
+"$PY" benchmarks/scale_bench.py "$M" gptq "$R/peers.jsonl" --dtype float32 --label llama-3.2-1b-gptq-float32-lowbit
+$LLMC "$M" "$R/calib-1b.pt" "$R/llmc-1b-gptq" --method gptq --group-size 128 --dtype float32 --metrics-only
+row "$M" gptq float32 "$R/llmc-1b-gptq"
