@@ -101,6 +101,20 @@ def test_allocation_lands_on_the_global_target(alloc, method, tiny_llama):
     assert len(set(report["layers"].values())) > 1  # not uniform
 
 
+def test_learned_block_rates_stay_in_range_and_land_on_target(tiny_llama):
+    model = small_vocab_llama(tiny_llama)
+    calib_ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    args = {"target": 0.7, "iters": 10, "seq_len": 32, "n_samples": 4, "share": "block", "max_shift": 0.1}
+    state = pruned(model, [step("learned", **args), step("sparsegpt")], calib_ids)
+    report = sparsity_report(model, get_adapter(model), state)
+    assert abs(report["overall"] - 0.7) < 1e-3
+    rates = report["layers"]
+    assert all(0.6 - 1e-3 <= r <= 0.8 + 1e-3 for r in rates.values())
+    for block in {name.rsplit(".", 2)[0] for name in rates}:  # one rate per block (up to rounding to whole weights)
+        mine = [r for name, r in rates.items() if name.startswith(block + ".")]
+        assert max(mine) - min(mine) < 0.01
+
+
 def test_learned_allocation_moves_rates_by_the_output_loss(tiny_llama):
     """No steps leave every layer at the target; trained, the rates spread while the weighted mean stays on it."""
     from lowbit.context import ModelContext
