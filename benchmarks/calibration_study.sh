@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Calibration data study of docs/results.md: the best recipe (rotation + GPTQ act-order + mse, head and embedding
-# 8-bit) and GPTQ with its step defaults (group order, damp 0.05), W4 g64 asymmetric, calibrated on each source
+# Calibration data study of docs/results.md: the best recipe at equal size (recipes/wo-rotate-gptq-equal.yaml:
+# rotation + GPTQ group order + mse, head and embedding 8-bit) and GPTQ (group order, damp 0.05; min-max ranges),
+# W4 g64 asymmetric, calibrated on each source
 # (WikiText-2 validation, LAMBADA passages, their half/half mix, text the model writes itself, and WikiText-2 half
 # and half with self-written text) with 16, 64 and 256 windows of 512 tokens; scored on WikiText-2 test and
 # LAMBADA test, 8192 tokens each (2048-token windows).
@@ -14,7 +15,7 @@ OUT=${1:-runs/calibration}
 shift || true
 LB=${LB:-.venv/bin/lowbit}
 declare -A RECIPE=([best]=wo-rotate-gptq-equal [gptq]=wo-gptq)
-declare -A EXTRA=([best]="" [gptq]="steps.0.gptq={}")  # gptq: the step's own defaults
+declare -A EXTRA=([best]="" [gptq]="steps.0.gptq={act_order: group}")  # gptq: group order, damp 0.05
 declare -A SOURCE=([wikitext2]=wikitext2 [lambada]=lambada [mix]="[{wikitext2: 0.5}, {lambada: 0.5}]" [self]=self
                    [wself]="[{wikitext2: 0.5}, {self: 0.5}]")
 CELLS=("$@")

@@ -34,8 +34,9 @@ class GPTQArgs(StepArgs):
     block_size: int = Field(128, gt=0)  # columns updated lazily together
     # quantize columns by decreasing H_ii: true (group parameters static, from the original weights) or group
     # (groups ordered by their largest H_ii and kept contiguous, each group's parameters from its compensated
-    # weights when reached: GPTQModel's group-aware order)
-    act_order: bool | Literal["group"] = "group"
+    # weights when reached: GPTQModel's group-aware order); true beats group in and out of domain
+    # (docs/results.md, "Quality outside the calibration text")
+    act_order: bool | Literal["group"] = True
     static_groups: bool = False  # group parameters from the original weights (always on with act_order)
     true_sequential: bool = False  # re-collect inputs after each group of linears is quantized (1.4x slower)
     observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
