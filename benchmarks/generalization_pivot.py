@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 NOT_SOLVERS = {"rtn", "rtn-sym", "peer-hqq", "peer-gptqmodel-sym"}
-ORDER = ["rtn", "gptq", "gptq-default", "gptq-ao-mse", "awq", "lwc", "best", "best-equal", "best-mixed", "rtn-sym", "gptq-sym",
-         "gptq-default-sym", "peer-hqq", "peer-gptqmodel-sym"]
+ORDER = ["rtn", "gptq", "gptq-default", "gptq-ao-mse", "awq", "lwc", "best", "best-equal", "best-mixed", "rtn-sym",
+         "gptq-sym", "gptq-default-sym", "peer-hqq", "peer-gptqmodel-sym"]
 
 
 def load(root: Path) -> tuple[dict[str, dict[str, dict]], list[str]]:
@@ -70,7 +70,8 @@ def main() -> None:
                 sizes.append(f"{m['size_mb']:.1f}")
         print(f"| {method} | " + " | ".join(row) + f" | {' / '.join(sizes)} |")
 
-    print(f"\nOut-of-domain gain over RTN of the same format (percentage points; bar: at least half the in-domain gain):")
+    print("\nOut-of-domain gain over RTN of the same format (percentage points; bar: at least half the in-domain "
+          "gain):")
     for f in formats:
         for method, m in cells[f].items():
             if method in NOT_SOLVERS:

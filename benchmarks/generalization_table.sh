@@ -2,8 +2,8 @@
 # In-domain and out-of-domain table of docs/results.md ("Quality outside the calibration text"): RTN, GPTQ, GPTQ
 # act-order + mse, AWQ, LWC, the best recipe (rotation + GPTQ, head 16-bit) and the best recipe at equal size
 # (head and embedding 8-bit), at W4 g64 and W3 g64, and the best recipe at equal size with 8-bit down projections
-# and self-written calibration text (best-mixed, W4 g64 only), asymmetric; GPTQ with its step defaults (gptq-default); RTN,
-# GPTQ and GPTQ defaults symmetric at W4 g64 (the GPTQModel comparison); every other run
+# and self-written calibration text (best-mixed, W4 g64 only), asymmetric; GPTQ with its step defaults
+# (gptq-default); RTN, GPTQ and GPTQ defaults symmetric at W4 g64 (the GPTQModel comparison); every other run
 # calibrated on WikiText-2 validation (the recipes' 16 x 512 windows; N=64 for 64) and scored on WikiText-2 test
 # and LAMBADA passages (8192 tokens each, 2048-token windows). Peers when their venvs exist ($VENVS, default
 # ~/.cache/lowbit-peers): HQQ 4-bit asym (no calibration) and GPTQModel's defaults (sym), same windows and texts.
@@ -17,12 +17,14 @@ PY=${PY:-.venv/bin/python}
 VENVS=${VENVS:-$HOME/.cache/lowbit-peers}
 N=${N:-16}
 declare -A RECIPE=([rtn]=wo-rtn [gptq]=wo-gptq [gptq-ao-mse]=wo-gptq-ao-mse [awq]=wo-awq [lwc]=wo-lwc
-                   [best]=wo-rotate-gptq [best-equal]=wo-rotate-gptq-equal [best-mixed]=wo-rotate-gptq-mixed [gptq-default]=wo-gptq [rtn-sym]=wo-rtn
-                   [gptq-sym]=wo-gptq [gptq-default-sym]=wo-gptq)
+                   [best]=wo-rotate-gptq [best-equal]=wo-rotate-gptq-equal [best-mixed]=wo-rotate-gptq-mixed
+                   [gptq-default]=wo-gptq [rtn-sym]=wo-rtn [gptq-sym]=wo-gptq [gptq-default-sym]=wo-gptq)
 declare -A FORMAT=([w4g64]="--set weights.bits=4" [w3g64]="--set weights.bits=3")
 CELLS=("$@")
 if [ ${#CELLS[@]} -eq 0 ]; then
-  for f in w4g64 w3g64; do for m in rtn gptq gptq-default gptq-ao-mse awq lwc best best-equal; do CELLS+=("$m-$f"); done; done
+  for f in w4g64 w3g64; do for m in rtn gptq gptq-default gptq-ao-mse awq lwc best best-equal; do
+    CELLS+=("$m-$f")
+  done; done
   CELLS+=(best-mixed-w4g64 rtn-sym-w4g64 gptq-sym-w4g64 gptq-default-sym-w4g64)
 fi
 mkdir -p "$OUT"

@@ -9,24 +9,23 @@ set -euo pipefail
 OUT=${1:-runs/solver}
 shift || true
 LB=${LB:-.venv/bin/lowbit}
-args() {  # CELL -> the recipe and its overrides
-  case $1 in
-    gptq-damp0.01) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={damp: 0.01, act_order: group}" ;;
-    gptq-damp0.1) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={damp: 0.1, act_order: group}" ;;
-    gptq-damp0.2) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={damp: 0.2, act_order: group}" ;;
-    gptq-grouporder) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={act_order: group}" ;;
-    gptq-nonorder) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={act_order: false}" ;;
-    gptq-fullorder) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={act_order: true}" ;;
-    gptq-mse) printf "%q " recipes/wo-gptq.yaml --set "steps.0.gptq={act_order: group}" --set weights.observer=mse ;;
-    lwc-epochs2) printf "%q " recipes/wo-lwc.yaml --set steps.0.lwc.epochs=2 ;;
-    *) echo "unknown cell $1" >&2; exit 2 ;;
-  esac
-}
+declare -A SET=(  # each cell's override of its recipe (wo-gptq for gptq-*, wo-lwc for lwc-*)
+  [gptq-grouporder]="steps.0.gptq={act_order: group}"
+  [gptq-damp0.01]="steps.0.gptq={damp: 0.01, act_order: group}"
+  [gptq-damp0.1]="steps.0.gptq={damp: 0.1, act_order: group}"
+  [gptq-damp0.2]="steps.0.gptq={damp: 0.2, act_order: group}"
+  [gptq-nonorder]="steps.0.gptq={act_order: false}"
+  [gptq-fullorder]="steps.0.gptq={act_order: true}"
+  [gptq-mse]="steps.0.gptq={act_order: group}"
+  [lwc-epochs2]="steps.0.lwc.epochs=2")
+declare -A OBSERVER=([gptq-mse]=mse)
 CELLS=("$@")
-[ ${#CELLS[@]} -gt 0 ] || CELLS=(gptq-grouporder gptq-damp0.01 gptq-damp0.1 gptq-damp0.2 gptq-nonorder gptq-fullorder gptq-mse lwc-epochs2)
+[ ${#CELLS[@]} -gt 0 ] || CELLS=(gptq-grouporder gptq-damp0.01 gptq-damp0.1 gptq-damp0.2 gptq-nonorder gptq-fullorder
+                                 gptq-mse lwc-epochs2)
 mkdir -p "$OUT"
 for cell in "${CELLS[@]}"; do
-  a=$(args "$cell")
-  [ -d "$OUT/$cell-w4g64" ] || eval "\"$LB\" run $a --set name=$cell-w4g64 --out \"$OUT/$cell-w4g64\" --quiet"
+  [ -n "${SET[$cell]:-}" ] || { echo "unknown cell $cell" >&2; exit 2; }
+  [ -d "$OUT/$cell-w4g64" ] || "$LB" run "recipes/wo-${cell%%-*}.yaml" --set "${SET[$cell]}" \
+    --set weights.observer="${OBSERVER[$cell]:-minmax}" --set name="$cell-w4g64" --out "$OUT/$cell-w4g64" --quiet
 done
 "$LB" report "$OUT"/*
