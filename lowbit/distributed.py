@@ -12,6 +12,7 @@ other rank with a one-line error instead of a hang.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
@@ -73,6 +74,7 @@ def init_from_env(device: torch.device) -> torch.device:
     except (RuntimeError, ValueError) as exc:
         raise LowbitError(f"could not join the torchrun process group ({_first_line(exc)}): check --nnodes, "
                           f"--rdzv-endpoint and that every node can reach it") from None
+    atexit.register(shutdown)  # a group left alive at exit can abort the process (Gloo's threads still joinable)
     return device
 
 
