@@ -7,7 +7,7 @@ from lowbit.models import get_adapter
 from lowbit.observers import observe
 from lowbit.pipeline import FormatPlan, compress
 from lowbit.steps.gptq import (GPTQ, accumulate_hessians, add_upper_gram, gptq_quantize, group_order,
-                               inverse_cholesky_upper, symmetric_from_upper)
+                               inverse_cholesky_upper, symmetrize_upper_)
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
 SPECS = [QuantSpec(4, symmetric=False, group_size=32), QuantSpec(3), QuantSpec(4, granularity="tensor"),
@@ -33,7 +33,11 @@ def test_upper_gram_strips_sum_to_the_full_gram(cols):
         full += x.double().T @ x.double()
     width = max(16, -(-cols // 8))  # strips of 16 columns, at most 8 strips
     assert torch.equal(acc.tril(-width), torch.zeros_like(acc))  # below the diagonal strips: never computed
-    torch.testing.assert_close(symmetric_from_upper(acc), full, rtol=1e-5, atol=1e-4)
+    upper = acc.triu()
+    for strip in (7, 512):  # in place, strip by strip (several strips and one): exactly the upper triangle mirrored
+        sym = symmetrize_upper_(acc.clone(), strip=strip)
+        assert torch.equal(sym, upper + upper.triu(1).T)
+    torch.testing.assert_close(sym, full, rtol=1e-5, atol=1e-4)
 
 
 def test_inverse_cholesky_factor_without_forming_the_inverse():

@@ -208,18 +208,19 @@ def accumulate_hessians(ctx: BlockContext, groups: list[tuple[str, ...]],
 
     ctx.collect([g[0] for g in groups], add, x=x, stop_early=True)
     out = {}
-    for g in groups:  # summed over ranks (a rank without windows adds zeros), then normalized once
+    for g in groups:  # summed over ranks (a rank without windows adds zeros), then normalized once, in place
         w = ctx.block.get_submodule(g[0]).weight
-        total = distributed.reduce(sums.get(g[0], w.new_zeros(w.shape[1], w.shape[1], dtype=torch.float64)))
+        total = distributed.reduce(sums.pop(g[0], w.new_zeros(w.shape[1], w.shape[1], dtype=torch.float64)))
         n = distributed.reduce_float(counts.get(g[0], 0))
-        out[g[0]] = (2 * symmetric_from_upper(total) / n).float()
+        out[g[0]] = symmetrize_upper_(total).mul_(2).div_(n).float()
+        del total  # (a down projection's float64 sum is 1.6 GB at an 8B shape: one at a time)
     return out
 
 
 def add_upper_gram(acc: torch.Tensor, x: torch.Tensor, strip: int = 128) -> None:
     """acc += XᵀX on and above the diagonal (below it, only inside the diagonal tiles), in strips of rows: about
     half the products of a full XᵀX with several strips (BLAS's syrk, which torch does not expose). Read the
-    result with `symmetric_from_upper`."""
+    result with `symmetrize_upper_`."""
     n = x.shape[1]
     strip = max(strip, -(-n // 8))
     for a in range(0, n, strip):
@@ -227,10 +228,16 @@ def add_upper_gram(acc: torch.Tensor, x: torch.Tensor, strip: int = 128) -> None
         acc[a:b, a:] += (x[:, a:b].T @ x[:, a:]).double()
 
 
-def symmetric_from_upper(a: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is that of `a`."""
-    upper = a.triu()
-    return upper + upper.triu(1).T
+def symmetrize_upper_(a: torch.Tensor, strip: int = 512) -> torch.Tensor:
+    """`a` made symmetric in place from its upper triangle (diagonal included), strip by strip, with no copy of
+    the whole matrix; returns `a`."""
+    n = a.shape[0]
+    for i in range(0, n, strip):
+        j = min(i + strip, n)
+        a[i:j, :i] = a[:i, i:j].T
+        tile = a[i:j, i:j]
+        tile.copy_(tile.triu() + tile.triu(1).T)
+    return a
 
 
 @register_step
