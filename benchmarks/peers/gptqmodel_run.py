@@ -2,10 +2,14 @@
 (benchmarks/peers/venv.sh gptqmodel gptqmodel).
 
   ~/.cache/lowbit-peers/gptqmodel/bin/python benchmarks/peers/gptqmodel_run.py MODEL_DIR CALIB.pt OUT_DIR [--bits 4 --group-size 64 --sym]
-The packed layers' own dequantize_weight() gives the weights copied into the FP checkpoint by common.save_dequantized.
+The quantized model is saved in GPTQModel's checkpoint format and loaded back, as its users deploy it: right after
+`quantize()` the packed layers hold zero points in the on-disk (v1, zero - 1) convention that its torch kernel only
+converts when loading, so reading them in memory shifts every group by one step. The reloaded layers' own
+dequantize_weight() gives the weights copied into the FP checkpoint by common.save_dequantized.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 
 import torch
@@ -27,7 +31,10 @@ def main() -> None:
     model.quantize(calibration, batch_size=1)
     seconds, peak = time.perf_counter() - start, peak_rss_gb()  # before saving loads a second copy
     params = {}
-    with torch.no_grad():
+    with tempfile.TemporaryDirectory() as saved, torch.no_grad():
+        model.save(saved)
+        del model
+        model = GPTQModel.load(saved, device="cpu")
         for name, m in model.model.named_modules():
             if hasattr(m, "dequantize_weight") and ".layers." in name:
                 w = m.dequantize_weight().float()
