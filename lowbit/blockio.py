@@ -114,18 +114,20 @@ class BlockIO:
             if distributed.is_main():
                 self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state, ctx.name + ".")
 
-    def finish(self, model: torch.nn.Module, adapter) -> None:
-        """Streamed: write the tensors outside the blocks (unchanged: streamed steps change only blocks) as the
-        last shard, the index, and load them back into the model for evaluation."""
+    def finish(self, model: torch.nn.Module, adapter, load: bool = True) -> None:
+        """Streamed: copy the tensors outside the blocks (unchanged: streamed steps change only blocks) into the
+        last shard, chunk by chunk, write the index, and load them back into the model if `load` (evaluation
+        needs them; otherwise they stay placeholders, tied as the checkpoint says, like the written blocks)."""
         if not self.streamed:
             return
         n = len(adapter.blocks(model))
-        names = streaming.rest_names(adapter, self.reader.names())
-        rest = {name: t.to(self.dtype) if t.is_floating_point() else t for name, t in self.reader.read(names).items()}
-        streaming.write_shard(self.out_dir, n, n + 1, rest)
-        del rest
+        streaming.copy_shard(self.out_dir, n, n + 1, self.reader, streaming.rest_names(adapter, self.reader.names()),
+                             self.dtype)
         streaming.write_index(self.out_dir)
-        streaming.load_rest(model, adapter, self.reader, self.dtype)
+        if load:
+            streaming.load_rest(model, adapter, self.reader, self.dtype)
+        else:
+            streaming.tie_head(model, adapter, self.reader)
 
 
 def _merge_state(mctx: "ModelContext", loaded, finished: int) -> None:

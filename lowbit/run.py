@@ -372,7 +372,7 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
                      store=ActivationStore(offload, device, staging))
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
-        io.finish(model, adapter)
+        io.finish(model, adapter, load=recipe.evaluation is not None)
         quantize_outer(model, adapter, outer_targets(model, adapter, *recipe.outer_formats()), state)
         if checkpoints is not None and staging is not None:  # every block is in the output now: seal without them
             checkpoints.remove()

@@ -24,6 +24,9 @@ from lowbit.models.base import Adapter
 
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_ST_ALL = {**_ST_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
+_ST_NAMES = {t: name for name, t in _ST_ALL.items()}
 
 
 class ShardReader:
@@ -57,6 +60,11 @@ class ShardReader:
                     out[name] = f.get_tensor(name)
         return out
 
+    def info(self, name: str) -> tuple[torch.dtype, list[int]]:
+        """A tensor's stored dtype and shape, from its shard's header."""
+        entry = _header(self.files[name])[name]
+        return _ST_ALL[entry["dtype"]], entry["shape"]
+
     def nbytes(self, dtype: torch.dtype | None = None) -> dict[str, int]:
         """Bytes of each tensor (in `dtype` if given, else as stored), read from the shard headers only."""
         out = {}
@@ -65,9 +73,7 @@ class ShardReader:
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                numel = 1
-                for d in info["shape"]:
-                    numel *= d
+                numel = _numel(info["shape"])
                 stored = _ST_DTYPES.get(info["dtype"])
                 itemsize = (dtype if dtype is not None and stored is not None and stored.is_floating_point
                             else stored or torch.uint8).itemsize if stored is not None else 1
@@ -127,20 +133,26 @@ def load_rest(model: nn.Module, adapter: Adapter, reader: ShardReader, dtype: to
               with_head: bool = True) -> None:
     """Read everything outside the decoder blocks (the head only `with_head`: calibration does not need it);
     tie the head to the embedding when the checkpoint does."""
-    head = adapter.head_path + ".weight"
     names = [n for n in rest_names(adapter, reader.names()) if with_head or not n.startswith(adapter.head_path + ".")]
-    load_tensors(model, reader.read(names), dtype)
-    if not with_head:
-        return
+    for name in names:  # one stored tensor in memory beside the model at a time
+        load_tensors(model, reader.read([name]), dtype)
+    if with_head:
+        tie_head(model, adapter, reader)
+        missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(adapter.blocks_path + ".")]
+        if missing:
+            raise LowbitError(f"{reader.path} lacks {missing[0]} (and {len(missing) - 1} more): the checkpoint is "
+                              f"incomplete")
+
+
+def tie_head(model: nn.Module, adapter: Adapter, reader: ShardReader) -> None:
+    """Make the head the embedding's parameter when the checkpoint stores no head and the config ties them."""
+    head = adapter.head_path + ".weight"
     if head not in reader.files:
         tie = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
         if not tie:
             raise LowbitError(f"{reader.path} has no {head} and the config does not tie it to the embedding: "
                               f"the checkpoint is incomplete")
         model.get_submodule(adapter.head_path).weight = adapter.embeddings(model)[0].weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(adapter.blocks_path + ".")]
-    if missing:
-        raise LowbitError(f"{reader.path} lacks {missing[0]} (and {len(missing) - 1} more): the checkpoint is incomplete")
 
 
 def free_rest(model: nn.Module, adapter: Adapter) -> None:
@@ -200,6 +212,53 @@ def write_shard(directory: Path, k: int, total: int, tensors: dict[str, torch.Te
     save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / name)
     return name
+
+
+def copy_shard(directory: Path, k: int, total: int, reader: ShardReader, names: list[str], dtype: torch.dtype,
+               chunk_bytes: int = 64 << 20) -> str:
+    """Write checkpoint tensors `names` as one shard, floating ones cast to `dtype`, chunk of rows by chunk of
+    rows: memory stays at one chunk however large the tensors (an 8B model's float32 embedding and head are 4.2
+    GB; safetensors' own writer needs them all in memory at once). Atomic like `write_shard`; returns its name."""
+    header, offset = {}, 0
+    for name in names:
+        stored, shape = reader.info(name)
+        out = dtype if stored.is_floating_point else stored
+        numel = _numel(shape)
+        header[name] = {"dtype": _ST_NAMES[out], "shape": shape, "data_offsets": [offset, offset + numel * out.itemsize]}
+        offset += numel * out.itemsize
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    file = shard_name(k, total)
+    tmp = directory / f".{file}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name in names:
+            with safe_open(reader.files[name], framework="pt") as src:
+                part = src.get_slice(name)
+                shape = part.get_shape()
+                if not shape:
+                    f.write(_raw_bytes(src.get_tensor(name), header[name]["dtype"]))
+                    continue
+                row = max(1, _numel(shape[1:]) * _ST_ALL[header[name]["dtype"]].itemsize)
+                step = max(1, chunk_bytes // row)
+                for a in range(0, shape[0], step):
+                    f.write(_raw_bytes(part[a:a + step], header[name]["dtype"]))
+    os.replace(tmp, directory / file)
+    return file
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _raw_bytes(t: torch.Tensor, st_dtype: str) -> memoryview:
+    """The little-endian bytes safetensors stores for `t` cast to `st_dtype` (no copy beyond the cast)."""
+    t = t.to(_ST_ALL[st_dtype]).contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def module_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -98,6 +98,32 @@ def test_streamed_equals_in_memory(sharded, tmp_path, steps, acts):
     assert len(set(index["weight_map"].values())) == 3 + 1  # one shard per block, one for the rest
     assert not any(p.is_meta for p in mem.model.parameters())
     assert all(p.is_meta for p in streamed.model.model.layers.parameters())  # blocks were freed
+    bare = run_recipe(parse_recipe({**base, "stream": True, "evaluation": None}), tmp_path / "bare", progress=False)
+    assert_same_weights(tmp_path / "mem", tmp_path / "bare")  # without evaluation the rest is copied, never loaded
+    assert all(p.is_meta for p in bare.model.parameters())
+    assert bare.metrics["size_mb"] == mem.metrics["size_mb"]  # the tied head counted once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copied_shard_holds_the_cast_tensors(tmp_path, dtype):
+    """The rest shard is written chunk of rows by chunk of rows (64-byte chunks here: many per tensor); read back
+    by safetensors it holds every tensor cast to the run's dtype, integers as they were."""
+    from safetensors.torch import load_file, save_file
+    from lowbit.streaming import copy_shard
+
+    gen = torch.Generator().manual_seed(0)
+    source = {"embed.weight": torch.randn(37, 24, generator=gen).bfloat16(), "norm.weight": torch.randn(24).bfloat16(),
+              "cube": torch.randn(5, 3, 4, generator=gen).bfloat16(), "scalar": torch.tensor(1.5).bfloat16(),
+              "ids": torch.arange(7)}
+    (tmp_path / "in").mkdir()
+    save_file(source, str(tmp_path / "in" / "model.safetensors"))
+    name = copy_shard(tmp_path, 3, 4, ShardReader(tmp_path / "in"), list(source), dtype, chunk_bytes=64)
+    assert name == "model-00004-of-00004.safetensors" and not list(tmp_path.glob(".*tmp"))
+    copied = load_file(str(tmp_path / name))
+    assert copied.keys() == source.keys()
+    for key, t in source.items():
+        want = t.to(dtype) if t.is_floating_point() else t
+        assert copied[key].dtype == want.dtype and torch.equal(copied[key], want), key
 
 
 def test_streamed_fp_perplexity_equals_in_memory(sharded, tmp_path, monkeypatch):
