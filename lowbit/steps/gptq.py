@@ -60,13 +60,15 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
 
     If H is not positive definite at that damping (e.g. damp=0 on rank-deficient inputs), the damping is
-    raised tenfold (starting at 1e-4) until the factorization succeeds; the value used is logged.
+    raised tenfold (starting at 1e-4) until the factorization succeeds; the value used is logged. The damping
+    is added to `h`'s diagonal in place (no second matrix), which is left at the value used.
     """
     mean_diag = h.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    diag = h.diagonal().clone()
     tries = [damp] + [max(damp, 1e-4) * 10 ** k for k in range(8)]
     for i, d in enumerate(tries):
-        upper, info = inverse_cholesky_upper(h + d * mean_diag * eye)
+        h.diagonal().copy_(diag + d * mean_diag)
+        upper, info = inverse_cholesky_upper(h)
         if info == 0 and torch.isfinite(upper).all():
             if i:
                 log.warning("GPTQ: Hessian not positive definite at damp=%g, used damp=%g", damp, d)
@@ -95,13 +97,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     it is a Python loop of small operations, so their count and memory layout set its speed.
     """
     w = w.detach().float().clone()
-    h = h.detach().float().clone()
+    h = h.detach().float()  # (never written: the solve works on a permuted copy)
     rows, cols = w.shape
     if select is not None and (act_order or block_size % select.every):
         raise LowbitError(f"mask selection every {select.every} columns needs act_order off and a block_size that "
                           f"is a multiple of {select.every}")
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
+    diag = h.diagonal().clone()
+    dead = diag == 0
+    diag[dead] = 1
     w[:, dead] = 0
     if mask is not None:
         w.masked_fill_(mask, 0)
@@ -110,8 +113,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     full_order = bool(act_order) and not by_group
     static = spec is None or spec.granularity != "group" or static_groups or full_order or spec.gguf is not None
     scale = zero = None
-    perm = (group_order(h.diagonal(), spec.group_size) if by_group else
-            torch.argsort(h.diagonal(), descending=True) if full_order else torch.arange(cols))
+    perm = (group_order(diag, spec.group_size) if by_group else
+            torch.argsort(diag, descending=True) if full_order else torch.arange(cols))
     group_of = perm // (spec.block[1] if spec.granularity == "block" else spec.group_size) if grouped \
         else torch.zeros(cols, dtype=torch.long)
     if spec is not None:
@@ -133,7 +136,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
             group_scale = torch.empty(cols // spec.group_size, rows)
             group_zero = torch.empty_like(group_scale)
     wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
-    h = h[perm][:, perm]
+    h = h[perm[:, None], perm]  # one copy, in solving order (a 14336-wide H is 0.8 GB in float32)
+    h.diagonal().copy_(diag[perm])
     pmask = None if mask is None else mask.t()[perm] if act_order else mask.t()  # views of `mask`: select writes it
     u = robust_inverse_cholesky(h, damp)
     qt = torch.empty_like(wt)
@@ -262,8 +266,8 @@ class GPTQ(Step):
                 self._quantize_group(ctx, group, accumulate_hessians(ctx, [group])[group[0]])
         else:
             hessians = accumulate_hessians(ctx, groups)
-            for group in groups:
-                self._quantize_group(ctx, group, hessians[group[0]])
+            for group in groups:  # each Hessian freed once its group is solved
+                self._quantize_group(ctx, group, hessians.pop(group[0]))
 
     def _quantize_group(self, ctx: BlockContext, group: tuple[str, ...], h: torch.Tensor) -> None:
         """Linears sharing an input and a per-row format are stacked and solved as one matrix."""
