@@ -49,11 +49,15 @@ def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
     H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky factorization and one triangular inverse, never H⁻¹
     itself (the usual cholesky → cholesky_inverse → cholesky costs twice as much and forms the explicit inverse).
     """
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    factor = h.flip(0, 1)  # a copy, overwritten by L; then L⁻¹ overwrites the identity (LAPACK works in place)
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(factor, out=(factor, info))
     if info:
-        return lower, int(info)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1), 0
+        return factor, int(info)
+    inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    torch.linalg.solve_triangular(factor, inv, upper=False, out=inv)
+    del factor
+    return inv.flip(0, 1), 0
 
 
 def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
