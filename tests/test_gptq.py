@@ -6,8 +6,8 @@ from lowbit.formats import QuantSpec, dequantize, fake_quant, quantize
 from lowbit.models import get_adapter
 from lowbit.observers import observe
 from lowbit.pipeline import FormatPlan, compress
-from lowbit.steps.gptq import (GPTQ, accumulate_hessians, add_upper_gram, gptq_quantize, group_order,
-                               inverse_cholesky_upper, symmetrize_upper_)
+from lowbit.steps.gptq import (GPTQ, UpperGram, accumulate_hessians, gptq_quantize, group_order,
+                               inverse_cholesky_upper)
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
 SPECS = [QuantSpec(4, symmetric=False, group_size=32), QuantSpec(3), QuantSpec(4, granularity="tensor"),
@@ -25,19 +25,25 @@ def _data(cols=128, rows=48, seed=0):
 @pytest.mark.parametrize("cols", [5, 128, 300])
 def test_upper_gram_strips_sum_to_the_full_gram(cols):
     gen = torch.Generator().manual_seed(cols)
-    acc = torch.zeros(cols, cols, dtype=torch.float64)
-    full = torch.zeros_like(acc)
+    gram = UpperGram(cols, strip=16)
+    full = torch.zeros(cols, cols, dtype=torch.float64)
+    upper = torch.zeros_like(full)  # the same strip products, summed into a full matrix
+    width = max(16, -(-cols // 8))  # strips of 16 columns, at most 8 strips
     for _ in range(3):  # accumulated over batches, as over calibration batches
         x = torch.randn(200, cols, generator=gen)
-        add_upper_gram(acc, x, strip=16)
+        gram.add(x)
         full += x.double().T @ x.double()
-    width = max(16, -(-cols // 8))  # strips of 16 columns, at most 8 strips
-    assert torch.equal(acc.tril(-width), torch.zeros_like(acc))  # below the diagonal strips: never computed
-    upper = acc.triu()
-    for strip in (7, 512):  # in place, strip by strip (several strips and one): exactly the upper triangle mirrored
-        sym = symmetrize_upper_(acc.clone(), strip=strip)
-        assert torch.equal(sym, upper + upper.triu(1).T)
-    torch.testing.assert_close(sym, full, rtol=1e-5, atol=1e-4)
+        for a in range(0, cols, width):
+            upper[a:a + width, a:] += (x[:, a:a + width].T @ x[:, a:]).double()
+    assert gram.count == 600 and len(gram.strips) == -(-cols // width)
+    stored = sum(s.numel() for s in gram.strips)
+    assert stored < 0.6 * cols * cols or cols < 16 * 8  # about half a matrix once there are 8 strips
+    upper = upper.triu()
+    want = (2 * (upper + upper.triu(1).T) / 600).float()  # mirrored and scaled in float64, then rounded
+    h = gram.matrix(2, 600)
+    assert not gram.strips  # freed as read
+    assert torch.equal(h, want)
+    torch.testing.assert_close(h, (2 * full / 600).float(), rtol=1e-5, atol=1e-4)
 
 
 def test_inverse_cholesky_factor_without_forming_the_inverse():
