@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,6 +60,40 @@ def test_inverse_cholesky_factor_without_forming_the_inverse():
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h.double())), upper=True)
     torch.testing.assert_close(u.double(), ref, rtol=1e-4, atol=1e-5)  # the factor the usual chain computes
     assert inverse_cholesky_upper(-torch.eye(4))[1] != 0  # not positive definite: reported, not raised
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(1))
+    damped = h.diagonal()[order] * 1.5
+    hp = h[order][:, order]
+    hp.diagonal().copy_(damped)
+    u2, info = inverse_cholesky_upper(h, order, damped)  # permuted and damped without copying H first
+    assert info == 0 and torch.equal(u2, inverse_cholesky_upper(hp)[0])
+
+
+_PEAK = """
+import sys, torch
+from lowbit.formats import QuantSpec
+from lowbit.steps.gptq import gptq_quantize
+torch.set_num_threads(1)
+n = 3072
+x = torch.randn(n + 256, n, generator=torch.Generator().manual_seed(0))
+h = x.T @ x / n
+del x
+w = torch.randn(64, n)
+status = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark to the current RSS
+before = status("VmRSS")
+gptq_quantize(w, h, QuantSpec(4, symmetric=False, group_size=64), "minmax", 0.05, 128, True)
+print((status("VmHWM") - before) / h.numel() / 4)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux peak-RSS reset")
+def test_solve_holds_at_most_three_hessians_beside_the_callers():
+    """GPTQ's solve needs the factor of H⁻¹ and one work matrix; a 14336-wide Hessian (an 8B down projection) is
+    0.8 GB in float32, so each extra copy counts (the straightforward chain held seven)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 3
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())

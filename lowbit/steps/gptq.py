@@ -42,42 +42,82 @@ class GPTQArgs(StepArgs):
     observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
 
 
-def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Upper triangular U with UᵀU = H⁻¹ (and positive diagonal), and LAPACK's info (0: H positive definite).
+def inverse_cholesky_upper(h: torch.Tensor, order: torch.Tensor | None = None,
+                           diagonal: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Upper triangular U with UᵀU = H'⁻¹ (and positive diagonal), and LAPACK's info (0: H' positive definite),
+    for H' = H[order][:, order] (default: H) with its diagonal replaced by `diagonal` (given in that order: damping).
 
-    With J the reversal permutation and J H J = L Lᵀ, H = R Rᵀ for the upper triangular R = J L J, so
-    H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky factorization and one triangular inverse, never H⁻¹
+    With J the reversal permutation and J H' J = L Lᵀ, H' = R Rᵀ for the upper triangular R = J L J, so
+    H'⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky factorization and one triangular inverse, never H'⁻¹
     itself (the usual cholesky → cholesky_inverse → cholesky costs twice as much and forms the explicit inverse).
+    Two matrices beside `h`: J H' J is gathered in one copy and overwritten by L, L⁻¹ overwrites the identity
+    (LAPACK works in place), and J L⁻¹ J is L⁻¹ reversed in place.
     """
-    factor = h.flip(0, 1)  # a copy, overwritten by L; then L⁻¹ overwrites the identity (LAPACK works in place)
+    rev = (torch.arange(h.shape[0], device=h.device) if order is None else order).flip(0)
+    factor = h.t()[rev[:, None], rev].t()  # column-major, as LAPACK works: no hidden copies
+    if diagonal is not None:
+        factor.diagonal().copy_(diagonal.flip(0))
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(factor, out=(factor, info))
     if info:
         return factor, int(info)
-    inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device).t()
     torch.linalg.solve_triangular(factor, inv, upper=False, out=inv)
     del factor
-    return inv.flip(0, 1), 0
+    return _reverse_(inv), 0
 
 
-def robust_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H).
+def _reverse_(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """Matrix `t` flipped on both axes in place: the order of its elements in memory reversed (row- or
+    column-major)."""
+    flat = _flat(t)
+    n = flat.numel()
+    for i in range(0, n // 2, chunk):
+        j = min(i + chunk, n // 2)
+        low = flat[i:j].clone()
+        flat[i:j] = flat[n - j:n - i].flip(0)
+        flat[n - j:n - i] = low.flip(0)
+    return t
 
-    If H is not positive definite at that damping (e.g. damp=0 on rank-deficient inputs), the damping is
-    raised tenfold (starting at 1e-4) until the factorization succeeds; the value used is logged. The damping
-    is added to `h`'s diagonal in place (no second matrix), which is left at the value used.
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A row- or column-major matrix's storage as one vector (a view)."""
+    return (t if t.is_contiguous() else t.t()).view(-1)
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or infinity in `t`, checked chunk by chunk (a whole-matrix isfinite allocates more than `t`)."""
+    return all(bool(torch.isfinite(c).all()) for c in _flat(t).split(chunk))
+
+
+def robust_inverse_cholesky(h: torch.Tensor, damp: float, order: torch.Tensor | None = None,
+                            diagonal: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor of (H' + λI)⁻¹ with λ = damp · mean(diag H'), H' as in `inverse_cholesky_upper`
+    (`h` itself is not changed).
+
+    If H' is not positive definite at that damping (e.g. damp=0 on rank-deficient inputs), the damping is
+    raised tenfold (starting at 1e-4) until the factorization succeeds; the value used is logged.
     """
-    mean_diag = h.diagonal().mean().clamp_min(1e-12)
-    diag = h.diagonal().clone()
+    if diagonal is None:
+        diagonal = h.diagonal() if order is None else h.diagonal()[order]
+    mean_diag = _strided_mean(diagonal).clamp_min(1e-12)
     tries = [damp] + [max(damp, 1e-4) * 10 ** k for k in range(8)]
     for i, d in enumerate(tries):
-        h.diagonal().copy_(diag + d * mean_diag)
-        upper, info = inverse_cholesky_upper(h)
-        if info == 0 and torch.isfinite(upper).all():
+        upper, info = inverse_cholesky_upper(h, order, diagonal + d * mean_diag)
+        if info == 0 and _all_finite(upper):
             if i:
                 log.warning("GPTQ: Hessian not positive definite at damp=%g, used damp=%g", damp, d)
             return upper
+        del upper
     raise AssertionError("Cholesky failed even with damp=1e3; the Hessian is not finite")
+
+
+def _strided_mean(v: torch.Tensor) -> torch.Tensor:
+    """Mean of a vector summed as torch sums a strided view such as a matrix's diagonal (how H's mean diagonal
+    was always taken; a contiguous vector is summed in another order, which moves the damping by an ulp)."""
+    buf = v.new_empty(2 * v.numel())
+    buf[::2] = v
+    return buf[::2].mean()
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, observer: str = "minmax",
@@ -101,7 +141,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     it is a Python loop of small operations, so their count and memory layout set its speed.
     """
     w = w.detach().float().clone()
-    h = h.detach().float()  # (never written: the solve works on a permuted copy)
+    h = h.detach().float()  # (never written)
     rows, cols = w.shape
     if select is not None and (act_order or block_size % select.every):
         raise LowbitError(f"mask selection every {select.every} columns needs act_order off and a block_size that "
@@ -140,10 +180,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
             group_scale = torch.empty(cols // spec.group_size, rows)
             group_zero = torch.empty_like(group_scale)
     wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
-    h = h[perm[:, None], perm]  # one copy, in solving order (a 14336-wide H is 0.8 GB in float32)
-    h.diagonal().copy_(diag[perm])
     pmask = None if mask is None else mask.t()[perm] if act_order else mask.t()  # views of `mask`: select writes it
-    u = robust_inverse_cholesky(h, damp)
+    u = robust_inverse_cholesky(h, damp, perm, diag[perm])  # in solving order (H itself is never copied whole)
     qt = torch.empty_like(wt)
     groups = group_of.tolist()
     for i1 in range(0, cols, block_size):
