@@ -132,6 +132,9 @@ def evaluate_tasks(model: nn.Module, tokenizer, names: list[str], limit: int | N
     except (KeyError, ValueError) as exc:
         raise LowbitError(f"lm-eval could not load the tasks {', '.join(names)}: {exc}") from exc
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # lm-eval bootstraps some standard errors in a forked process pool; a fork of a process whose torch threads
+    # are running can hang for ever (seen once: a pool worker that never started). 1000 draws are quick serially.
+    os.environ["DISABLE_MULTIPROC"] = "1"
     results = lm_eval.simple_evaluate(model=lm, tasks=list(loaded["tasks"].values()), task_manager=manager,
                                       limit=limit, num_fewshot=num_fewshot, log_samples=False,
                                       bootstrap_iters=bootstrap_iters)

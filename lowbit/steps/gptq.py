@@ -124,7 +124,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
                   damp: float = 0.01, block_size: int = 128, act_order: bool | str = False,
                   static_groups: bool = False,
                   gs: torch.Tensor | None = None, mask: torch.Tensor | None = None, select: Selector | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  consume_h: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Quantize `w` [out, in] given the Hessian `h` [in, in] of its inputs; returns (dequantized w, scale, zero).
 
     Scale and zero are shaped like `params_shape(w, spec)`. Columns with H_ii = 0 never see any input:
@@ -138,7 +138,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     reached, from the compensated weights (adaptive mask selection). `spec` None prunes without quantizing.
 
     The column loop works on the transposed weight (one contiguous row per column) with preallocated buffers:
-    it is a Python loop of small operations, so their count and memory layout set its speed.
+    it is a Python loop of small operations, so their count and memory layout set its speed. `consume_h`: the
+    caller is done with `h`; its memory is freed once H⁻¹'s factor is computed (the tensor is left empty).
     """
     w = w.detach().float().clone()
     h = h.detach().float()  # (never written)
@@ -179,9 +180,13 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
         else:
             group_scale = torch.empty(cols // spec.group_size, rows)
             group_zero = torch.empty_like(group_scale)
-    wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
     pmask = None if mask is None else mask.t()[perm] if act_order else mask.t()  # views of `mask`: select writes it
     u = robust_inverse_cholesky(h, damp, perm, diag[perm])  # in solving order (H itself is never copied whole)
+    if consume_h:
+        h.untyped_storage().resize_(0)
+    del h
+    wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
+    del w
     qt = torch.empty_like(wt)
     groups = group_of.tolist()
     for i1 in range(0, cols, block_size):
@@ -273,7 +278,7 @@ class UpperGram:
         """Add XᵀX of `x` [tokens, n]."""
         a = 0
         for s in self.strips:
-            s += (x[:, a:a + s.shape[0]].T @ x[:, a:]).double()
+            s.add_(x[:, a:a + s.shape[0]].T @ x[:, a:])  # (float32 products added in float64)
             a += s.shape[0]
         self.count += x.shape[0]
 
@@ -339,7 +344,8 @@ class GPTQ(Step):
             mask = None if all(m is None for m in masks) else torch.cat(
                 [torch.zeros_like(wt, dtype=torch.bool) if m is None else m for m, wt in zip(masks, weights)])
             q, scale, zero = gptq_quantize(torch.cat(weights), h, spec, observer, a.damp, a.block_size,
-                                           a.act_order, a.static_groups, gs=ctx.global_scale(rels[0]), mask=mask)
+                                           a.act_order, a.static_groups, gs=ctx.global_scale(rels[0]), mask=mask,
+                                           consume_h=len(batches) == 1)
             start = 0
             for rel, weight in zip(rels, weights):
                 end = start + weight.shape[0]
