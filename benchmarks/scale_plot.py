@@ -35,7 +35,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     sizes = sorted({r["weights_gb"] for r in latest.values()})
     ax.plot(sizes, sizes, "k:", label="model weights (bf16)")
-    styles = {("rtn", "bfloat16"): ("o", "C0"), ("gptq", "float32"): ("s", "C1")}
+    styles = {("rtn", "bfloat16"): ("o", "C0"), ("gptq", "bfloat16"): ("^", "C2"), ("gptq", "float32"): ("s", "C1")}
     for (method, dtype), (marker, colour) in styles.items():
         rows = [r for r in latest.values() if r["method"] == method and r["dtype"] == dtype]
         label = f"{method.upper()} W4 g128, streamed ({dtype} compute)"

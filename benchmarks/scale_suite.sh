@@ -13,7 +13,9 @@ synth llama-3.1-8b llama-3.1-8b
 bench "$R/llama-3.1-8b" rtn "$R/results.jsonl"
 synth llama-3.1-8b llama-3.1-8b-2l 2
 bench "$R/llama-3.1-8b-2l" rtn "$R/results.jsonl"
+bench "$R/llama-3.1-8b-2l" gptq "$R/results.jsonl"
 bench "$R/llama-3.1-8b-2l" gptq "$R/results.jsonl" --dtype float32
+bench "$R/llama-3.1-8b" gptq "$R/results.jsonl"
 echo "resume check $(date -u)"
 bash benchmarks/resume_check.sh "$R/resume" > "$R/resume.txt" 2>&1
 synth llama-3.2-3b llama-3.2-3b

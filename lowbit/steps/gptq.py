@@ -141,7 +141,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
     it is a Python loop of small operations, so their count and memory layout set its speed. `consume_h`: the
     caller is done with `h`; its memory is freed once H⁻¹'s factor is computed (the tensor is left empty).
     """
-    w = w.detach().float().clone()
+    w = w.detach().to(torch.float32, copy=True)
     h = h.detach().float()  # (never written)
     rows, cols = w.shape
     if select is not None and (act_order or block_size % select.every):
@@ -214,6 +214,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
             e = torch.sub(col, qc, out=err[i]).div_(u1[i, i])
             w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
         wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
+    u = wt = u1 = w1 = col = e = err = None  # (views included) the factor and the work copy, freed before the reorder
     q = qt[torch.argsort(perm)].t().contiguous()
     if static:
         return q, scale, zero
