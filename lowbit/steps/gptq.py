@@ -53,18 +53,28 @@ def inverse_cholesky_upper(h: torch.Tensor, order: torch.Tensor | None = None,
     Two matrices beside `h`: J H' J is gathered in one copy and overwritten by L, L⁻¹ overwrites the identity
     (LAPACK works in place), and J L⁻¹ J is L⁻¹ reversed in place.
     """
+    factor, info = _reversed_cholesky(h, order, diagonal)
+    return (factor, info) if info else (_reversed_inverse(factor), 0)
+
+
+def _reversed_cholesky(h: torch.Tensor, order: torch.Tensor | None,
+                       diagonal: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """L with J H' J = L Lᵀ (H' as in `inverse_cholesky_upper`), computed in one gathered copy, and LAPACK's info."""
     rev = (torch.arange(h.shape[0], device=h.device) if order is None else order).flip(0)
     factor = h.t()[rev[:, None], rev].t()  # column-major, as LAPACK works: no hidden copies
     if diagonal is not None:
         factor.diagonal().copy_(diagonal.flip(0))
     info = torch.empty((), dtype=torch.int32, device=h.device)
     torch.linalg.cholesky_ex(factor, out=(factor, info))
-    if info:
-        return factor, int(info)
-    inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device).t()
+    return factor, int(info)
+
+
+def _reversed_inverse(factor: torch.Tensor) -> torch.Tensor:
+    """J L⁻¹ J from L (which is freed): L⁻¹ overwrites an identity, then is reversed in place."""
+    inv = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device).t()
     torch.linalg.solve_triangular(factor, inv, upper=False, out=inv)
-    del factor
-    return _reverse_(inv), 0
+    factor.untyped_storage().resize_(0)
+    return _reverse_(inv)
 
 
 def _reverse_(t: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
@@ -91,23 +101,32 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
 
 
 def robust_inverse_cholesky(h: torch.Tensor, damp: float, order: torch.Tensor | None = None,
-                            diagonal: torch.Tensor | None = None) -> torch.Tensor:
+                            diagonal: torch.Tensor | None = None, consume: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of (H' + λI)⁻¹ with λ = damp · mean(diag H'), H' as in `inverse_cholesky_upper`
-    (`h` itself is not changed).
+    (`h` itself is not changed; with `consume` its memory is freed once factored, before the inverse is formed).
 
     If H' is not positive definite at that damping (e.g. damp=0 on rank-deficient inputs), the damping is
     raised tenfold (starting at 1e-4) until the factorization succeeds; the value used is logged.
     """
-    if diagonal is None:
-        diagonal = h.diagonal() if order is None else h.diagonal()[order]
+    diagonal = (h.diagonal() if order is None else h.diagonal()[order]) if diagonal is None else diagonal
+    diagonal = diagonal.clone() if consume else diagonal
     mean_diag = _strided_mean(diagonal).clamp_min(1e-12)
     tries = [damp] + [max(damp, 1e-4) * 10 ** k for k in range(8)]
     for i, d in enumerate(tries):
-        upper, info = inverse_cholesky_upper(h, order, diagonal + d * mean_diag)
-        if info == 0 and _all_finite(upper):
+        factor, info = _reversed_cholesky(h, order, diagonal + d * mean_diag)
+        if info:
+            del factor
+            continue
+        if consume:
+            h.untyped_storage().resize_(0)
+        upper = _reversed_inverse(factor)
+        del factor
+        if _all_finite(upper):
             if i:
                 log.warning("GPTQ: Hessian not positive definite at damp=%g, used damp=%g", damp, d)
             return upper
+        if consume:
+            raise LowbitError(f"GPTQ: the factor of the inverse Hessian overflowed at damp={d:g}: raise gptq.damp")
         del upper
     raise AssertionError("Cholesky failed even with damp=1e3; the Hessian is not finite")
 
@@ -181,9 +200,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
             group_scale = torch.empty(cols // spec.group_size, rows)
             group_zero = torch.empty_like(group_scale)
     pmask = None if mask is None else mask.t()[perm] if act_order else mask.t()  # views of `mask`: select writes it
-    u = robust_inverse_cholesky(h, damp, perm, diag[perm])  # in solving order (H itself is never copied whole)
-    if consume_h:
-        h.untyped_storage().resize_(0)
+    u = robust_inverse_cholesky(h, damp, perm, diag[perm], consume_h)  # in solving order (H never copied whole)
     del h
     wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
     del w
