@@ -31,15 +31,16 @@ def hidden(model):
 model0.model.layers = layers[:K]
 sd = {k: v.clone() for k, v in model0.state_dict().items()}
 ref = hidden(model0)
+GPTQ = {"damp": 0.01, "act_order": False, "true_sequential": True}  # GPTQ's defaults when this table was measured
 configs = {
  "rtn": [("rtn", {})],
  "rtn-mse": [("rtn", {"observer": "mse"})],
- "gptq-seq": [("gptq", {})],
- "gptq-all": [("gptq", {"true_sequential": False})],
- "gptq-seq-ao": [("gptq", {"act_order": True})],
- "gptq-seq-ao-mse": [("gptq", {"act_order": True, "observer": "mse"})],
+ "gptq-seq": [("gptq", GPTQ)],
+ "gptq-all": [("gptq", {**GPTQ, "true_sequential": False})],
+ "gptq-seq-ao": [("gptq", {**GPTQ, "act_order": True})],
+ "gptq-seq-ao-mse": [("gptq", {**GPTQ, "act_order": True, "observer": "mse"})],
  "awq": [("awq", {"n_grid": 10})],
- "awq+gptq-ao": [("awq", {"n_grid": 10}), ("gptq", {"act_order": True})],
+ "awq+gptq-ao": [("awq", {"n_grid": 10}), ("gptq", {**GPTQ, "act_order": True})],
  "lwc-e2-lr0.005": [("lwc", {"epochs": 2, "lr": 0.005})],
  "lwc-e2-lr0.05": [("lwc", {"epochs": 2, "lr": 0.05})],
  "lwc-e5-lr0.05-bs1": [("lwc", {"epochs": 5, "lr": 0.05, "batch_size": 1})],
