@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from lowbit.errors import LowbitError
 
@@ -119,11 +120,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write `data` to `path` via a staging file, fsync and rename: readers see the old file or the new one."""
+def write_atomic(path: Path, data: str | bytes | Callable[[Path], None]) -> None:
+    """Write `data` to `path` via a staging file, fsync and rename: readers see the old file or the new one.
+    `data` may be a function that writes the staging file itself (no copy of large contents in memory)."""
     tmp = staging_path(path)
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         fsync_tree(tmp)
         os.replace(tmp, path)
     except BaseException:

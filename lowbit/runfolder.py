@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.actquant import ActQuantizer
@@ -53,7 +53,7 @@ def write_state(state: QuantState, directory: Path) -> None:
     for name, mask in state.masks.items():
         tensors[f"{name}.weight_mask"] = mask.to(torch.uint8).contiguous()
     write_atomic(directory / "quant_state.json", json.dumps(meta, indent=1, sort_keys=True))  # order-free bytes
-    write_atomic(directory / "quant_state.safetensors", save(tensors))
+    write_atomic(directory / "quant_state.safetensors", lambda path: save_file(tensors, str(path)))
 
 
 def load_state(directory: Path) -> QuantState:
