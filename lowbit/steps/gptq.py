@@ -115,12 +115,11 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float, order: torch.Tensor | 
     for i, d in enumerate(tries):
         factor, info = _reversed_cholesky(h, order, diagonal + d * mean_diag)
         if info:
-            del factor
+            del factor  # (before the next try gathers another)
             continue
         if consume:
             h.untyped_storage().resize_(0)
-        upper = _reversed_inverse(factor)
-        del factor
+        upper = _reversed_inverse(factor)  # (frees the factor)
         if _all_finite(upper):
             if i:
                 log.warning("GPTQ: Hessian not positive definite at damp=%g, used damp=%g", damp, d)
