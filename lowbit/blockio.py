@@ -3,7 +3,8 @@
 `BlockIO` is called by `pipeline.compress` around each block. The default keeps the whole model in memory on
 the CPU. With a device, the block being compressed and the calibration activations live there, the rest on
 the CPU. With a `reader`, blocks are read from the safetensors shards when reached and, once compressed,
-written to `out_dir` as HF shards and freed. With `checkpoints`, every finished block ends in an atomic
+written to `out_dir` as HF shards and freed, and their quantization state is moved to files in `spill_dir`
+(memory-mapped back). With `checkpoints`, every finished block ends in an atomic
 checkpoint, and `begin` continues from the newest one when `resume` is set.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class BlockIO:
     resume: bool = False
     stop_after: int | None = None
     store: ActivationStore | None = None  # where calibration activations live (default: on `device`)
+    spill_dir: Path | None = None  # streamed: where finished blocks' quantization state is kept (default: out_dir)
 
     def __post_init__(self) -> None:
         if self.store is None:
@@ -62,6 +64,9 @@ class BlockIO:
             inputs = distributed.shard(resumed.inputs, bs).to(inputs.dtype)
             fp_inputs = None if resumed.fp_inputs is None else distributed.shard(resumed.fp_inputs, bs)
             _merge_state(mctx, resumed.state, start)
+            if self.streamed:
+                for i in range(start):
+                    self._spill(mctx.state, mctx.adapter.block_name(i) + ".")
             if not self.streamed:
                 for i, path in resumed.block_files.items():
                     streaming.load_tensors(mctx.model, load_file(str(path)), self.dtype)
@@ -113,6 +118,13 @@ class BlockIO:
             fp_inputs = None if fp_inputs is None else distributed.gather(fp_inputs, bs)
             if distributed.is_main():
                 self.checkpoints.save(ctx.index + 1, inputs, fp_inputs, ctx.state, ctx.name + ".")
+        if self.streamed:
+            self._spill(ctx.state, ctx.name + ".")
+
+    def _spill(self, state, prefix: str) -> None:
+        directory = self.spill_dir or self.out_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        state.spill(prefix, directory / f".state-{prefix}pt")
 
     def finish(self, model: torch.nn.Module, adapter, load: bool = True) -> None:
         """Streamed: copy the tensors outside the blocks (unchanged: streamed steps change only blocks) into the

@@ -368,8 +368,9 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
             out_model.mkdir(exist_ok=True)
         checkpoints = (Checkpoints(checkpoint_dir, fingerprint(recipe, model_path, stream))
                        if checkpoint_dir is not None else None)
+        spill = (staging if staging is not None else Path(scratch)) / "state-spill"  # finished blocks' state
         io = BlockIO(device, dtype, reader, out_model if stream else None, checkpoints, resume,
-                     store=ActivationStore(offload, device, staging))
+                     store=ActivationStore(offload, device, staging), spill_dir=spill)
         start = time.perf_counter()
         state = compress(model, adapter, plan, steps, calib_ids, progress=progress, io=io, on_block_done=block_log)
         io.finish(model, adapter, load=recipe.evaluation is not None)
@@ -395,10 +396,11 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
                                                           "perplexity (compressed)", progress, source))
             for text, res in metrics["ppl_texts"].items():
                 log.info("compressed perplexity %.4f on %s", res["ppl"], text)
-    if staging is not None:
-        try:
-            save_run(staging, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
-        except (OSError, SafetensorError) as exc:
-            raise LowbitError(f"writing the run failed: {write_error(exc)} (in {staging.parent}): free some space "
-                              f"or choose another --out; nothing was saved") from None
+        if staging is not None:
+            try:
+                save_run(staging, recipe_to_yaml(recipe), metrics, model, tokenizer, state, model_written=stream)
+            except (OSError, SafetensorError) as exc:
+                raise LowbitError(f"writing the run failed: {write_error(exc)} (in {staging.parent}): free some "
+                                  f"space or choose another --out; nothing was saved") from None
+            shutil.rmtree(spill, ignore_errors=True)  # (saved; the state's mappings outlive the files)
     return RunResult(metrics, None, model, state)

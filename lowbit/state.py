@@ -8,6 +8,7 @@ attached through one forward pre-hook per module. `lowbit.runfolder` saves and l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -95,6 +96,26 @@ class QuantState:
         """Add (or replace) every entry of `other` (hooks are not touched: call `install`)."""
         for table in ("weights", "input_quantizers", "output_quantizers", "transforms", "masks"):
             getattr(self, table).update(getattr(other, table))
+
+    def spill(self, prefix: str, path: Path) -> None:
+        """Move the weight records' and masks' tensors of the modules under `prefix` to the file `path` and map
+        them back from it: a streamed run keeps the finished blocks' state on disk (read only when the run is
+        saved), so its memory does not grow with the depth of the model. Values are unchanged."""
+        records = {n: r for n, r in self.weights.items() if n.startswith(prefix)}
+        masks = {n: m for n, m in self.masks.items() if n.startswith(prefix)}
+        tensors = {f"{n}.mask": m.cpu() for n, m in masks.items()}
+        for n, r in records.items():
+            tensors |= {f"{n}.scale": r.scale.cpu(), f"{n}.zero": r.zero.cpu()}
+            if r.global_scale is not None:
+                tensors[f"{n}.global_scale"] = r.global_scale.cpu()
+        if not tensors:
+            return
+        torch.save(tensors, path)
+        mapped = torch.load(path, mmap=True, weights_only=True)
+        for n, r in records.items():
+            r.scale, r.zero = mapped[f"{n}.scale"], mapped[f"{n}.zero"]
+            r.global_scale = mapped.get(f"{n}.global_scale")
+        self.masks |= {n: mapped[f"{n}.mask"] for n in masks}
 
     def quantizers(self, prefix: str = "") -> list[ActQuantizer]:
         return [q for n, q in (*self.input_quantizers.items(), *self.output_quantizers.items()) if n.startswith(prefix)]

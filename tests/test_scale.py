@@ -77,6 +77,17 @@ def tensors(run: Path) -> dict[str, torch.Tensor]:
     return reader.read(reader.names())
 
 
+def mapped_file(t: torch.Tensor) -> str:
+    """The file whose mapping holds `t`'s data ("", [heap] or the like for anonymous memory), from /proc/self/maps."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in span.split("-"))
+        if low <= ptr < high:
+            return rest[4] if len(rest) > 4 else ""
+    raise AssertionError(f"address {ptr:#x} is in no mapping")
+
+
 def assert_same_weights(a: Path, b: Path) -> None:
     ta, tb = tensors(a), tensors(b)
     assert set(ta) == set(tb)
@@ -93,7 +104,15 @@ def test_streamed_equals_in_memory(sharded, tmp_path, steps, acts):
     assert streamed.metrics["streamed"] and not mem.metrics["streamed"]
     assert streamed.metrics["dtype"] == "bfloat16"
     assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    for name in ("quant_state.json", "quant_state.safetensors"):
+        assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "str" / name).read_bytes(), name
     assert streamed.metrics["ppl"]["ppl"] == mem.metrics["ppl"]["ppl"]
+    # the finished blocks' scales and zero points were kept in files (mapped back), removed once saved
+    assert streamed.state.weights and not (tmp_path / "str" / "state-spill").exists()
+    for rec in streamed.state.weights.values():
+        assert "state-spill/.state-model.layers." in mapped_file(rec.scale), mapped_file(rec.scale)
+        assert "state-spill/.state-model.layers." in mapped_file(rec.zero)
+    assert not any(mapped_file(rec.scale).startswith("/") for rec in mem.state.weights.values())
     index = json.loads((tmp_path / "str" / "model" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) == 3 + 1  # one shard per block, one for the rest
     assert not any(p.is_meta for p in mem.model.parameters())
