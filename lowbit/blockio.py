@@ -67,7 +67,7 @@ class BlockIO:
             if self.streamed:
                 for i in range(start):
                     self._spill(mctx.state, mctx.adapter.block_name(i) + ".")
-            if not self.streamed:
+            else:
                 for i, path in resumed.block_files.items():
                     streaming.load_tensors(mctx.model, load_file(str(path)), self.dtype)
         if self.resume or self.store.place == "device":  # (captured inputs are already in an offload store)
