@@ -5,12 +5,15 @@ Usage: python benchmarks/scale_bench.py MODEL_DIR METHOD RESULTS.jsonl [--dtype 
 Runs `lowbit run` in a fresh process (threads 2, stream: true, W4 g128 asymmetric, no evaluation, no per-block
 diagnostics: their bf16 forward passes would dominate a data-free RTN run on a CPU without bf16 units; GPTQ with
 llm-compressor's default settings: act-order with static groups, damp 0.01), keeps its
-metrics.json and deletes the written model afterwards (random weights, kept only to measure).
+metrics.json and deletes the written model afterwards (random weights, kept only to measure). `peak_rss_gb` is
+the run's own high-water mark at the end of compression, `process_peak_rss_gb` the process's over its whole
+life, saving included (both in GiB).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -54,6 +57,7 @@ def main() -> None:
     row = {"label": label, "model": model.name, "method": args.method, "dtype": metrics["dtype"],
            "calibration": f"{args.n_samples}x{args.seq_len}", "blocks": json.loads((model / "config.json").read_text())
            ["num_hidden_layers"], "weights_gb": weights / 1e9, "peak_rss_gb": metrics["peak_rss_gb"],
+           "process_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
            "quant_time_s": metrics["quant_time_s"], "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(args.results, "a") as f:
         f.write(json.dumps(row) + "\n")
