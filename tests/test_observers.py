@@ -37,3 +37,30 @@ def test_percentile_100_equals_minmax_and_clips_outliers():
     x[:, 0] = 1000
     s99, _ = observe(x, spec, "percentile", percentile=99)
     assert (s99 < smm * 2).all()
+
+
+def test_mse_search_keeps_the_lowest_error_shrink_of_every_group():
+    """The search (in place for integer grids) returns, per group, the range of the first shrink factor with the
+    lowest Lp error: recomputed here with plain fake_quant over the same 81 factors."""
+    from lowbit.formats import group_view, qparams_from_range
+
+    torch.manual_seed(2)
+    w = torch.randn(24, 256) * 0.02
+    w[:, :3] *= 10
+    for spec in (QuantSpec(bits=4, symmetric=True, group_size=64), QuantSpec(bits=3, symmetric=False, group_size=32),
+                 QuantSpec(bits=8, symmetric=True, granularity="channel")):
+        g = group_view(w, spec)
+        row = spec.row_spec()
+        errs, ranges = [], []
+        for i in range(81):
+            lo, hi = g.amin(-1) * (1 - i / 100), g.amax(-1) * (1 - i / 100)
+            s, z = qparams_from_range(lo, hi, row)
+            errs.append((fake_quant(g, s[:, None], z[:, None], row) - g).abs().pow(2.4).sum(-1))
+            ranges.append(qparams_from_range(lo, hi, spec))
+        pick = torch.stack(errs).argmin(0)  # first minimum, as the search keeps the earlier factor on ties
+        scale, zero = observe(w, spec, "mse")
+        want_s = torch.stack([r[0] for r in ranges])[pick, torch.arange(len(pick))]
+        want_z = torch.stack([r[1] for r in ranges])[pick, torch.arange(len(pick))]
+        assert torch.equal(scale.flatten(), want_s), spec.describe()
+        assert torch.equal(zero.flatten(), want_z), spec.describe()
+        assert len(set(pick.tolist())) > 1  # the groups chose different factors: the check has teeth
