@@ -25,7 +25,10 @@ CELLS=("$@")
 mkdir -p "$OUT"
 for cell in "${CELLS[@]}"; do
   [ -n "${SET[$cell]:-}" ] || { echo "unknown cell $cell" >&2; exit 2; }
+  GPTQ_OBSERVER=()  # GPTQ's ranges as the weights' observer says (its own default is mse now)
+  [[ $cell == gptq-* ]] && GPTQ_OBSERVER=(--set "steps.0.gptq.observer=${OBSERVER[$cell]:-minmax}")
   [ -d "$OUT/$cell-w4g64" ] || "$LB" run "recipes/wo-${cell%%-*}.yaml" --set "${SET[$cell]}" \
-    --set weights.observer="${OBSERVER[$cell]:-minmax}" --set name="$cell-w4g64" --out "$OUT/$cell-w4g64" --quiet
+    --set weights.observer="${OBSERVER[$cell]:-minmax}" "${GPTQ_OBSERVER[@]}" --set name="$cell-w4g64" --out "$OUT/$cell-w4g64" \
+    --quiet
 done
 "$LB" report "$OUT"/*

@@ -31,7 +31,7 @@ def hidden(model):
 model0.model.layers = layers[:K]
 sd = {k: v.clone() for k, v in model0.state_dict().items()}
 ref = hidden(model0)
-GPTQ = {"damp": 0.01, "act_order": False, "true_sequential": True}  # GPTQ's defaults when this table was measured
+GPTQ = {"damp": 0.01, "act_order": False, "true_sequential": True, "observer": "minmax"}  # GPTQ's defaults when this table was measured
 configs = {
  "rtn": [("rtn", {})],
  "rtn-mse": [("rtn", {"observer": "mse"})],

@@ -39,7 +39,9 @@ class GPTQArgs(StepArgs):
     act_order: bool | Literal["group"] = True
     static_groups: bool = False  # group parameters from the original weights (always on with act_order)
     true_sequential: bool = False  # re-collect inputs after each group of linears is quantized (1.4x slower)
-    observer: Literal["minmax", "mse", "percentile"] | None = None  # default: the weights spec's observer
+    # each group's range: mse (the shrink with the least error) beats min-max in and out of domain, symmetric or
+    # not (docs/results.md, "Quality outside the calibration text"); None: the weights spec's observer
+    observer: Literal["minmax", "mse", "percentile"] | None = "mse"
 
 
 def inverse_cholesky_upper(h: torch.Tensor, order: torch.Tensor | None = None,
