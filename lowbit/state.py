@@ -110,7 +110,8 @@ class QuantState:
                 tensors[f"{n}.global_scale"] = r.global_scale.cpu()
         if not tensors:
             return
-        torch.save(tensors, path)
+        with open(path, "wb") as f:  # (a failed write raises OSError, as the caller expects, not RuntimeError)
+            torch.save(tensors, f)
         mapped = torch.load(path, mmap=True, weights_only=True)
         for n, r in records.items():
             r.scale, r.zero = mapped[f"{n}.scale"], mapped[f"{n}.zero"]

@@ -289,6 +289,27 @@ def test_full_disk_during_save(tiny_llama, saved_run, tmp_path, monkeypatch, cap
     assert kept_diagnostics(root) == [[0, 1]]
 
 
+def test_full_disk_while_keeping_a_streamed_blocks_state(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A streamed run writes each finished block's quantization state to disk; a full disk there is the same
+    one-line refusal as anywhere else, and nothing is left behind."""
+    import torch
+
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        if hasattr(f, "name") and ".state-" in str(f.name):
+            f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
+        return real(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full)
+    root = tmp_path / "disk"
+    root.mkdir()
+    code, err, _ = cli(capsys, "run", recipe_file(tmp_path, tiny_llama, stream=True), "--out", root / "new", "--quiet")
+    assert code == 2 and err.startswith("lowbit: error: writing the run failed: No space left on device"), err
+    assert "(after block 0)" in err and len(err.strip().splitlines()) == 1
+    assert hidden(root) == [] and not (root / "new").exists()
+
+
 def test_full_disk_during_export(saved_run, tmp_path, monkeypatch, capsys):
     run = copy_run(saved_run, tmp_path / "run")
     before = snapshot(run)
