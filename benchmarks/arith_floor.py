@@ -17,9 +17,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig
 
-from lowbit.loading import resolve_model_path
+from lowbit.loading import load_skeleton
+from lowbit.models import get_adapter
 from lowbit.steps.gptq import UpperGram
 
 
@@ -47,31 +47,31 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, a.dtype)
-    cfg = AutoConfig.from_pretrained(resolve_model_path(a.model))
-    d, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    kv, hd = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or d // heads
+    model, _ = load_skeleton(a.model, dtype)  # shapes only (meta device): the adapter names the linears and groups
+    adapter, cfg = get_adapter(model), model.config
+    linears = {rel: (lin.in_features, lin.out_features) for rel, lin in adapter.linears(adapter.blocks(model)[0]).items()}
+    groups = adapter.input_groups()
+    heads, hd = cfg.num_attention_heads, adapter.head_dim(model)
     tokens = a.batch * a.seq_len
-    # (name, in, out) of each linear in forward order; the input groups share one Hessian
-    linears = [("q", d, heads * hd), ("k", d, kv * hd), ("v", d, kv * hd), ("o", heads * hd, d),
-               ("gate", d, inter), ("up", d, inter), ("down", inter, d)]
-    groups = [d, heads * hd, d, inter]  # q/k/v, o, gate/up, down inputs
-    x = {n: torch.randn(tokens, i, dtype=dtype) for n, i, _ in linears}
-    w = {n: torch.randn(o, i, dtype=dtype) * 0.02 for n, i, o in linears}
-    t = {n: best_time(lambda n=n: F.linear(x[n], w[n]), a.repeat) for n, _, _ in linears}
+    x = {rel: torch.randn(tokens, i, dtype=dtype) for rel, (i, _) in linears.items()}
+    w = {rel: torch.randn(o, i, dtype=dtype) * 0.02 for rel, (i, o) in linears.items()}
+    t = {rel: best_time(lambda rel=rel: F.linear(x[rel], w[rel]), a.repeat) for rel in linears}
     q = torch.randn(a.batch, heads, a.seq_len, hd, dtype=dtype)
     kk = torch.randn(a.batch, heads, a.seq_len, hd, dtype=dtype)  # (KV heads repeated, as the model computes)
     t_attn = best_time(lambda: F.scaled_dot_product_attention(q, kk, kk, is_causal=True), a.repeat)
     t_hess = 0.0
-    for n in groups:
-        gram, xs = UpperGram(n), torch.randn(tokens, n).float()
+    for group in groups:  # one Hessian per group of linears sharing an input
+        n = linears[group[0]][0]
+        gram, xs = UpperGram(n), torch.randn(tokens, n)
         t_hess += best_time(lambda gram=gram, xs=xs: gram.add(xs), a.repeat)
     full = sum(t.values()) + t_attn
-    stats = full - t["down"]  # the statistics pass stops at the last linear's input
-    batches = a.windows // a.batch * cfg.num_hidden_layers
-    rows = [("propagation forward (linears + attention)", full), ("statistics forward (all but down_proj)", stats),
+    stats = full - sum(t[rel] for rel in groups[-1])  # the statistics pass stops at the last group's input
+    blocks = len(adapter.blocks(model))
+    batches = a.windows // a.batch * blocks
+    rows = [("propagation forward (linears + attention)", full), ("statistics forward (all but the last linears)", stats),
             ("Hessian sums (UpperGram.add, float32 products)", t_hess)]
-    flops = 2 * tokens * sum(i * o for _, i, o in linears)
-    print(f"{a.model}: {cfg.num_hidden_layers} blocks, {a.windows} x {a.seq_len} windows in batches of {a.batch}, "
+    flops = 2 * tokens * sum(i * o for i, o in linears.values())
+    print(f"{a.model}: {blocks} blocks, {a.windows} x {a.seq_len} windows in batches of {a.batch}, "
           f"{a.dtype}, {a.threads} threads; linears of one batch {flops / 1e9:.1f} GFLOP at "
           f"{flops / sum(t.values()) / 1e9:.0f} GFLOP/s")
     print("| kernel work | one batch s | whole run s |\n|---|---|---|")
