@@ -26,6 +26,9 @@ from lowbit.observers import observe
 from lowbit.state import QuantState, WeightRecord
 
 
+CPU_CALL_TOKENS = 1024  # tokens per block call on the CPU (docs/scale.md, "Compression time")
+
+
 @dataclass(frozen=True)
 class FormatPlan:
     """Formats that apply to the whole run; `overrides` maps glob patterns of linear names to a spec (None: keep FP)."""
@@ -294,6 +297,17 @@ class BlockContext:
         """A batch of (possibly offloaded) activations where the block computes."""
         return self.model_ctx.store.to_device(x)
 
+    def call_windows(self, x: torch.Tensor) -> int:
+        """Windows per block call. On the CPU a weight-only block runs CPU_CALL_TOKENS tokens at a time: its
+        activations stay in the caches and each window's output is the same bits as in a larger batch (every
+        operation is per window or per token), while activation quantizers may take ranges over a whole call and
+        keep the plan's batches. Statistics always accumulate over the plan's batches (see `collect`)."""
+        bs = self.plan.batch_size
+        if self.model_ctx.store.device.type != "cpu" or any(
+                q.enabled or q.calibrating for q in self.state.quantizers(self.name + ".")):
+            return bs
+        return max(1, min(bs, CPU_CALL_TOKENS // x.shape[1]))
+
     def run(self, x: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """Block (or a replacement `module` with the same call signature) on one batch of inputs."""
         out = (module or self.block)(self.on_device(x), *self.args, **self.kwargs)
@@ -306,7 +320,7 @@ class BlockContext:
         x = self.q_inputs if x is None else x
         if x.shape[0] == 0:
             return x.clone()
-        bs = batch_size or self.plan.batch_size
+        bs = batch_size or self.call_windows(x)
         store = self.model_ctx.store
         if store.place == "device":
             return torch.cat([self.run(x[i: i + bs]) for i in range(0, x.shape[0], bs)])
@@ -341,15 +355,16 @@ class BlockContext:
         x = self.q_inputs if x is None else x
         seen: set[str] = set()
         wanted = len(set(rels))
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # one plan batch's, by first call
 
         def pre_hook(rel: str, args: tuple) -> None:
-            fn(rel, args[0], None)
+            parts.setdefault(rel, []).append((args[0], None))
             seen.add(rel)
             if len(seen) == wanted:
                 raise StopForward
 
         def hook(rel: str, args: tuple, out) -> None:
-            fn(rel, args[0], out[0] if isinstance(out, tuple) else out)
+            parts.setdefault(rel, []).append((args[0], out[0] if isinstance(out, tuple) else out))
 
         modules = [(rel, self.block.get_submodule(rel)) for rel in rels]
         if stop_early:
@@ -357,14 +372,21 @@ class BlockContext:
         else:
             handles = [m.register_forward_hook(lambda _m, args, out, rel=rel: hook(rel, args, out))
                        for rel, m in modules]
-        bs = self.plan.batch_size
+        bs, step = self.plan.batch_size, self.call_windows(x)
         try:
             for i in range(0, x.shape[0], bs):
-                seen.clear()
-                try:
-                    self.run(x[i: i + bs])
-                except StopForward:
-                    pass
+                end = min(i + bs, x.shape[0])
+                for j in range(i, end, step):
+                    seen.clear()
+                    try:
+                        self.run(x[j: min(j + step, end)])
+                    except StopForward:
+                        pass
+                for rel, got in parts.items():  # the plan's batch at once: the same sums whatever `step` is
+                    inp = got[0][0] if len(got) == 1 else torch.cat([a for a, _ in got])
+                    out = got[0][1] if len(got) == 1 or got[0][1] is None else torch.cat([b for _, b in got])
+                    fn(rel, inp, out)
+                parts.clear()
         finally:
             for h in handles:
                 h.remove()

@@ -173,3 +173,40 @@ def test_trial_rolls_back_the_block_and_its_quant_state(calib_ids):
     for n, q in mctx.state.input_quantizers.items():
         assert torch.equal(q.scale, before_ranges[n]), n
     assert torch.equal(ctx.forward(), before_out)
+
+
+def test_cpu_block_calls_of_fewer_windows_give_the_same_bits(calib_ids, monkeypatch):
+    """On the CPU a weight-only block runs CPU_CALL_TOKENS tokens per call; statistics still see the plan's
+    batches, so GPTQ's result and the propagated outputs are the same bits as with one call per batch."""
+    from lowbit import context
+
+    def run(call_tokens: int):
+        monkeypatch.setattr(context, "CPU_CALL_TOKENS", call_tokens)
+        model = make_tiny("llama")
+        adapter = get_adapter(model)
+        calls = []
+        for block in adapter.blocks(model):
+            block.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+
+        class _Outputs(_Probe):
+            needs_fp_targets = False
+
+            def on_block(self, ctx):
+                self.inputs.append(ctx.q_inputs.clone())
+                ctx.collect(["mlp.down_proj"], lambda _r, x, _y: self.targets.append(x.shape[0]))
+
+        probe = _Outputs()
+        state = compress(model, adapter, FormatPlan(weights=QuantSpec(bits=3, group_size=16), batch_size=2),
+                         [probe, get_step("gptq")()], calib_ids, progress=False)
+        return state, probe, calls, model
+
+    big, probe_big, calls_big, model_big = run(1024)
+    small, probe_small, calls_small, model_small = run(calib_ids.shape[1])  # one window per call
+    assert set(calls_big) == {2} and set(calls_small) == {1}
+    assert probe_small.targets == probe_big.targets == [2, 2] * 2  # statistics: 4 windows in batches of 2, 2 blocks
+    for a, b in zip(probe_small.inputs, probe_big.inputs):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(model_small.state_dict().items(), model_big.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name, rec in big.weights.items():
+        assert torch.equal(small.weights[name].scale, rec.scale), name
