@@ -174,13 +174,19 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
             ctx.round_to_nearest(rel)
         check_masks(ctx, "rtn")
         ctx.calibrate_activations()
-        inputs = ctx.forward() if calibrate else inputs
         fp_inputs = ctx.fp_outputs
+        if calibrate and i + 1 < len(blocks):
+            inputs = ctx.forward()
+        elif calibrate:  # the last block's outputs feed only its diagnostics: the windows they compare
+            reported = 0 if on_block_done is None else len(diag_fp if fp_inputs is None else fp_inputs)
+            inputs = ctx.forward(inputs[:reported])
         if on_block_done is not None:
             weights = {rel: lin.weight.data for rel, lin in ctx.linears().items()}
             on_block_done(block_report(i, ctx.name, inputs, diag_fp if fp_inputs is None else fp_inputs, weights,
                                        ctx.fp_weights, time.perf_counter() - began))
         ctx.fp_weights.clear()  # float32 copies kept for the report: free them before the next block loads
+        if i + 1 == len(blocks):  # no next block: the final checkpoint holds no inputs
+            inputs, fp_inputs = inputs[:0], None if fp_inputs is None else fp_inputs[:0]
         io.done(ctx, inputs, fp_inputs)
     for step in steps:
         step.after_blocks(mctx)
