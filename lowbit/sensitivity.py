@@ -125,7 +125,7 @@ def solve_weight(w: torch.Tensor, h: torch.Tensor, cand: Candidate, gptq: GPTQAr
     if gptq is not None:
         observer = gptq.observer or cand.observer
         return gptq_quantize(w, h, cand.spec, observer, gptq.damp, gptq.block_size, gptq.act_order,
-                             gptq.static_groups)[0]
+                             gptq.static_groups, diag_damp=gptq.diag_damp)[0]
     scale, zero = observe(w, cand.spec, cand.observer)
     return fake_quant(w, scale, zero, cand.spec)
 

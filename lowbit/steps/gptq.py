@@ -31,6 +31,9 @@ class GPTQArgs(StepArgs):
     # added to H's diagonal, as a fraction of its mean diagonal; 0.05 (GPTQModel's) generalizes better out of
     # domain than 0.01 (docs/results.md, "Quality outside the calibration text")
     damp: float = Field(0.05, ge=0)
+    # added to each H_ii as a fraction of itself: shrinks H towards its diagonal, so the solver leans less on the
+    # calibration text's correlations between input channels and keeps weighting channels by their energy
+    diag_damp: float = Field(0.0, ge=0)
     block_size: int = Field(128, gt=0)  # columns updated lazily together
     # quantize columns by decreasing H_ii: true (group parameters static, from the original weights) or group
     # (groups ordered by their largest H_ii and kept contiguous, each group's parameters from its compensated
@@ -103,8 +106,10 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
 
 
 def robust_inverse_cholesky(h: torch.Tensor, damp: float, order: torch.Tensor | None = None,
-                            diagonal: torch.Tensor | None = None, consume: bool = False) -> torch.Tensor:
-    """Upper Cholesky factor of (H' + λI)⁻¹ with λ = damp · mean(diag H'), H' as in `inverse_cholesky_upper`
+                            diagonal: torch.Tensor | None = None, consume: bool = False,
+                            diag_damp: float = 0.0) -> torch.Tensor:
+    """Upper Cholesky factor of (H' + diag_damp · diag H' + λI)⁻¹ with λ = damp · mean(diag H'), H' as in
+    `inverse_cholesky_upper`
     (`h` itself is not changed; with `consume` its memory is freed once factored, before the inverse is formed).
 
     If H' is not positive definite at that damping (e.g. damp=0 on rank-deficient inputs), the damping is
@@ -113,6 +118,8 @@ def robust_inverse_cholesky(h: torch.Tensor, damp: float, order: torch.Tensor | 
     diagonal = (h.diagonal() if order is None else h.diagonal()[order]) if diagonal is None else diagonal
     diagonal = diagonal.clone() if consume else diagonal
     mean_diag = _strided_mean(diagonal).clamp_min(1e-12)
+    if diag_damp:
+        diagonal = diagonal * (1 + diag_damp)
     tries = [damp] + [max(damp, 1e-4) * 10 ** k for k in range(8)]
     for i, d in enumerate(tries):
         factor, info = _reversed_cholesky(h, order, diagonal + d * mean_diag)
@@ -144,7 +151,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
                   damp: float = 0.01, block_size: int = 128, act_order: bool | str = False,
                   static_groups: bool = False,
                   gs: torch.Tensor | None = None, mask: torch.Tensor | None = None, select: Selector | None = None,
-                  consume_h: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                  consume_h: bool = False, diag_damp: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Quantize `w` [out, in] given the Hessian `h` [in, in] of its inputs; returns (dequantized w, scale, zero).
 
     Scale and zero are shaped like `params_shape(w, spec)`. Columns with H_ii = 0 never see any input:
@@ -201,7 +209,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
             group_scale = torch.empty(cols // spec.group_size, rows)
             group_zero = torch.empty_like(group_scale)
     pmask = None if mask is None else mask.t()[perm] if act_order else mask.t()  # views of `mask`: select writes it
-    u = robust_inverse_cholesky(h, damp, perm, diag[perm], consume_h)  # in solving order (H never copied whole)
+    u = robust_inverse_cholesky(h, damp, perm, diag[perm], consume_h, diag_damp)  # in solving order (H never copied whole)
     del h
     wt = w.t()[perm].contiguous()  # [cols, rows] in solving order
     del w
@@ -364,7 +372,7 @@ class GPTQ(Step):
                 [torch.zeros_like(wt, dtype=torch.bool) if m is None else m for m, wt in zip(masks, weights)])
             q, scale, zero = gptq_quantize(torch.cat(weights), h, spec, observer, a.damp, a.block_size,
                                            a.act_order, a.static_groups, gs=ctx.global_scale(rels[0]), mask=mask,
-                                           consume_h=len(batches) == 1)
+                                           consume_h=len(batches) == 1, diag_damp=a.diag_damp)
             start = 0
             for rel, weight in zip(rels, weights):
                 end = start + weight.shape[0]
