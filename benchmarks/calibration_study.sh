@@ -14,7 +14,7 @@ OUT=${1:-runs/calibration}
 shift || true
 LB=${LB:-.venv/bin/lowbit}
 declare -A RECIPE=([best]=wo-rotate-gptq-equal [gptq]=wo-gptq)
-declare -A EXTRA=([best]="" [gptq]="steps.0.gptq={act_order: group, observer: minmax}")  # gptq: group order, damp 0.05
+declare -A EXTRA=([best]="" [gptq]="steps.0.gptq={act_order: group, observer: minmax, diag_damp: 0}")  # gptq: group order, damp 0.05
 declare -A SOURCE=([wikitext2]=wikitext2 [lambada]=lambada [mix]="[{wikitext2: 0.5}, {lambada: 0.5}]" [self]=self
                    [wself]="[{wikitext2: 0.5}, {self: 0.5}]")
 CELLS=("$@")

@@ -26,7 +26,7 @@ def main(n_samples: int = 16) -> None:
     fp, tokenizer = load_model("smollm2-135m")
     ids = calibration_windows(tokenize(tokenizer, load_text("wikitext2", "validation")), n_samples, 512, 0)
     weights = {"bits": 4, "symmetric": False, "granularity": "group", "group_size": 64}
-    for steps in (["rtn"], [{"gptq": {"act_order": True, "observer": "minmax"}}]):
+    for steps in (["rtn"], [{"gptq": {"act_order": True, "observer": "minmax", "diag_damp": 0}}]):
         recipe = parse_recipe({"model": "smollm2-135m", "weights": weights, "steps": steps})
         times: dict[str, list[float]] = {"off": [], "on": []}
         for mode in ("off", "on") if steps != ["rtn"] else ("off", "on", "off", "on"):

@@ -49,7 +49,7 @@ peer w4-llmc-awq "$W4" llmcompressor llmcompressor_run.py "$MODEL" "$CAL" "$PEER
 peer w4-gptqmodel "$W4" gptqmodel gptqmodel_run.py "$MODEL" "$CAL" "$PEERS/w4-gptqmodel"
 peer w4-hqq "$W4" hqq hqq_run.py "$MODEL" "$PEERS/w4-hqq" --threads 2
 ours w8a8-lowbit-rtn "$W8A8"
-ours w8a8-lowbit-sq-gptq "$W8A8" --set 'steps=[smoothquant, {gptq: {act_order: group, observer: minmax}}]'  # the defaults it was measured with
+ours w8a8-lowbit-sq-gptq "$W8A8" --set 'steps=[smoothquant, {gptq: {act_order: group, observer: minmax, diag_damp: 0}}]'  # the defaults it was measured with
 peer w8a8-llmc-sq-gptq "$W8A8" llmcompressor llmcompressor_run.py "$MODEL" "$CAL8" "$PEERS/w8a8-llmc-sq-gptq" \
   --method sq-gptq --bits 8 --group-size 0 --sym --act-bits 8
 [ "$AR_ITERS" = 0 ] || peer w4-autoround "$W4" autoround autoround_run.py "$MODEL" "$CAL" "$PEERS/w4-autoround" \

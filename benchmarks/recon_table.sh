@@ -13,7 +13,7 @@ if [ ${#CELLS[@]} -eq 0 ]; then
 fi
 for cell in "${CELLS[@]}"; do
   m=${cell%-*}; f=${cell##*-}
-  step=$m; [ "$m" = gptq ] && step="{gptq: {damp: 0.01, act_order: false, observer: minmax}}"  # the defaults when measured
+  step=$m; [ "$m" = gptq ] && step="{gptq: {damp: 0.01, act_order: false, observer: minmax, diag_damp: 0}}"  # the defaults when measured
   [ -d "$OUT/$cell" ] || "$LB" run "recipes/recon-$f.yaml" --set "steps.0=$step" --set name="$cell" --out "$OUT/$cell" --quiet
 done
 "$LB" report "$OUT"/*

@@ -39,7 +39,7 @@ def main() -> None:
     work = Path(args.results).parent / "bench"
     work.mkdir(parents=True, exist_ok=True)
     recipe = {"name": label, "model": str(model), "threads": 2, "dtype": args.dtype, "stream": True,
-              "weights": {"bits": 4, "group_size": 128, "symmetric": False}, "steps": [args.method if args.method == "rtn" else {"gptq": {"damp": 0.01, "act_order": True, "observer": "minmax"}}],
+              "weights": {"bits": 4, "group_size": 128, "symmetric": False}, "steps": [args.method if args.method == "rtn" else {"gptq": {"damp": 0.01, "act_order": True, "observer": "minmax", "diag_damp": 0}}],
               "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len, "batch_size": 8},
               "evaluation": None, "diagnostics": False}
     recipe_file = work / f"{label}.yaml"

@@ -10,13 +10,13 @@ OUT=${1:-runs/solver}
 shift || true
 LB=${LB:-.venv/bin/lowbit}
 declare -A SET=(  # each cell's override of its recipe (wo-gptq for gptq-*, wo-lwc for lwc-*)
-  [gptq-grouporder]="steps.0.gptq={act_order: group}"
-  [gptq-damp0.01]="steps.0.gptq={damp: 0.01, act_order: group}"
-  [gptq-damp0.1]="steps.0.gptq={damp: 0.1, act_order: group}"
-  [gptq-damp0.2]="steps.0.gptq={damp: 0.2, act_order: group}"
-  [gptq-nonorder]="steps.0.gptq={act_order: false}"
-  [gptq-fullorder]="steps.0.gptq={act_order: true}"
-  [gptq-mse]="steps.0.gptq={act_order: group}"
+  [gptq-grouporder]="steps.0.gptq={act_order: group, diag_damp: 0}"
+  [gptq-damp0.01]="steps.0.gptq={damp: 0.01, act_order: group, diag_damp: 0}"
+  [gptq-damp0.1]="steps.0.gptq={damp: 0.1, act_order: group, diag_damp: 0}"
+  [gptq-damp0.2]="steps.0.gptq={damp: 0.2, act_order: group, diag_damp: 0}"
+  [gptq-nonorder]="steps.0.gptq={act_order: false, diag_damp: 0}"
+  [gptq-fullorder]="steps.0.gptq={act_order: true, diag_damp: 0}"
+  [gptq-mse]="steps.0.gptq={act_order: group, diag_damp: 0}"
   [lwc-epochs2]="steps.0.lwc.epochs=2")
 declare -A OBSERVER=([gptq-mse]=mse)
 CELLS=("$@")

@@ -25,8 +25,8 @@ first)
   run wanda-70 --set "steps=[{wanda: {ratio: 0.7}}]"
   run learned-wanda-70 --set "steps=[{learned: {target: 0.7}}, wanda]" ;;
 second)
-  run sparsegpt-50-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {ratio: 0.5}}, {gptq: {damp: 0.01, act_order: false, observer: minmax}}]"
-  run sparsegpt-2of4-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {pattern: '2:4'}}, {gptq: {act_order: group, observer: minmax}}]"
+  run sparsegpt-50-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {ratio: 0.5}}, {gptq: {damp: 0.01, act_order: false, observer: minmax, diag_damp: 0}}]"
+  run sparsegpt-2of4-gptq-w4 "${W4[@]}" --set "steps=[{sparsegpt: {pattern: '2:4'}}, {gptq: {act_order: group, observer: minmax, diag_damp: 0}}]"
   run owl-wanda-70 --set "steps=[{owl: {target: 0.7}}, wanda]"
   run sparsegpt-70 --set "steps=[{sparsegpt: {ratio: 0.7}}]"
   run learned-sparsegpt-70 --set "steps=[{learned: {target: 0.7}}, sparsegpt]"

@@ -32,8 +32,9 @@ class GPTQArgs(StepArgs):
     # domain than 0.01 (docs/results.md, "Quality outside the calibration text")
     damp: float = Field(0.05, ge=0)
     # added to each H_ii as a fraction of itself: shrinks H towards its diagonal, so the solver leans less on the
-    # calibration text's correlations between input channels and keeps weighting channels by their energy
-    diag_damp: float = Field(0.0, ge=0)
+    # correlations between input channels of a few calibration windows and keeps weighting channels by their
+    # energy; 1.0 beats 0 in and out of domain (docs/results.md, "Quality outside the calibration text")
+    diag_damp: float = Field(1.0, ge=0)
     block_size: int = Field(128, gt=0)  # columns updated lazily together
     # quantize columns by decreasing H_ii: true (group parameters static, from the original weights) or group
     # (groups ordered by their largest H_ii and kept contiguous, each group's parameters from its compensated
