@@ -382,11 +382,14 @@ class BlockContext:
                         self.run(x[j: min(j + step, end)])
                     except StopForward:
                         pass
-                for rel, got in parts.items():  # the plan's batch at once: the same sums whatever `step` is
+                while parts:  # the plan's batch at once (the same sums whatever `step` is), freed as it goes
+                    rel = next(iter(parts))
+                    got = parts.pop(rel)
                     inp = got[0][0] if len(got) == 1 else torch.cat([a for a, _ in got])
                     out = got[0][1] if len(got) == 1 or got[0][1] is None else torch.cat([b for _, b in got])
+                    del got
                     fn(rel, inp, out)
-                parts.clear()
+                    del inp, out
         finally:
             for h in handles:
                 h.remove()
