@@ -79,6 +79,29 @@ class Plan:
     estimate_s: float | None = None
 
 
+def gram_bytes(n: int) -> int:
+    """Memory of an n-wide float64 XᵀX sum kept on and above the diagonal in strips (steps.gptq.UpperGram)."""
+    strip = max(128, -(-n // 8))
+    return sum(min(strip, n - a) * (n - a) for a in range(0, n, strip)) * 8
+
+
+def solver_bytes(groups: list[tuple[int, int]], tokens: int, forward: int, item: int) -> int:
+    """Peak working memory of a Hessian solver on one block, whose input groups are (width n, stacked rows), in
+    the order the pipeline visits them. Three phases, the largest counts: the statistics pass (forward
+    intermediates, one batch's buffered group inputs, every group's float64 sum, the widest input in float32
+    and one strip's float32 product with its float64 sum); turning the sums into float32 Hessians one by one;
+    solving each group while the later ones wait (its Hessian and factor, three float32 copies of its weights)."""
+    widths = [n for n, _ in groups]
+    widest = max(widths)
+    strip = max(128, -(-widest // 8))
+    statistics = (forward + tokens * sum(widths) * item + sum(gram_bytes(n) for n in widths)
+                  + tokens * widest * 4 + strip * widest * 12)
+    convert = max(sum(4 * m * m for m in widths[:k]) + gram_bytes(n) + 4 * n * n for k, n in enumerate(widths))
+    solve = max(sum(4 * m * m for m in widths[k:]) + 4 * n * n + 3 * 4 * rows * n
+                for k, (n, rows) in enumerate(groups))
+    return max(statistics, convert, solve)
+
+
 def plan_run(recipe, probe: bool = True, progress: bool = False) -> Plan:
     """Peak memory per device, disk and (with `probe`) time of `recipe`; refuses a budget it cannot meet."""
     from lowbit.devices import resolve_device, resolve_dtype
@@ -106,13 +129,12 @@ def plan_run(recipe, probe: bool = True, progress: bool = False) -> Plan:
     forward = batch * cal.seq_len * (3 * inter + 6 * hidden) * item
     forward += 2 * batch * config.num_attention_heads * cal.seq_len ** 2 * item
     linears = adapter.linears(blocks[0])
-    widest = max(lin.in_features for lin in linears.values())
     largest = max(lin.weight.numel() for lin in linears.values())
     if any(s.name in SOLVERS for s in steps):
-        solver = sum(linears[g[0]].in_features ** 2 for g in adapter.input_groups()) * 4 + 2 * widest ** 2 * 4
+        groups = [(linears[g[0]].in_features, sum(linears[r].out_features for r in g)) for g in adapter.input_groups()]
+        work_bytes = solver_bytes(groups, batch * cal.seq_len, forward, item)
     else:
-        solver = 0
-    work_bytes = forward + solver + 3 * largest * 4
+        work_bytes = forward + 3 * largest * 4
     evaluation = 0
     if recipe.evaluation:
         ev = recipe.evaluation
