@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
+from lowbit.files import file_digest
 from lowbit.runfolder import load_state, write_state
 from lowbit.state import QuantState
 
@@ -38,11 +39,7 @@ _DIR = re.compile(r"block-(\d{5})$")
 
 def file_checksum(path: Path) -> str:
     """XXH3-128 of a file's bytes, as hex."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, xxhash.xxh3_128())
 
 
 @dataclass

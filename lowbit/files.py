@@ -187,12 +187,16 @@ def write_error(exc: BaseException) -> str:
     return "No space left on device" if "No space left" in text else text
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, h) -> str:
+    """Hex digest of a file's bytes, read in 4 MB chunks into the hash object `h` (hashlib's or xxhash's)."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return file_digest(path, hashlib.sha256())
 
 
 def write_manifest(folder: Path, extra: dict | None = None) -> dict:

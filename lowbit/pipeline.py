@@ -175,7 +175,8 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
         check_masks(ctx, "rtn")
         ctx.calibrate_activations()
         fp_inputs = ctx.fp_outputs
-        if calibrate and i + 1 < len(blocks):
+        last = i + 1 == len(blocks)
+        if calibrate and not last:
             inputs = ctx.forward()
         elif calibrate:  # the last block's outputs feed only its diagnostics: the windows they compare
             reported = 0 if on_block_done is None else len(diag_fp if fp_inputs is None else fp_inputs)
@@ -185,7 +186,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
             on_block_done(block_report(i, ctx.name, inputs, diag_fp if fp_inputs is None else fp_inputs, weights,
                                        ctx.fp_weights, time.perf_counter() - began))
         ctx.fp_weights.clear()  # float32 copies kept for the report: free them before the next block loads
-        if i + 1 == len(blocks):  # no next block: the final checkpoint holds no inputs
+        if last:  # no next block: the final checkpoint holds no inputs
             inputs, fp_inputs = inputs[:0], None if fp_inputs is None else fp_inputs[:0]
         io.done(ctx, inputs, fp_inputs)
     for step in steps:
