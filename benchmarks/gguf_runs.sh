@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GGUF table: the embedded model quantized onto GGUF types by RTN and by GPTQ (act-order + mse), exported with
-# `lowbit export --format gguf`, scored in llama.cpp (benchmarks/gguf_score.py; Q4_K first, for the bar), then
-# llama.cpp's decode speed next to `lowbit bench speed` in one sitting; run the whole script under the bench lock.
+# `lowbit export --format gguf`, scored in llama.cpp on WikiText-2 and LAMBADA (benchmarks/gguf_score.py; Q4_K
+# first, for the bar). Decode speeds are a separate sitting with nothing else running:
+# python benchmarks/gguf_score.py OUT --speed
 # Usage: benchmarks/gguf_runs.sh [OUT=runs/gguf]
 set -euo pipefail
 OUT=${1:-runs/gguf}
@@ -19,4 +20,4 @@ for pair in rtn:q4_k_m gptq:q4_k_m rtn:q4_0 gptq:q4_0 rtn:q6_k rtn:q8_0 gptq:q6_
   run_one "${pair%%:*}" "${pair##*:}"
   $PY benchmarks/gguf_score.py "$OUT" "${pair##*:}"
 done
-$PY benchmarks/gguf_score.py "$OUT" --speed
+$PY benchmarks/gguf_score.py "$OUT" --table
