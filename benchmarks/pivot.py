@@ -24,6 +24,11 @@ def texts_of(m: dict, key: str) -> dict[str, float]:
     return {text: r["ppl"] for text, r in by_text.items()}
 
 
+def change(ppl: float, fp: float) -> str:
+    """The increase over FP: a percentage, or a factor from 10x up."""
+    return f"{100 * (ppl / fp - 1):+.1f}%" if ppl < 10 * fp else f"x{ppl / fp:,.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -57,8 +62,8 @@ def main() -> None:
           + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
     for fmt, row in cells.items():
-        out = [" / ".join(f"{row[m][t]:.3f} ({100 * (row[m][t] / fp[t] - 1):+.1f}%)" for t in texts)
-               if m in row else "-" for m in methods]
+        out = [" / ".join(f"{row[m][t]:.3f} ({change(row[m][t], fp[t])})" for t in texts) if m in row else "-"
+               for m in methods]
         print(f"| {fmt} | " + " | ".join(out) + " |")
 
 
