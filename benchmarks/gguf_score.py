@@ -96,16 +96,17 @@ def speed(out: Path) -> None:
 
 
 def table(out: Path) -> str:
-    """Markdown rows: each GGUF's types, size, simulated and llama.cpp perplexity on each text, top-1 agreement
-    (WikiText-2), decode speed."""
+    """Markdown rows: each GGUF's types, size, simulated and llama.cpp perplexity and top-1 agreement on each text,
+    and decode speed once measured (--speed)."""
     rows = json.loads((out / "scores.json").read_text())
     speeds = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else {}
     by_source: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_source.setdefault(r["source"], {})[text_of(r)] = r
-    lines = ["| GGUF | made by | size MB | simulated ppl (WikiText-2 / LAMBADA) | llama.cpp ppl (WikiText-2 / LAMBADA) "
-             "| top-1 agreement (WikiText-2 / LAMBADA) | llama.cpp decode tok/s (2 threads / 1) |",
-             "|---|---|---|---|---|---|---|"]
+    header = ("| GGUF | made by | size MB | simulated ppl (WikiText-2 / LAMBADA) | llama.cpp ppl (WikiText-2 / LAMBADA) "
+              "| top-1 agreement (WikiText-2 / LAMBADA) |")
+    lines = [header + (" llama.cpp decode tok/s (2 threads / 1) |" if speeds else ""),
+             "|---|---|---|---|---|---|" + ("---|" if speeds else "")]
 
     def cells(by_text: dict[str, dict], key: str, fmt: str) -> str:
         values = [by_text[t][key] if t in by_text else None for t in TEXTS]
@@ -116,12 +117,15 @@ def table(out: Path) -> str:
         r = next(iter(by_text.values()))
         maker = {"rtn": "lowbit RTN", "gptq": "lowbit GPTQ act-order + mse"}.get(source.split("-")[0],
                                                                                "llama.cpp's quantizer")
+        if source == "llama.cpp-f16":
+            maker = "llama.cpp, from the float model"
         kind = source.split("-", 1)[1].upper()
-        sp = speeds.get(source)
-        speed_cell = f"{sp['threads_2']:.1f} / {sp['threads_1']:.1f}" if sp else "not measured"
-        lines.append(f"| {kind} | {maker} | {r['size_mb']:.1f} | {cells(by_text, 'simulated_ppl', '.3f')} "
-                     f"| {cells(by_text, 'llamacpp_ppl', '.3f')} | {cells(by_text, 'top1_agreement', '.3f')} "
-                     f"| {speed_cell} |")
+        line = (f"| {kind} | {maker} | {r['size_mb']:.1f} | {cells(by_text, 'simulated_ppl', '.3f')} "
+                f"| {cells(by_text, 'llamacpp_ppl', '.3f')} | {cells(by_text, 'top1_agreement', '.3f')} |")
+        if speeds:
+            sp = speeds.get(source)
+            line += f" {sp['threads_2']:.1f} / {sp['threads_1']:.1f} |" if sp else " not measured |"
+        lines.append(line)
     return "\n".join(lines)
 
 
