@@ -2,7 +2,8 @@
 # Format table of docs/results.md (issue 18): W4 int4 g32 / g64 (asymmetric), MXFP4, NVFP4, FP4 e2m1 g32 with
 # 16-bit scales, and FP8 2-D blocks with per-token-group FP8 activations (W8A8), each with RTN (min-max) and with
 # GPTQ act-order + mse (16 x 512 calibration, TOKENS test tokens, default 4096); every format compressed-tensors has is exported
-# and the reloaded model scored on the same windows by `lowbit verify` (RUN/verify.json).
+# and the reloaded model scored on the same windows of WikiText-2 and LAMBADA by `lowbit verify`
+# (RUN/verify-TEXT.json).
 # Usage: bash benchmarks/format_table.sh [OUT_DIR [CELL ...]]   CELL = SOLVER-FORMAT, e.g. gptq-nvfp4
 set -euo pipefail
 OUT=${1:-runs/formats}
@@ -34,7 +35,10 @@ for cell in "${CELLS[@]}"; do
     --set name="$cell" --out "$OUT/$cell" --quiet
   [ "$f" = fp4g32 ] && continue  # plain FP4 groups with 16-bit scales: no compressed-tensors format
   [ -d "$OUT/$cell/compressed-tensors" ] || $LB export "$OUT/$cell" --format compressed-tensors
-  [ -f "$OUT/$cell/verify.json" ] || $LB verify "$OUT/$cell" "$OUT/$cell/compressed-tensors" --max-tokens $TOKENS \
-    --threads 2 --quiet > "$OUT/$cell/verify.json"
+  for text in wikitext2 lambada; do
+    result="$OUT/$cell/verify-$text.json"
+    [ -f "$result" ] || { $LB verify "$OUT/$cell" "$OUT/$cell/compressed-tensors" --data $text --max-tokens $TOKENS \
+      --threads 2 --quiet > "$result.tmp" && mv "$result.tmp" "$result"; }
+  done
 done
 $LB report "$OUT"/*
