@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,8 +229,10 @@ def write_llamacpp_quantized(model, tokenizer, path: str | Path, type_name: str 
     as q4_k_m, with the same fallback for rows not a multiple of 256: lowbit.gguf_types.resolve) and is
     quantized by ggml_quantize_chunk without an importance matrix; embeddings and norms stay in F16/F32, as in
     lowbit's exports; `type_name` None writes the float (F16) GGUF. Returns the linears written per type.
+    The file is written under a staging name and renamed when complete: a failed write leaves nothing at `path`.
     """
     from lowbit.export.gguf_file import write_model
+    from lowbit.files import staging_path, write_error
     from lowbit.gguf_types import resolve
     from lowbit.models.registry import get_adapter
 
@@ -248,5 +251,14 @@ def write_llamacpp_quantized(model, tokenizer, path: str | Path, type_name: str 
         w = w if order is None else w[order]
         return quantize_rows(w.numpy(), qtype), qtype, False
 
-    written = write_model(model, tokenizer, Path(path), name, encode, "float16")
+    path = Path(path)
+    tmp = staging_path(path)
+    try:
+        written = write_model(model, tokenizer, tmp, name, encode, "float16")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LowbitError(f"writing {path} failed: {write_error(exc)}: free some space or choose another path; "
+                          f"nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return {f"{t} (rows of {w})": n for (t, w), n in sorted(written.kinds.items())}

@@ -168,6 +168,27 @@ def test_gptq_on_the_q4_k_grid_beats_rtn_on_it(tiny_256, tmp_path_factory, text_
     assert ppl["gptq"] < ppl["rtn"]
 
 
+def test_full_disk_while_writing_the_anchor_leaves_nothing(tiny_256, tmp_path, monkeypatch):
+    """llama.cpp's float GGUF written onto a disk that fills half-way: a one-line error, and no file, partial or
+    staged, at the path or beside it."""
+    import errno
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.llamacpp import write_llamacpp_quantized
+
+    def full(writer):
+        writer.fout[0].write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    model = AutoModelForCausalLM.from_pretrained(tiny_256, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_256)
+    with pytest.raises(LowbitError, match="No space left on device") as err:
+        write_llamacpp_quantized(model, tokenizer, tmp_path / "f16.gguf", None)
+    assert "nothing was written" in str(err.value) and list(tmp_path.iterdir()) == []
+
+
 xllamacpp = pytest.importorskip("xllamacpp")
 
 
