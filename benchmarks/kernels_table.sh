@@ -39,7 +39,8 @@ for run in ("w8a16", "w4a16", "w8a8"):
             if not path.exists():
                 continue
             r = json.loads(path.read_text())
-            rows = [(run, dtype, r)] + ([(f"{run} noise floor", "-", r["noise_floor"])] if "noise_floor" in r else [])
+            inputs = "int8 codes" if run == "w8a8" else dtype
+            rows = [(run, inputs, r)] + ([(f"{run} noise floor", "-", r["noise_floor"])] if "noise_floor" in r else [])
             for name, inputs, d in rows:
                 print(f"| {name} | {inputs} | {text} | {d['tokens']} | {d['max_logit_diff']:.5g} | "
                       f"{d['mean_logit_diff']:.2g} | {100 * d['top1_agreement']:.1f}% | {d['ppl_a']:.4f} | {d['ppl_b']:.4f} |")
