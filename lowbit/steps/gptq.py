@@ -265,7 +265,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec | None, obse
             w1[i + 1:].addr_(u_rows[i][i + 1:], e, alpha=-1)
         wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)
     # (views included) the factor and the work copy, freed before the reorder
-    u = wt = u1 = w1 = col = e = err = errs = u_rows = w_cols = None
+    u = wt = u1 = w1 = col = e = err = errs = u_rows = u_diag = w_cols = None
     q = qt.index_select(0, torch.argsort(perm)).t().contiguous()
     if static:
         return q, scale, zero
