@@ -84,7 +84,10 @@ def sweep_leftovers(folder: Path, keep: tuple[str, ...] = ()) -> list[Path]:
         if path.is_dir() and not path.is_symlink():
             for name in keep:
                 if (path / name).is_file():
-                    kept = publish(path / name, path.parent / f"{m['final']}.{name}", unique=True)
+                    try:
+                        kept = publish(path / name, path.parent / f"{m['final']}.{name}", unique=True)
+                    except FileNotFoundError:  # a lowbit starting at the same time swept this folder first
+                        continue
                     log.warning("kept %s from an interrupted lowbit process (pid %s)", kept, m["pid"])
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -617,6 +617,24 @@ def test_sweep_spares_live_owners_and_reports_old_leftovers(tmp_path, caplog):
     assert any(str(old) in r.message and "older lowbit" in r.message for r in caplog.records)
 
 
+def test_two_lowbits_sweeping_one_dead_folder_at_once(tmp_path, monkeypatch):
+    # Two runs starting together in one parent both sweep a dead run's staging folder; the one that comes second
+    # finds the diagnostics already moved and must carry on, not fail.
+    from lowbit import files
+
+    dead = tmp_path / ".result.lowbit-partial.999999999.1.abc123"  # no such pid
+    dead.mkdir()
+    (dead / "blocks.jsonl").write_text("{}\n")
+    real = files.publish
+
+    def other_process_first(staging, final, unique):
+        real(staging, final, unique)  # the other sweeper publishes it...
+        return real(staging, final, unique)  # ...so this one's publish finds no file
+    monkeypatch.setattr(files, "publish", other_process_first)
+    assert files.sweep_leftovers(tmp_path, keep=("blocks.jsonl",)) == [dead]
+    assert not dead.exists() and (tmp_path / "result.blocks.jsonl").read_text() == "{}\n"
+
+
 def test_every_command_has_quiet_and_checked_numbers():
     from lowbit.cli import build_parser, commands
 
