@@ -132,8 +132,10 @@ def load_skeleton(name: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
 
     path = resolve_model_path(name)
     try:
-        adapter_for_type(AutoConfig.from_pretrained(path).model_type)
-        return skeleton(path, dtype), AutoTokenizer.from_pretrained(path)
+        adapter = adapter_for_type(AutoConfig.from_pretrained(path).model_type)
+        model = skeleton(path, dtype)
+        adapter.prepare(model)
+        return model, AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise LowbitError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from exc
 
@@ -151,8 +153,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: boo
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        if check_adapter:
-            adapter_for_type(AutoConfig.from_pretrained(path, trust_remote_code=False).model_type)
+        adapter = adapter_for_type(AutoConfig.from_pretrained(path, trust_remote_code=False).model_type) \
+            if check_adapter else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except LOAD_ERRORS as exc:
@@ -160,6 +162,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, check_adapter: boo
         raise LowbitError(f"could not load model {name!r}{hint}: {_first_line(exc)}") from None
     model.eval()
     model.config.use_cache = False
+    if adapter is not None:
+        adapter.prepare(model)
     return model, tokenizer
 
 

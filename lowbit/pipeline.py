@@ -136,6 +136,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     check_data_parallel(plan)
     io = io or BlockIO()
     validate(model, adapter, plan)
+    adapter.prepare(model)
     mctx = ModelContext(model, adapter, plan, QuantState(), calib_ids, keep_fp_weights=on_block_done is not None,
                         store=io.store)
     rounds = rounding_plan(steps)

@@ -210,3 +210,24 @@ def test_cpu_block_calls_of_fewer_windows_give_the_same_bits(calib_ids, monkeypa
         assert torch.equal(a, b), name
     for name, rec in big.weights.items():
         assert torch.equal(small.weights[name].scale, rec.scale), name
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prepared_gated_mlp_gives_the_same_bits_and_leaves_hooked_outputs_alone(kind, calib_ids):
+    model, prepared = make_tiny(kind), make_tiny(kind)
+    get_adapter(prepared).prepare(prepared)
+    ids = calib_ids[:2]
+    mlp, ref_mlp = prepared.model.layers[0].mlp, model.model.layers[0].mlp
+    assert mlp.forward != type(mlp).forward.__get__(mlp)  # the instance forward is the prepared one
+    seen = []
+    mlp.gate_proj.register_forward_hook(lambda _m, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        assert torch.equal(prepared(ids).logits, model(ids).logits)
+        x, gate_out = seen[0]
+        assert torch.equal(gate_out, mlp.gate_proj(x))  # the module output a hook holds was not overwritten
+    x = torch.randn(2, 5, 64, requires_grad=True)  # with gradients: the same values and gradients out of place
+    y, y_ref = mlp(x), ref_mlp(x)
+    assert torch.equal(y, y_ref)
+    g, = torch.autograd.grad(y.square().sum(), x)
+    g_ref, = torch.autograd.grad(y_ref.square().sum(), x)
+    assert torch.equal(g, g_ref)

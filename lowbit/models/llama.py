@@ -22,6 +22,7 @@ LLAMA = register_adapter(Adapter(
     attn_out="self_attn.o_proj",
     kv_linears=("self_attn.k_proj", "self_attn.v_proj"),
     mlp_out="mlp.down_proj",
+    gated_mlp="mlp",
     linear_order=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     gguf_archs=(("llama", "llama"), ("mistral", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")),
