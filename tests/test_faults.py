@@ -601,6 +601,27 @@ def test_hub_dataset_without_text_column(monkeypatch):
         load_text("org/data")
 
 
+def test_unreachable_hub_dataset_is_one_line_naming_the_choices(monkeypatch, caplog):
+    import logging
+
+    import datasets
+
+    from lowbit.data import load_text
+
+    def offline(*_a, **_k):  # what the hub client does offline: a warning per retry, then the error
+        logging.getLogger("huggingface_hub").warning("'[Errno -2] Name or service not known' thrown while requesting")
+        raise ConnectionError("Couldn't reach 'nope' on the Hub (LocalEntryNotFoundError)\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    level = logging.getLogger("huggingface_hub").level
+    with pytest.raises(LowbitError) as info:
+        load_text("nope")
+    assert str(info.value) == ("could not load dataset 'nope' split 'test': Couldn't reach 'nope' on the Hub "
+                               "(LocalEntryNotFoundError) (shipped texts: wikitext2, lambada; or a .txt/.jsonl file, "
+                               "or a Hub dataset 'name[:config]')")
+    assert not [r for r in caplog.records if r.name == "huggingface_hub"]  # no retry warnings before the error
+    assert logging.getLogger("huggingface_hub").level == level  # restored
+
 def test_sweep_spares_live_owners_and_reports_old_leftovers(tmp_path, caplog):
     from lowbit.files import staging_path, sweep_leftovers
 
