@@ -54,6 +54,7 @@ def memory_budget(spec: str | None, device: torch.device) -> int:
     return available(device)
 
 
+OVERCOMMIT = 1.5  # without --max-memory, a run estimated this far over the free memory is refused (estimates err high)
 RUNTIME_BYTES = 450 * 10**6  # resident size of a process with torch and transformers imported (measured)
 SOLVERS = ("gptq", "sparsegpt", "wanda")  # steps that hold a float32 Hessian per input group of a block
 
@@ -127,7 +128,8 @@ def plan_run(recipe, probe: bool = True, progress: bool = False) -> Plan:
     batch = min(cal.batch_size, cal.n_samples)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * hidden)
     forward = batch * cal.seq_len * (3 * inter + 6 * hidden) * item
-    forward += 2 * batch * config.num_attention_heads * cal.seq_len ** 2 * item
+    if model.config._attn_implementation == "eager":  # scores and probabilities materialized (SDPA keeps neither)
+        forward += 2 * batch * config.num_attention_heads * cal.seq_len ** 2 * item
     linears = adapter.linears(blocks[0])
     largest = max(lin.weight.numel() for lin in linears.values())
     if any(s.name in SOLVERS for s in steps):
@@ -167,12 +169,15 @@ def plan_run(recipe, probe: bool = True, progress: bool = False) -> Plan:
     disk += activation_bytes * (place == "disk")
     plan = Plan(recipe.model, str(dtype).removeprefix("torch."), str(device), streamed, len(blocks), block_bytes,
                 rest_bytes, activation_bytes, work_bytes, peak, budget, disk, place)
-    if recipe.max_memory:
-        for d, need in peak.items():
-            if need > budget[d]:
-                raise LowbitError(f"the run needs about {need / 1e9:.1f} GB on {d} but --max-memory allows "
-                                  f"{budget[d] / 1e9:.1f} GB: set stream: true, offload: disk, fewer calibration "
-                                  f"samples or a smaller calibration.batch_size, or raise the budget")
+    fixes = ("set stream: true, offload: disk, fewer calibration samples, a shorter calibration.seq_len or a "
+             "smaller calibration.batch_size")
+    for d, need in peak.items():
+        if recipe.max_memory and need > budget[d]:
+            raise LowbitError(f"the run needs about {need / 1e9:.1f} GB on {d} but --max-memory allows "
+                              f"{budget[d] / 1e9:.1f} GB: {fixes}, or raise the budget")
+        if not recipe.max_memory and need > OVERCOMMIT * budget[d]:
+            raise LowbitError(f"the run needs about {need / 1e9:.1f} GB on {d}, far more than the "
+                              f"{budget[d] / 1e9:.1f} GB free now: {fixes}; or give --max-memory to run anyway")
     if probe and streamed:
         plan.probe = {w: probe_block(recipe, w, progress) for w in (1, 2)}
         slope = plan.probe[2] - plan.probe[1]

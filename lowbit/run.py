@@ -137,6 +137,13 @@ def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
     empty = empty_model(recipe.model, resolve_dtype(recipe.dtype, resolve_model_path(recipe.model)))
     validate(empty, get_adapter(empty), plan)
+    context = get_adapter(empty).context_length(empty)
+    lengths = {"calibration.seq_len": recipe.calibration.seq_len,
+               "evaluation.seq_len": recipe.evaluation.seq_len if recipe.evaluation else None}
+    for key, n in lengths.items():
+        if context and n and n > context:
+            raise LowbitError(f"{key} {n} is longer than the model's context ({context} positions): use at most "
+                              f"{context}")
     check_outer(empty, get_adapter(empty), *recipe.outer_formats())
     params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
@@ -205,11 +212,11 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
-    offload = recipe.offload if recipe.offload in ("cpu", "disk") else "device"
-    if recipe.max_memory:
-        from lowbit.plan import plan_run
+    from lowbit.plan import plan_run
 
-        offload = plan_run(recipe, probe=False).offload  # refuses a budget it cannot meet, before anything loads
+    # activations placed by the budget (--max-memory, else the memory free now); a budget that cannot be met is
+    # refused before anything loads
+    offload = plan_run(recipe, probe=False).offload
     staging, block_log = None, None
     explicit = out_dir is not None
     if resume is not None and main:

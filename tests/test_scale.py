@@ -354,6 +354,54 @@ def test_budget_that_cannot_be_met_is_refused(sharded, tmp_path, capsys):
     assert "--max-memory" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_run_far_over_free_memory_is_refused_unless_a_budget_is_given(sharded, tmp_path, capsys, monkeypatch):
+    from lowbit import plan as plan_mod
+
+    fixed = recipe(sharded, stream=False, offload="none")  # nothing to adapt: the need does not depend on the budget
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(fixed))
+    need = plan_mod.plan_run(parse_recipe(fixed), probe=False).peak["cpu"]
+    monkeypatch.setattr(plan_mod, "available", lambda _device: int(need / plan_mod.OVERCOMMIT) - 1)
+    assert main(["run", str(recipe_file), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: the run needs about") and "GB free now" in err and "--max-memory" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+    monkeypatch.setattr(plan_mod, "available", lambda _device: int(need / plan_mod.OVERCOMMIT) + 1)  # tight, not far
+    assert main(["run", str(recipe_file), "--dry-run", "--no-probe", "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(plan_mod, "available", lambda _device: 1)  # a budget given overrides what is free
+    assert main(["run", str(recipe_file), "--dry-run", "--no-probe", "--max-memory", f"{need}B"]) == 0
+
+
+def test_run_without_budget_offloads_activations_that_do_not_fit_what_is_free(sharded, tmp_path, monkeypatch):
+    from lowbit import activations, plan as plan_mod, run as run_mod
+
+    base = recipe(sharded, stream=True, calibration={"data": str(TEXT), "n_samples": 512, "seq_len": 32})
+    roomy = plan_mod.plan_run(parse_recipe(base), probe=False)
+    free = roomy.peak["cpu"] - roomy.activation_bytes // 2  # the activations do not fit, the rest does
+    monkeypatch.setattr(plan_mod, "available", lambda _device: free)
+    places = []
+
+    def store(place, *args):
+        places.append(place)
+        return activations.ActivationStore(place, *args)
+    monkeypatch.setattr(run_mod, "ActivationStore", store)
+    run_recipe(parse_recipe({**base, "evaluation": None}), tmp_path / "run", progress=False)
+    assert places == ["disk"]
+
+
+@pytest.mark.parametrize("key", ["calibration", "evaluation"])
+def test_window_longer_than_the_model_context_is_refused_before_loading(sharded, tmp_path, capsys, key):
+    data = recipe(sharded)
+    data[key] = {**data[key], "seq_len": 1024}  # the test model has 512 positions
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(data))
+    assert main(["run", str(recipe_file), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"lowbit: error: {key}.seq_len 1024 is longer than the model's context (512 "
+                                       f"positions): use at most 512\n")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("steps", [["gptq"], [{"lwc": {"epochs": 1}}], [{"qdrop": {"iters": 4, "n_samples": 4}}]])
 @pytest.mark.parametrize("stream", [True, False])
 def test_offloaded_activations_give_the_same_run(sharded, tmp_path, steps, stream):

@@ -88,6 +88,10 @@ class Adapter:
         """Width of the residual stream."""
         return model.config.hidden_size
 
+    def context_length(self, model: nn.Module) -> int | None:
+        """Positions the model was built for (None if its config does not say)."""
+        return getattr(model.config, "max_position_embeddings", None)
+
     def pre_norm(self, model: nn.Module) -> bool:
         """Whether each block normalizes its input before attention and MLP (rather than after the residual add)."""
         return self.pre_norm_flag is None or bool(getattr(model.config, self.pre_norm_flag, True))
