@@ -401,6 +401,12 @@ def test_damaged_model_folder(tiny_llama, tmp_path, capsys, damage, rel):
     assert code == 2 and err.startswith("lowbit: error: could not ")
 
 
+def test_evaluation_window_longer_than_the_context(tiny_llama, capsys):
+    code, err, _ = cli(capsys, "eval", tiny_llama, "--seq-len", 1024, "--quiet")
+    assert code == 2 and err == ("lowbit: error: evaluation windows of 1024 tokens are longer than the model's "
+                                 "context (512 positions): use a seq_len of at most 512")
+
+
 def test_damaged_cached_embedded_model(tiny_llama, private_cache, capsys):
     """The converted embedded model carries a manifest; a damaged copy is named with the fix."""
     from lowbit.files import write_manifest

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit import distributed
+from lowbit.errors import LowbitError
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
                desc: str = "perplexity") -> PerplexityResult:
     """Each window [k, seq_len] is scored independently; the first token of a window is context only. Under
     torchrun each rank scores its strided share of the windows and the sums are combined."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context and windows.shape[1] > context:
+        raise LowbitError(f"evaluation windows of {windows.shape[1]} tokens are longer than the model's context "
+                          f"({context} positions): use a seq_len of at most {context}")
     total_nll, total_tokens = 0.0, 0
     device = next(model.parameters()).device
     mine = distributed.shard(windows)
