@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,13 +97,26 @@ def _refuse_pickle_only(path: Path) -> None:
 LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, SafetensorError)  # what a damaged file raises
 
 
+@contextmanager
+def hub_quiet():
+    """Hide the Hub client's per-retry network warnings: the one-line error raised after them says what failed."""
+    log = logging.getLogger("huggingface_hub")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_config(name: str):
     """The model's transformers config (no weights, no code from the model folder)."""
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with hub_quiet():
+            return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except LOAD_ERRORS as exc:
         raise LowbitError(f"could not read the config of model {name!r}: {_first_line(exc)}") from None
 

@@ -628,6 +628,25 @@ def test_unreachable_hub_dataset_is_one_line_naming_the_choices(monkeypatch, cap
     assert not [r for r in caplog.records if r.name == "huggingface_hub"]  # no retry warnings before the error
     assert logging.getLogger("huggingface_hub").level == level  # restored
 
+def test_unreachable_hub_model_is_one_line_without_retry_warnings(monkeypatch, caplog):
+    import logging
+
+    import transformers
+
+    from lowbit.loading import load_config
+
+    def offline(*_a, **_k):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 8s [Retry 5/5].")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nsecond line")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(LowbitError) as info:
+        load_config("org/nope")
+    assert str(info.value) == ("could not read the config of model 'org/nope': We couldn't connect to "
+                               "'https://huggingface.co' to load the files.")
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+
+
 def test_sweep_spares_live_owners_and_reports_old_leftovers(tmp_path, caplog):
     from lowbit.files import staging_path, sweep_leftovers
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -59,17 +58,15 @@ def _load_hf_dataset(source: str, split: str) -> str:
         raise LowbitError(f"{source!r} is not a local file; loading it as a HF dataset needs "
                           f"'pip install datasets' (or use 'wikitext2' or a .txt/.jsonl file)") from exc
     name, _, config = source.partition(":")
-    hub_log = logging.getLogger("huggingface_hub")
-    level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # its per-retry network warnings would precede the one-line error below
+    from lowbit.loading import hub_quiet
+
     try:
-        ds = datasets.load_dataset(name, config or None, split=split)
+        with hub_quiet():
+            ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # the datasets library raises many unrelated types for a missing dataset
         raise LowbitError(f"could not load dataset {source!r} split {split!r}: {str(exc).splitlines()[0]} "
                           f"(shipped texts: {', '.join(SHIPPED)}; or a .txt/.jsonl file, or a Hub dataset "
                           f"'name[:config]')") from exc
-    finally:
-        hub_log.setLevel(level)
     if "text" not in ds.column_names:
         raise LowbitError(f"dataset {source!r} has no 'text' column (it has {', '.join(ds.column_names)}): give a "
                           f"dataset with a text column, or a .txt/.jsonl file")
