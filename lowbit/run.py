@@ -38,6 +38,7 @@ from lowbit.loading import (cache_dir, empty_model, load_model, load_skeleton, m
 from lowbit.models import get_adapter
 from lowbit.outer import check_outer, outer_targets, quantize_outer
 from lowbit.pipeline import check_finite, compress, validate
+from lowbit.plan import memory_budget, plan_run
 from lowbit.recipe import EvaluationConfig, Recipe, recipe_to_yaml
 from lowbit.report import model_size
 from lowbit.runfolder import new_run_id, save_run, seal_run
@@ -136,15 +137,16 @@ def default_out_dir(recipe: Recipe) -> Path:
 def check_before_loading(recipe: Recipe, plan: FormatPlan) -> int:
     """Check the formats against the model's shapes from its config alone; returns the bytes a save will need."""
     empty = empty_model(recipe.model, resolve_dtype(recipe.dtype, resolve_model_path(recipe.model)))
-    validate(empty, get_adapter(empty), plan)
-    context = get_adapter(empty).context_length(empty)
+    adapter = get_adapter(empty)
+    validate(empty, adapter, plan)
+    context = adapter.context_length(empty)
     lengths = {"calibration.seq_len": recipe.calibration.seq_len,
                "evaluation.seq_len": recipe.evaluation.seq_len if recipe.evaluation else None}
     for key, n in lengths.items():
         if context and n and n > context:
             raise LowbitError(f"{key} {n} is longer than the model's context ({context} positions): use at most "
                               f"{context}")
-    check_outer(empty, get_adapter(empty), *recipe.outer_formats())
+    check_outer(empty, adapter, *recipe.outer_formats())
     params = {id(p): p.numel() * p.element_size() for p in empty.parameters()}
     return int(sum(params.values()) * 1.05) + 64 * 2**20  # model, plus tokenizer, state and log
 
@@ -212,8 +214,6 @@ def run_recipe(recipe: Recipe, out_dir: Path | None = None, progress: bool = Tru
     plan = recipe.plan()
     steps = recipe.build_steps()
     need_bytes = check_before_loading(recipe, plan)
-    from lowbit.plan import plan_run
-
     # activations placed by the budget (--max-memory, else the memory free now); a budget that cannot be met is
     # refused before anything loads
     offload = plan_run(recipe, probe=False).offload
@@ -283,8 +283,6 @@ def _log_to(directory: Path | None) -> logging.Handler | None:
 
 def use_streaming(recipe: Recipe, model_path: str, dtype: torch.dtype, steps: list) -> bool:
     """Stream blocks from disk when asked, or (auto) when the weights would take over half the CPU budget."""
-    from lowbit.plan import memory_budget
-
     whole = [s.name for s in steps if s.needs_whole_model()]
     if recipe.stream is True:
         if whole:

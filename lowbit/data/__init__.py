@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.loading import hub_quiet
 
 WIKITEXT2 = Path(__file__).parent / "wikitext2"
 SHIPPED = {"wikitext2": WIKITEXT2, "lambada": Path(__file__).parent / "lambada"}  # name -> folder (see its README)
@@ -58,8 +59,6 @@ def _load_hf_dataset(source: str, split: str) -> str:
         raise LowbitError(f"{source!r} is not a local file; loading it as a HF dataset needs "
                           f"'pip install datasets' (or use 'wikitext2' or a .txt/.jsonl file)") from exc
     name, _, config = source.partition(":")
-    from lowbit.loading import hub_quiet
-
     try:
         with hub_quiet():
             ds = datasets.load_dataset(name, config or None, split=split)
