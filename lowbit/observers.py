@@ -24,7 +24,7 @@ def observe(x: torch.Tensor, spec: QuantSpec, method: Observer = "minmax", *, gr
     given percentile of |x| per group (of x's low and high tails for asymmetric formats).
     """
     g = group_view(x.detach().float(), spec)
-    if gs is None:
+    if gs is None and spec.scale_format == "e4m3":  # (only NVFP4 has a per-tensor scale)
         gs = global_scale(g.abs().max(), spec)
     if method == "minmax":
         lo, hi = g.amin(-1), g.amax(-1)

@@ -11,7 +11,7 @@ from lowbit.formats import QuantSpec, dequantize, fake_quant, quantize
 from lowbit.models import get_adapter
 from lowbit.observers import observe
 from lowbit.pipeline import FormatPlan, compress
-from lowbit.steps.gptq import (GPTQ, UpperGram, accumulate_hessians, gptq_quantize, group_order,
+from lowbit.steps.gptq import (GPTQ, UpperGram, _all_finite, accumulate_hessians, gptq_quantize, group_order,
                                inverse_cholesky_upper)
 from solver_utils import block_contexts, tiny_llama, tiny_opt
 
@@ -66,6 +66,16 @@ def test_inverse_cholesky_factor_without_forming_the_inverse():
     hp.diagonal().copy_(damped)
     u2, info = inverse_cholesky_upper(h, order, damped)  # permuted and damped without copying H first
     assert info == 0 and torch.equal(u2, inverse_cholesky_upper(hp)[0])
+
+
+def test_factor_check_finds_any_non_finite_element():
+    u = torch.randn(40, 40).triu().t()  # column-major, as the factor is
+    assert _all_finite(u)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (39, 0), (17, 3)):
+            v = u.clone()
+            v[where] = bad
+            assert not _all_finite(v), (bad, where)
 
 
 _PEAK = """
