@@ -21,7 +21,14 @@ from lowbit import distributed
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
-DIAG_WINDOWS = 8  # FP-path windows kept for the output error when no step keeps the whole FP path
+# calibration tokens the output error is measured on when no step keeps the whole FP path: the FP blocks run on
+# the first windows holding them (at least one window); one block call on the CPU (docs/evaluation.md)
+DIAG_TOKENS = 1024
+
+
+def diagnostic_windows(seq_len: int) -> int:
+    """How many leading calibration windows of `seq_len` tokens the output error is measured on."""
+    return max(1, DIAG_TOKENS // seq_len)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from lowbit import distributed
 from lowbit.activations import ActivationStore
 from lowbit.actquant import ActQuantizer
 from lowbit.blockio import BlockIO
-from lowbit.diagnostics import DIAG_WINDOWS, BlockReport, block_report
+from lowbit.diagnostics import BlockReport, block_report, diagnostic_windows
 from lowbit.context import BlockContext, FormatPlan, ModelContext, StopForward
 from lowbit.errors import LowbitError
 from lowbit.formats import check_shape
@@ -129,7 +129,7 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
 
     `io` decides where blocks live (device, streamed from disk) and checkpoints finished ones.
     `on_block_done` receives each finished block's diagnostics. Their output error reuses the FP path when a
-    step keeps it, else runs the FP blocks on the first DIAG_WINDOWS calibration windows only."""
+    step keeps it, else runs the FP blocks on the first calibration windows only (`diagnostic_windows`)."""
     from lowbit.sparsity import check_masks, validate_order
 
     validate_order(steps)
@@ -145,7 +145,8 @@ def compress(model: nn.Module, adapter: Adapter, plan: FormatPlan, steps: Sequen
     acts = plan.activations
     needs_acts = any(s.needs_calibration for s in steps) or (acts is not None and not acts.dynamic)
     calibrate = needs_acts or on_block_done is not None  # diagnostics measure the block output error
-    diag_windows = distributed.leading(DIAG_WINDOWS, plan.batch_size)  # this rank's of the windows diagnostics use
+    # this rank's share of the windows the diagnostics measure on
+    diag_windows = distributed.leading(diagnostic_windows(calib_ids.shape[1]), plan.batch_size)
     if calibrate:  # diagnostics alone need only the windows they measure on
         inputs, args, kwargs = capture_block_inputs(model, adapter, calib_ids if needs_acts
                                                     else calib_ids[:diag_windows], io.store)

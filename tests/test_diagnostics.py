@@ -7,7 +7,7 @@ import torch
 
 from lowbit.cli import main
 from lowbit.data import calibration_windows, load_text, tokenize
-from lowbit.diagnostics import read_blocks
+from lowbit.diagnostics import diagnostic_windows, read_blocks
 from lowbit.loading import load_model
 from lowbit.recipe import parse_recipe
 from lowbit.run import blocks_log_path, run_recipe
@@ -37,7 +37,7 @@ def _block0_output(model, ids):
 @pytest.mark.parametrize("steps, n_samples", [(["rtn"], 12), ([{"brecq": {"iters": 2}}], 4)])
 def test_blocks_file_complete_and_matches_models(tiny_llama, tmp_path, capsys, steps, n_samples):
     """Every block logged; block 0's output error equals the one measured between the saved and the FP model
-    (FP path subset of 8 windows for RTN, the whole FP path kept by BRECQ); weight errors match the weights."""
+    (FP path on the first 1024 tokens' windows for RTN, the whole FP path kept by BRECQ); weight errors match the weights."""
     recipe = _recipe(tiny_llama, steps, n_samples)
     out = tmp_path / "run"
     run_recipe(recipe, out, progress=False)
@@ -45,7 +45,7 @@ def test_blocks_file_complete_and_matches_models(tiny_llama, tmp_path, capsys, s
     rows = read_blocks(out)
     assert [r["index"] for r in rows] == [0, 1]
     assert all(set(r["weight_rel_error"]) == LINEARS and r["time_s"] > 0 and r["peak_rss_gb"] > 0 for r in rows)
-    assert rows[0]["windows"] == min(n_samples, 8)
+    assert rows[0]["windows"] == (min(n_samples, diagnostic_windows(64)) if steps == ["rtn"] else n_samples)
 
     fp, tokenizer = load_model(str(tiny_llama))
     q, _ = load_model(str(out / "model"))

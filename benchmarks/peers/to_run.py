@@ -25,7 +25,7 @@ import torch
 
 from lowbit.actquant import ActQuantizer
 from lowbit.calibration import calibration_set
-from lowbit.diagnostics import DIAG_WINDOWS, rel_error
+from lowbit.diagnostics import diagnostic_windows, rel_error
 from lowbit.errors import LowbitError
 from lowbit.loading import load_model, resolve_model_path
 from lowbit.models import get_adapter
@@ -98,8 +98,8 @@ def import_run(recipe_path: str, peer_dir: str, out: str, overrides: list[str]) 
     metrics |= text_metrics("ppl", evaluate_texts(model, tokenizer, recipe.evaluation, "perplexity (peer)",
                                                   progress=False))
 
-    ids = calibration_set(fp, tokenizer, resolve_model_path(recipe.model), recipe.calibration,
-                          progress=False)[:DIAG_WINDOWS]
+    ids = calibration_set(fp, tokenizer, resolve_model_path(recipe.model), recipe.calibration, progress=False)
+    ids = ids[:diagnostic_windows(ids.shape[1])]
     y_fp, y_q = _block_outputs(fp, get_adapter(fp), ids), _block_outputs(model, adapter, ids)
     fp_blocks = get_adapter(fp).blocks(fp)
     rows = []
