@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
 from lowbit.files import file_digest
 from lowbit.runfolder import load_state, write_state
 from lowbit.state import QuantState
+from lowbit.streaming import write_tensors
 
 FORMAT = "lowbit-checkpoint/3"
 _DIR = re.compile(r"block-(\d{5})$")
@@ -87,9 +88,11 @@ class Checkpoints:
         tensors = {"inputs": inputs.detach().cpu().contiguous(), "rng": torch.get_rng_state()}
         if fp_inputs is not None:
             tensors["fp_inputs"] = fp_inputs.detach().cpu().contiguous()
-        save_file(tensors, str(tmp / "inputs.safetensors"))
+        inputs_digest = xxhash.xxh3_128()  # (hashed as written: 75 MB per block of the embedded model)
+        write_tensors(tmp / "inputs.safetensors", tensors, digest=inputs_digest)
         write_state(state.select(lambda n: not n.startswith(done)), tmp)
-        files = {p.name: file_checksum(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: inputs_digest.hexdigest() if p.name == "inputs.safetensors" else file_checksum(p)
+                 for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "fingerprint": self.fingerprint, "finished": finished, "files": files,
                     "blocks": self.block_hashes, "states": self.states}
         with open(tmp / "manifest.json", "w") as f:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -209,9 +208,32 @@ def write_shard(directory: Path, k: int, total: int, tensors: dict[str, torch.Te
     """Write one shard atomically (temporary name, then rename); returns its file name."""
     name = shard_name(k, total)
     tmp = directory / f".{name}.tmp"
-    save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    write_tensors(tmp, tensors, {"format": "pt"})
     os.replace(tmp, directory / name)
     return name
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  digest=None) -> None:
+    """Write `tensors` as one safetensors file straight from their memory (safetensors' own writer first
+    serializes a copy of them), feeding every byte written to the hash object `digest` if one is given (a
+    checkpoint's checksum without reading the file back)."""
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    parts = [len(raw).to_bytes(8, "little") + raw] + [_raw_bytes(t, header[n]["dtype"]) for n, t in tensors.items()]
+    with open(path, "wb") as f:
+        for part in parts:
+            f.write(part)
+            if digest is not None:
+                digest.update(part)
 
 
 def copy_shard(directory: Path, k: int, total: int, reader: ShardReader, names: list[str], dtype: torch.dtype,
