@@ -16,7 +16,7 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.recipe import parse_recipe
 from lowbit.run import run_recipe
-from lowbit.streaming import ShardReader
+from lowbit.streaming import ShardReader, write_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -458,3 +458,25 @@ def test_resumed_sparse_run_keeps_the_finished_blocks_masks(sharded, tmp_path, m
     assert len(resumed.state.masks) == len(full.state.masks) == 3 * 7
     for name in ("quant_state.json", "quant_state.safetensors"):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+
+
+def test_tensors_written_from_memory_reload_exactly_and_hash_as_the_file(tmp_path):
+    """Checkpoint inputs and block shards are written without safetensors' serialized copy: every dtype, empty
+    and 0-dim tensors and non-contiguous views reload as the same bits, and the digest fed while writing is the
+    file's checksum."""
+    import xxhash
+    from safetensors.torch import load_file
+
+    from lowbit.checkpoint import file_checksum
+
+    tensors = {"inputs": torch.randn(3, 5, 7), "view": torch.randn(6, 4).t(), "bf16": torch.randn(9).bfloat16(),
+               "f16": torch.randn(2, 2).half(), "f64": torch.randn(3).double(), "empty": torch.empty(0, 5),
+               "rng": torch.get_rng_state(), "mask": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5),
+               "ids": torch.arange(5)}
+    digest = xxhash.xxh3_128()
+    write_tensors(tmp_path / "t.safetensors", tensors, {"format": "pt"}, digest=digest)
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    assert digest.hexdigest() == file_checksum(tmp_path / "t.safetensors")
