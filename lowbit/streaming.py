@@ -224,11 +224,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    parts = [len(raw).to_bytes(8, "little") + raw] + [_raw_bytes(t, header[n]["dtype"]) for n, t in tensors.items()]
+    parts = [_header_bytes(header, metadata)] + [_raw_bytes(t, header[n]["dtype"]) for n, t in tensors.items()]
     with open(path, "wb") as f:
         for part in parts:
             f.write(part)
@@ -248,13 +244,10 @@ def copy_shard(directory: Path, k: int, total: int, reader: ShardReader, names: 
         numel = _numel(shape)
         header[name] = {"dtype": _ST_NAMES[out], "shape": shape, "data_offsets": [offset, offset + numel * out.itemsize]}
         offset += numel * out.itemsize
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     file = shard_name(k, total)
     tmp = directory / f".{file}.tmp"
     with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.write(_header_bytes(header, {"format": "pt"}))
         for name in names:
             with safe_open(reader.files[name], framework="pt") as src:
                 part = src.get_slice(name)
@@ -268,6 +261,16 @@ def copy_shard(directory: Path, k: int, total: int, reader: ShardReader, names: 
                     f.write(_raw_bytes(part[a:a + step], header[name]["dtype"]))
     os.replace(tmp, directory / file)
     return file
+
+
+def _header_bytes(header: dict, metadata: dict[str, str] | None) -> bytes:
+    """A safetensors file's first bytes: the header's length (8 bytes, little-endian), then the header as JSON
+    padded with spaces so the tensor data starts 8-byte aligned."""
+    if metadata:
+        header = {**header, "__metadata__": metadata}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def _numel(shape) -> int:
