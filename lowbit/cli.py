@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+from lowbit import gemm
 from lowbit.errors import CheckFailed, LowbitError
 
 
@@ -655,6 +656,7 @@ def _one_line(message) -> str:
 def _dispatch(args: argparse.Namespace, stderr) -> int:
     """Run the command; every expected failure becomes one line on `stderr` and an exit code."""
     try:
+        gemm.backend()  # a wrong LOWBIT_CPU_GEMM fails before anything loads
         args.fn(args)
     except CheckFailed as exc:
         print(f"lowbit: check failed: {_one_line(exc)}", file=stderr)

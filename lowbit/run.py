@@ -23,7 +23,7 @@ from lowbit.allocate import allocate_recipe
 from lowbit.context import FormatPlan
 from lowbit.calibration import calibration_set
 from lowbit.data import SHIPPED, eval_windows, load_text, tokenize
-from lowbit import distributed, streaming
+from lowbit import distributed, gemm, streaming
 from lowbit.blockio import BlockIO
 from lowbit.checkpoint import Checkpoints
 from lowbit.devices import resolve_device, resolve_dtype
@@ -345,7 +345,8 @@ def _run(recipe: Recipe, plan: FormatPlan, steps: list, staging: Path | None, pr
     metrics: dict = {"run_id": new_run_id(), "name": recipe.name, "model": recipe.model, "steps": [s.name for s in recipe.steps],
                      "weights": plan.weights.describe() if plan.weights else "fp",
                      "activations": plan.activations.describe() if plan.activations else "fp",
-                     "threads": torch.get_num_threads(), "size_fp16_mb": model_size(model, None) / 1e6,
+                     "threads": torch.get_num_threads(), "cpu_gemm": gemm.backend(),
+                     "size_fp16_mb": model_size(model, None) / 1e6,
                      "device": str(device), "dtype": str(dtype).removeprefix("torch."), "streamed": stream,
                      "ranks": distributed.world_size()}
     if recipe.evaluation and recipe.evaluation.baseline:

@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 import torch
 from pydantic import Field
 
-from lowbit import distributed
+from lowbit import distributed, gemm
 from lowbit.context import BlockContext
 from lowbit.errors import LowbitError
 from lowbit.formats import QuantSpec, fake_quant, global_scale, params_shape
@@ -329,10 +329,11 @@ class UpperGram:
                        for a in range(0, n, strip)]
 
     def add(self, x: torch.Tensor) -> None:
-        """Add XᵀX of `x` [tokens, n]."""
+        """Add XᵀX of `x` [tokens, n] (through `lowbit.gemm`: oneDNN reads Xᵀ's rows faster made contiguous)."""
+        xt = x.T.contiguous() if gemm.applies(x) else x.T
         a = 0
         for s in self.strips:
-            s.add_(x[:, a:a + s.shape[0]].T @ x[:, a:])  # (float32 products added in float64)
+            s.add_(gemm.linear(xt[a:a + s.shape[0]], xt[a:]))  # (float32 products added in float64)
             a += s.shape[0]
         self.count += x.shape[0]
 
