@@ -58,7 +58,7 @@ def main() -> None:
            "calibration": f"{args.n_samples}x{args.seq_len}", "blocks": json.loads((model / "config.json").read_text())
            ["num_hidden_layers"], "weights_gb": weights / 1e9, "peak_rss_gb": metrics["peak_rss_gb"],
            "process_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
-           "quant_time_s": metrics["quant_time_s"], "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "quant_time_s": metrics["quant_time_s"], "wall_s": wall, "cpu_gemm": metrics["cpu_gemm"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(args.results, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))

@@ -2,7 +2,8 @@
 # lowbit (streamed, one block in memory) against llm-compressor's oneshot (whole model in memory) on the
 # Llama-3.2-1B and -3B shapes (docs/scale.md, "Side by side with llm-compressor"): data-free RTN W4 g128 in bf16,
 # and GPTQ W4 g128 on the 1B shape in float32 (llm-compressor's default GPTQ settings on both sides, the same
-# 8 x 512 windows), 2 threads, one run at a time; peak RSS and compression time, rows appended to R/peers.jsonl.
+# 8 x 512 windows; benchmarks/scale_gptq_pair.sh), 2 threads, one run at a time; peak RSS and compression time,
+# rows appended to R/peers.jsonl.
 # Usage: VENVS=/path/to/peer/venvs bash benchmarks/scale_peers.sh [R]       (run it alone on the machine)
 set -euo pipefail
 R=${1:-runs/scale}
@@ -31,9 +32,4 @@ for shape in llama-3.2-1b llama-3.2-3b; do
   $LLMC "$M" - "$R/llmc-$shape-rtn" --method rtn --group-size 128 --dtype bfloat16 --metrics-only
   row "$M" rtn bfloat16 "$R/llmc-$shape-rtn"
 done
-M=$R/llama-3.2-1b
-printf 'model: %s\nsteps: [rtn]\ncalibration: {n_samples: 8, seq_len: 512}\n' "$M" > "$R/windows.yaml"
-[ -f "$R/calib-1b.pt" ] || "$PY" benchmarks/peers/to_run.py windows "$R/windows.yaml" "$R/calib-1b.pt"
-"$PY" benchmarks/scale_bench.py "$M" gptq "$R/peers.jsonl" --dtype float32 --label llama-3.2-1b-gptq-float32-lowbit
-$LLMC "$M" "$R/calib-1b.pt" "$R/llmc-1b-gptq" --method gptq --group-size 128 --dtype float32 --metrics-only
-row "$M" gptq float32 "$R/llmc-1b-gptq"
+bash benchmarks/scale_gptq_pair.sh "$R"
