@@ -1,6 +1,6 @@
 """Float32 GEMM speed on this CPU: torch's default kernels (MKL on x86) against oneDNN (`lowbit.gemm`), on the
-products of the embedded model's compression: each linear of a block on a 1024-token call, and the Hessian
-products XᵀX over a 4096-token batch. Prints a markdown table (GFLOP/s, medians of repeated calls).
+products of the embedded model's compression: each linear of a block on a 1024-token call, the Hessian
+products XᵀX over a 4096-token batch, and one GPTQ lazy block update of the 1B shape's down_proj. Prints a markdown table (GFLOP/s, medians of repeated calls).
 
 Usage: python benchmarks/cpu_gemm.py [--threads 2]      (run it alone on the machine)
 """
@@ -61,6 +61,13 @@ def main() -> None:
         slow = median_s(lambda: x.T @ x, 10)
         fast = median_s(lambda: (lambda xt: gemm.linear(xt, xt))(x.T.contiguous()), 10)  # as UpperGram.add
         print(f"| XᵀX | 4096 x {k} | {flops / slow / 1e9:.0f} | {flops / fast / 1e9:.0f} | {slow / fast:.2f} |")
+    # GPTQ's lazy block update on the 1B shape's down_proj: 7168 remaining columns from 128 solved ones
+    wt, u, err = torch.randn(7168, 2048), torch.randn(128, 7168), torch.randn(128, 2048)
+    flops = 2 * 7168 * 2048 * 128
+    slow = median_s(lambda: wt.addmm_(u.t(), err, alpha=-1), 10)
+    fast = median_s(lambda: wt.sub_(gemm.linear(u.t(), err.t())), 10)
+    print(f"| GPTQ update (Wᵀ -= Uᵀ E) | 7168 x 128 -> 2048 | {flops / slow / 1e9:.0f} | {flops / fast / 1e9:.0f} "
+          f"| {slow / fast:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Float32 matrix products on the CPU through oneDNN instead of torch's default BLAS.
 
-torch runs float32 `F.linear` and `@` on the CPU with MKL, whose kernels on AMD CPUs use AVX2 only; oneDNN
-(also in every torch CPU build) picks its kernels by instruction set, AVX-512 on Zen 4 and 5: 2.2x MKL's
-speed on the block shapes of the embedded model on an AMD EPYC (docs/scale.md, "CPU matrix products").
+torch runs float32 `F.linear` and `@` on the CPU with MKL; oneDNN, also in every torch CPU build, picks its
+kernels by instruction set and ran the embedded model's block products about twice as fast as MKL on an AMD EPYC
+with AVX-512 (docs/scale.md, "A new machine, and oneDNN for float32 products").
 The results equal torch's to float32 rounding, not bit for bit; each row's result does not depend on how
 many rows are computed together (from 7 rows up), as with MKL. `LOWBIT_CPU_GEMM=torch` keeps torch's kernels.
 """
