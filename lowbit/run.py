@@ -90,8 +90,8 @@ def text_metrics(key: str, by_text: dict[str, dict]) -> dict:
 
 
 def _baseline_key(model_path: str, recipe: Recipe, cfg: EvaluationConfig) -> str:
-    """Identify an FP baseline by model files, eval settings of one text, dtype and library versions."""
-    parts = [model_path, recipe.dtype, cfg.model_dump_json(), torch.__version__]
+    """Identify an FP baseline by model files, eval settings of one text, dtype, library versions and CPU GEMM."""
+    parts = [model_path, recipe.dtype, cfg.model_dump_json(), torch.__version__, gemm.backend()]
     parts += model_file_stamps(model_path)
     if cfg.data not in SHIPPED:
         data = Path(cfg.data)
