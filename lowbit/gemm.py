@@ -30,9 +30,9 @@ def backend() -> str:
 
 
 def applies(*tensors: torch.Tensor | None) -> bool:
-    """True where oneDNN computes this product: CPU float32 operands, no gradient to record."""
+    """True where oneDNN computes this product: non-empty CPU float32 operands, no gradient to record."""
     ts = [t for t in tensors if t is not None]
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() == 0 for t in ts):
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() == 0 or t.numel() == 0 for t in ts):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return False

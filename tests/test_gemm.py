@@ -26,6 +26,9 @@ def test_linear_equals_torch_to_float32_rounding(shape):
     y = gemm.linear(x, w, b)
     _close(y, F.linear(x, w, b))
     _close(gemm.linear(x[..., ::2], w[:, ::2]), F.linear(x[..., ::2], w[:, ::2]))  # strided operands
+    _close(gemm.linear(x, w[:1].expand(80, 96)), F.linear(x, w[:1].expand(80, 96)))  # a broadcast weight
+    for rows, cols in ((0, 96), (5, 0)):  # empty operands (oneDNN refuses an empty inner dimension)
+        assert torch.equal(gemm.linear(torch.ones(rows, cols), torch.ones(80, cols)), torch.zeros(rows, 80))
 
 
 @onednn
