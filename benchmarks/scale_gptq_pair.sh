@@ -16,17 +16,6 @@ printf 'model: %s\nsteps: [rtn]\ncalibration: {n_samples: 8, seq_len: 512}\n' "$
 "$PY" benchmarks/scale_bench.py "$M" gptq "$R/peers.jsonl" --dtype float32 --label llama-3.2-1b-gptq-float32-lowbit
 "$VENVS/llmcompressor/bin/python" benchmarks/peers/llmcompressor_run.py "$M" "$R/calib-1b.pt" "$R/llmc-1b-gptq" \
   --method gptq --group-size 128 --dtype float32 --metrics-only
-"$PY" - "$M" "$R/llmc-1b-gptq" "$R/peers.jsonl" <<'PYEOF'
-import json, sys, time
-from pathlib import Path
-model, peer, out = sys.argv[1:]
-m = json.loads((Path(peer) / "peer_metrics.json").read_text())
-weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-row = {"label": "llama-3.2-1b-gptq-float32-llmc", "tool": m["tool"], "model": Path(model).name, "method": "gptq",
-       "dtype": "float32", "weights_gb": weights / 1e9, "peak_rss_gb": m["peak_rss_gb"],
-       "quant_time_s": m["quant_time_s"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-open(out, "a").write(json.dumps(row) + "\n")
-print(json.dumps(row))
-PYEOF
+"$PY" benchmarks/peers/peer_row.py "$M" gptq float32 "$R/llmc-1b-gptq" "$R/peers.jsonl"
 LOWBIT_CPU_GEMM=torch "$PY" benchmarks/scale_bench.py "$M" gptq "$R/peers.jsonl" --dtype float32 \
   --label llama-3.2-1b-gptq-float32-lowbit-torchgemm

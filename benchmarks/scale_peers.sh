@@ -11,25 +11,11 @@ VENVS=${VENVS:-$HOME/.cache/lowbit-peers}
 PY=${PY:-.venv/bin/python}
 LLMC="$VENVS/llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py"
 mkdir -p "$R"
-row() {  # MODEL METHOD DTYPE PEER_DIR: llm-compressor's metrics as a row of R/peers.jsonl
-  "$PY" - "$@" "$R/peers.jsonl" <<'PYEOF'
-import json, sys, time
-from pathlib import Path
-model, method, dtype, peer, out = sys.argv[1:]
-m = json.loads((Path(peer) / "peer_metrics.json").read_text())
-weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
-row = {"label": f"{Path(model).name}-{method}-{dtype}-llmc", "tool": m["tool"], "model": Path(model).name,
-       "method": method, "dtype": dtype, "weights_gb": weights / 1e9, "peak_rss_gb": m["peak_rss_gb"],
-       "quant_time_s": m["quant_time_s"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-open(out, "a").write(json.dumps(row) + "\n")
-print(json.dumps(row))
-PYEOF
-}
 for shape in llama-3.2-1b llama-3.2-3b; do
   M=$R/$shape
   [ -d "$M" ] || "$PY" -m lowbit synth "$shape" "$M" --threads 2
   "$PY" benchmarks/scale_bench.py "$M" rtn "$R/peers.jsonl" --label "$shape-rtn-bfloat16-lowbit"
   $LLMC "$M" - "$R/llmc-$shape-rtn" --method rtn --group-size 128 --dtype bfloat16 --metrics-only
-  row "$M" rtn bfloat16 "$R/llmc-$shape-rtn"
+  "$PY" benchmarks/peers/peer_row.py "$M" rtn bfloat16 "$R/llmc-$shape-rtn" "$R/peers.jsonl"
 done
 bash benchmarks/scale_gptq_pair.sh "$R"
